@@ -1,0 +1,51 @@
+"""deltatune: parameter-efficient fine-tuning ("delta tuning") for PyTorch models.
+
+Train a small set of parameters on top of a frozen model, save only those in peft's format,
+and merge, combine and switch them. The public API is what this module exports.
+"""
+
+from . import methods as _methods  # registers every method
+from .adapters import (
+    active_adapters,
+    adapter_names,
+    adapter_parameters,
+    delete_adapter,
+    disabled,
+    set_active,
+    summary,
+    trainable_parameters,
+)
+from .config import DeltaConfig, TargetedConfig
+from .errors import AdapterError, AdapterFileError, ConfigError, DeltatuneError, TargetError
+from .inject import attach
+from .io import load, save
+from .merge import merge, unload, unmerge
+from .methods.lora import LoraConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError",
+    "AdapterFileError",
+    "ConfigError",
+    "DeltaConfig",
+    "DeltatuneError",
+    "LoraConfig",
+    "TargetError",
+    "TargetedConfig",
+    "active_adapters",
+    "adapter_names",
+    "adapter_parameters",
+    "attach",
+    "delete_adapter",
+    "disabled",
+    "load",
+    "merge",
+    "save",
+    "set_active",
+    "summary",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+]
+del _methods

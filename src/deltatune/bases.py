@@ -1,0 +1,210 @@
+"""The only place that knows torch layer types.
+
+Every adaptable layer is seen through a ``BaseLayer``: its input and output sizes, its dense
+weight in one canonical layout ``(out, in, *kernel)`` (so GPT-2's transposed ``Conv1D`` and an
+embedding table look like any linear map), and the two operations a low-rank method needs:
+``project`` (apply a ``(r, in, *kernel)`` weight the way the layer applies its own) and
+``expand`` (add a pointwise ``(out, r)`` map of a hidden tensor into the layer's output).
+Methods build on these and never ask which torch class they are wrapping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import hf
+
+
+class BaseLayer:
+    """A view of one torch layer; subclasses say how to read it. Holds no state of its own."""
+
+    kind: ClassVar[str] = ""
+    """"linear" (also Conv1D and later 4-bit linear), "embedding" or "conv"."""
+    fan_in_fan_out: ClassVar[bool] = False
+    """Whether the stored weight is ``(in, out)``; peft records this in adapter_config.json."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    @staticmethod
+    def accepts(module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @property
+    def in_features(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def out_features(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return ()
+
+    @property
+    def weight(self) -> Tensor:
+        """The stored weight parameter (layout is the layer's own; use read_weight for math)."""
+        return self.module.weight  # type: ignore[return-value]
+
+    def read_weight(self) -> Tensor:
+        """The dense weight in the canonical ``(out, in, *kernel)`` layout (a view where possible)."""
+        return self.weight
+
+    def write_weight(self, canonical: Tensor) -> None:
+        """Overwrite the weight in place (keeping the Parameter object, so ties and optimizers hold)."""
+        with torch.no_grad():
+            self.weight.copy_(self._to_stored(canonical).to(self.weight.dtype))
+
+    def _to_stored(self, canonical: Tensor) -> Tensor:
+        return canonical
+
+    def project(self, x: Tensor, weight: Tensor) -> Tensor:
+        """Apply a ``(r, in, *kernel)`` weight to the layer input as the layer applies its own."""
+        return F.linear(x, weight)
+
+    def expand(self, y: Tensor, h: Tensor, weight: Tensor, scale: float) -> Tensor:
+        """``y + scale * (h mapped by the (out, r) weight)``, computed in h's dtype, returned in y's.
+
+        One fused ``addmm`` (BLAS with alpha) instead of matmul, scale and add, which saves two
+        passes over the output; summing in the adapter dtype matches peft's rounding in bf16.
+        """
+        flat = y.reshape(-1, y.shape[-1]).to(h.dtype)
+        out = torch.addmm(flat, h.reshape(-1, h.shape[-1]), weight.t(), alpha=scale)
+        return out.view(y.shape).to(y.dtype)
+
+    def describe(self) -> str:
+        return f"{type(self.module).__name__}({self.in_features} -> {self.out_features})"
+
+
+class LinearBase(BaseLayer):
+    kind = "linear"
+
+    @staticmethod
+    def accepts(module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+
+class Conv1DBase(BaseLayer):
+    """transformers' GPT-2 ``Conv1D``: a linear layer storing its weight as ``(in, out)``."""
+
+    kind = "linear"
+    fan_in_fan_out = True
+
+    @staticmethod
+    def accepts(module: nn.Module) -> bool:
+        conv1d = hf.conv1d_class()
+        return conv1d is not None and isinstance(module, conv1d)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1]
+
+    def read_weight(self) -> Tensor:
+        return self.weight.t()
+
+    def _to_stored(self, canonical: Tensor) -> Tensor:
+        return canonical.t()
+
+
+class EmbeddingBase(BaseLayer):
+    """An embedding table seen as a linear map from one-hot ids: canonical ``(dim, num_embeddings)``."""
+
+    kind = "embedding"
+
+    @staticmethod
+    def accepts(module: nn.Module) -> bool:
+        return isinstance(module, nn.Embedding)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1]
+
+    def read_weight(self) -> Tensor:
+        return self.weight.t()
+
+    def _to_stored(self, canonical: Tensor) -> Tensor:
+        return canonical.t()
+
+    def project(self, x: Tensor, weight: Tensor) -> Tensor:
+        m: nn.Embedding = self.module  # type: ignore[assignment]
+        return F.embedding(x, weight.t(), m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+
+
+class ConvBase(BaseLayer):
+    """``nn.Conv1d/2d/3d`` with groups=1; the channel axis is dim 1."""
+
+    kind = "conv"
+    _functions: ClassVar[dict[int, Callable[..., Tensor]]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+    @staticmethod
+    def accepts(module: nn.Module) -> bool:
+        return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+    @property
+    def in_features(self) -> int:
+        return self.module.in_channels  # type: ignore[return-value]
+
+    @property
+    def out_features(self) -> int:
+        return self.module.out_channels  # type: ignore[return-value]
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.module.kernel_size)  # type: ignore[arg-type]
+
+    @property
+    def groups(self) -> int:
+        return self.module.groups  # type: ignore[return-value]
+
+    def _conv(self) -> Callable[..., Tensor]:
+        return self._functions[len(self.kernel_size)]
+
+    def project(self, x: Tensor, weight: Tensor) -> Tensor:
+        m = self.module
+        if m.padding_mode != "zeros":  # type: ignore[union-attr]
+            raise NotImplementedError(f"{self.describe()}: padding_mode={m.padding_mode!r} is not supported")
+        return self._conv()(x, weight, None, m.stride, m.padding, m.dilation)  # type: ignore[union-attr]
+
+    def expand(self, y: Tensor, h: Tensor, weight: Tensor, scale: float) -> Tensor:
+        out = self._conv()(h, weight.reshape(*weight.shape[:2], *(1,) * len(self.kernel_size)))
+        return (y.to(out.dtype) + scale * out).to(y.dtype)
+
+
+BASE_KINDS: list[type[BaseLayer]] = [LinearBase, Conv1DBase, EmbeddingBase, ConvBase]
+"""Checked in order; later issues (4-bit linear) add their kind here."""
+
+
+def base_layer_for(module: nn.Module) -> BaseLayer | None:
+    """The view of ``module`` if deltatune can adapt it, else None."""
+    for kind in BASE_KINDS:
+        if kind.accepts(module):
+            return kind(module)
+    return None
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` counts as a linear layer for ``target_modules="all-linear"``."""
+    view = base_layer_for(module)
+    return view is not None and view.kind == "linear"

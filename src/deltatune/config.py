@@ -1,0 +1,184 @@
+"""Base configs: frozen, validated dataclasses that read and write peft's adapter_config.json.
+
+A config is checked once, when it is built, and never changes afterwards: every field that a
+caller could pass as a list is stored as a tuple, every mapping as a read-only mapping. Field
+names are peft's, so that adapter_config.json round-trips and peft users feel at home.
+
+Reading a peft file is lenient in one way only: keys this version does not know are ignored
+with a single warning that lists them. Keys peft knows but deltatune does not implement are
+accepted while they hold their "off" value, and rejected with a clear error otherwise, because
+ignoring them would silently give different outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar, TypeVar
+
+from .errors import AdapterFileError, ConfigError
+
+TASK_TYPES = (
+    "CAUSAL_LM",
+    "SEQ_CLS",
+    "TOKEN_CLS",
+    "SEQ_2_SEQ_LM",
+    "QUESTION_ANS",
+    "FEATURE_EXTRACTION",
+)
+"""peft's task types; a task type may add task heads to ``modules_to_save``."""
+
+TASK_HEADS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+)
+"""Heads that peft trains and saves for a task type (the names transformers gives them)."""
+
+C = TypeVar("C", bound="DeltaConfig")
+
+
+def _freeze(value: Any) -> Any:
+    """Lists become tuples and dicts read-only mappings, recursively, so a config cannot change."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, (set, frozenset)):
+        return tuple(sorted(value))
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    """The JSON form of a frozen value: tuples become lists, mappings dicts."""
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    return value
+
+
+def _is_off(value: Any) -> bool:
+    """Whether a peft field that deltatune does not implement holds an 'off' value."""
+    return value is None or value is False or value == {} or value == [] or value == ""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeltaConfig:
+    """Fields every method shares. Subclasses set ``peft_type`` and add their own fields."""
+
+    peft_type: ClassVar[str] = ""
+    peft_ignored: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    """peft keys with no effect in deltatune: any value is accepted; written with this default."""
+    peft_unsupported: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    """peft features deltatune lacks: accepted only while 'off'; written with this default."""
+
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            object.__setattr__(self, field.name, _freeze(getattr(self, field.name)))
+        self.check(self.task_type is None or self.task_type in TASK_TYPES, "task_type",
+                   f"task_type must be one of {TASK_TYPES} or None", "pass one of those names, e.g. 'CAUSAL_LM'")
+        self.check(isinstance(self.inference_mode, bool), "inference_mode", "inference_mode must be a bool",
+                   "pass True or False")
+        self.validate()
+
+    def validate(self) -> None:
+        """Subclasses check their own fields here, with ``self.check``."""
+
+    def check(self, ok: bool, field: str, why: str, fix: str) -> None:
+        """Raise a ConfigError naming ``field``, its value, the reason and the fix unless ``ok``."""
+        if not ok:
+            raise ConfigError(type(self).__name__, field, getattr(self, field), why, fix)
+
+    def replace(self: C, **changes: Any) -> C:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        """The adapter_config.json content, with every key peft 0.21 writes for this method."""
+        out: dict[str, Any] = {**dict(self.peft_ignored), **dict(self.peft_unsupported)}
+        out.update({f.name: _thaw(getattr(self, f.name)) for f in dataclasses.fields(self)})
+        out["peft_type"] = self.peft_type
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_peft_dict(cls: type[C], data: Mapping[str, Any], source: str = "adapter_config.json") -> C:
+        """Build a config from adapter_config.json content, as peft would read it."""
+        peft_type = data.get("peft_type", cls.peft_type)
+        if peft_type != cls.peft_type:
+            raise AdapterFileError(f"{source}: peft_type is {peft_type!r}, expected {cls.peft_type!r}.")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        for key, value in data.items():
+            if key in cls.peft_unsupported and not _is_off(value) and value != cls.peft_unsupported[key]:
+                raise AdapterFileError(
+                    f"{source}: {key}={value!r} is a peft feature deltatune does not implement yet, so this "
+                    f"adapter cannot be reproduced exactly. Fix: use an adapter saved without {key}."
+                )
+        known = names | set(cls.peft_ignored) | set(cls.peft_unsupported) | {"peft_type", "auto_mapping", "peft_version"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(f"{source}: ignoring keys unknown to deltatune {cls.__name__}: {unknown}", stacklevel=2)
+        return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TargetedConfig(DeltaConfig):
+    """A config that selects modules of the model by name, with peft's matching rules.
+
+    ``target_modules``: a list matches a module whose full name equals an entry or ends with
+    ``"." + entry``; a string is a regular expression that must match the full name;
+    ``"all-linear"`` selects every linear layer except the output head; None uses the model
+    type's usual attention projections. ``exclude_modules`` uses the same rules to drop
+    modules. ``layers_to_transform`` keeps only the given layer indices (the number after
+    ``layers_pattern`` in the name, or the first number in it). ``modules_to_save`` names
+    modules that are copied, trained in full and saved with the adapter.
+    """
+
+    target_modules: tuple[str, ...] | str | None = None
+    exclude_modules: tuple[str, ...] | str | None = None
+    layers_to_transform: tuple[int, ...] | int | None = None
+    layers_pattern: tuple[str, ...] | str | None = None
+    modules_to_save: tuple[str, ...] | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        for field in ("target_modules", "exclude_modules"):
+            self._check_names(field)
+        self._check_names("layers_pattern")
+        value = self.modules_to_save
+        self.check(value is None or (isinstance(value, tuple) and all(isinstance(v, str) and v for v in value)),
+                   "modules_to_save", "it must be a list of module names", "pass e.g. ['classifier'] or None")
+        layers = self.layers_to_transform
+        ok = layers is None or (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0) or (
+            isinstance(layers, tuple) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers))
+        self.check(ok, "layers_to_transform", "it must be a layer index or a list of non-negative layer indices",
+                   "pass e.g. [0, 1, 2] or None")
+        self.check(layers is None or isinstance(self.target_modules, tuple) or self.target_modules is None,
+                   "layers_to_transform", "peft applies layers_to_transform only when target_modules is a list",
+                   "give target_modules as a list of names, or encode the layers in the regular expression")
+
+    def _check_names(self, field: str) -> None:
+        value = getattr(self, field)
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as err:
+                self.check(False, field, f"it is not a valid regular expression ({err})",
+                           "escape special characters or pass a list of module names")
+            return
+        self.check(value is None or (isinstance(value, tuple) and all(isinstance(v, str) and v for v in value)),
+                   field, "it must be a list of non-empty module names, a regular expression string or None",
+                   "pass e.g. ['q_proj', 'v_proj']")
+
+    def saved_module_names(self) -> tuple[str, ...]:
+        """``modules_to_save`` plus the heads the task type trains, as peft does."""
+        names = list(self.modules_to_save or ())
+        names += [h for h in TASK_HEADS.get(self.task_type or "", ()) if h not in names]
+        return tuple(names)

@@ -1,0 +1,35 @@
+"""The exceptions deltatune raises.
+
+Every message says what went wrong, where, and how to fix it. They subclass the builtin
+exception a caller would naturally catch (ValueError, KeyError, ...) so generic code keeps
+working.
+"""
+
+from __future__ import annotations
+
+
+class DeltatuneError(Exception):
+    """Base class of all deltatune errors."""
+
+
+class ConfigError(DeltatuneError, ValueError):
+    """A config field holds an invalid value."""
+
+    def __init__(self, config: str, field: str, value: object, why: str, fix: str) -> None:
+        self.config, self.field, self.value = config, field, value
+        super().__init__(f"{config}.{field}={value!r} is invalid: {why}. Fix: {fix}.")
+
+
+class TargetError(DeltatuneError, ValueError):
+    """A config selects no module, or a module that cannot be adapted."""
+
+
+class AdapterError(DeltatuneError, KeyError):
+    """An adapter name is unknown, taken, or used where it cannot be."""
+
+    def __str__(self) -> str:  # KeyError would otherwise print the repr of the message
+        return str(self.args[0]) if self.args else ""
+
+
+class AdapterFileError(DeltatuneError, ValueError):
+    """An adapter folder is missing, corrupt, unsafe (pickle) or does not fit the model."""

@@ -1,0 +1,253 @@
+"""Attach and detach adapters: walk the model, match targets, wrap. Names no method.
+
+Attaching is split in two so that a failure never leaves a half-adapted model: ``plan``
+inspects the model and builds every new module without touching the model, and ``apply``
+then only swaps modules in, which cannot fail. ``io.load`` fills a plan from a file in between.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from . import hf
+from .bases import BaseLayer, base_layer_for, is_linear
+from .config import DeltaConfig, TargetedConfig
+from .errors import AdapterError, TargetError
+from .layer import Delta, DeltaLayer, SavedModule, adapter_dtype
+from .registry import method_for
+from .state import delta_layers, logical_modules, parent_of, state_of
+from .targets import ALL_LINEAR, is_target, nearest_names
+
+
+@dataclass
+class AttachPlan:
+    """Everything one attach will add to a model, built before the model is changed."""
+
+    name: str
+    config: DeltaConfig
+    deltas: dict[str, Delta] = field(default_factory=dict)
+    views: dict[str, BaseLayer] = field(default_factory=dict)
+    saved: dict[str, nn.Module] = field(default_factory=dict)
+    base_weights: dict[str, Tensor] = field(default_factory=dict)
+    """Replacement canonical weights for inits that move part of W into the delta."""
+
+    def parameters(self) -> list[nn.Parameter]:
+        modules = [*self.deltas.values(), *self.saved.values()]
+        return [p for module in modules for p in module.parameters()]
+
+
+def _check_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise AdapterError(f"adapter name {name!r} is invalid: use a non-empty string without dots, e.g. 'default'")
+    existing = model.__dict__.get("deltatune_state")
+    if existing is not None and name in existing.configs:
+        raise AdapterError(
+            f"an adapter named {name!r} is already attached; pick another name or remove it first "
+            f"with dt.delete_adapter(model, {name!r})"
+        )
+
+
+def _resolve_targets(model: nn.Module, config: TargetedConfig) -> TargetedConfig:
+    """Replace a missing target list with the architecture default, and expand "all-linear"."""
+    targets = config.target_modules
+    if targets is None:
+        default = hf.default_targets(model)
+        if default is None:
+            raise TargetError(
+                f"{type(config).__name__}.target_modules is not set and the model type "
+                f"{hf.model_type(model)!r} has no default; pass target_modules, e.g. {_example_targets(model)}"
+            )
+        return config.replace(target_modules=default)
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        head = hf.output_head_name(model, config.task_type)
+        names = sorted(n for n, m in logical_modules(model) if is_linear(m) and n != head)
+        return config.replace(target_modules=tuple(names))
+    return config
+
+
+def _example_targets(model: nn.Module) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n, m in logical_modules(model) if is_linear(m)})[:4]
+
+
+def _find_targets(model: nn.Module, config: TargetedConfig) -> dict[str, BaseLayer]:
+    assert config.target_modules is not None
+    views: dict[str, BaseLayer] = {}
+    for key, module in logical_modules(model):
+        if not is_target(key, config.target_modules, config.exclude_modules, config.layers_to_transform,
+                         config.layers_pattern, config.saved_module_names()):
+            continue
+        view = base_layer_for(module)
+        if view is None:
+            raise TargetError(
+                f"target_modules selects {key!r}, a {type(module).__name__}, which "
+                f"{type(config).__name__} cannot adapt; it adapts Linear, transformers Conv1D, Embedding and "
+                "Conv1d/2d/3d layers. Fix: name the layers inside it, or exclude it with exclude_modules."
+            )
+        views[key] = view
+    if not views:
+        raise TargetError(_no_match_message(model, config))
+    return views
+
+
+def _no_match_message(model: nn.Module, config: TargetedConfig) -> str:
+    names = [n for n, _ in logical_modules(model)]
+    wanted = [config.target_modules] if isinstance(config.target_modules, str) else list(config.target_modules or ())
+    types = Counter(type(m).__name__ for _, m in logical_modules(model) if base_layer_for(m) is not None)
+    return (
+        f"target_modules={config.target_modules!r} matched no adaptable module"
+        f"{' in the selected layers' if config.layers_to_transform is not None else ''}. "
+        f"Closest module names: {nearest_names(wanted, names)}. "
+        f"Adaptable layer types present: {dict(types)}. "
+        "A list entry must equal a module's full name or its last dotted parts; a string is a regular "
+        "expression over the full name."
+    )
+
+
+def _saved_copies(model: nn.Module, config: TargetedConfig) -> dict[str, nn.Module]:
+    wanted = config.saved_module_names()
+    if not wanted:
+        return {}
+    found = {key: module for key, module in logical_modules(model)
+             if key in wanted or any(key.endswith(f".{name}") for name in wanted)}
+    if not found and config.modules_to_save:
+        names = [n for n, _ in logical_modules(model)]
+        raise TargetError(
+            f"modules_to_save={list(config.modules_to_save)} matched no module. "
+            f"Closest names: {nearest_names(config.modules_to_save, names)}."
+        )
+    return {key: _trainable_copy(module) for key, module in found.items()}
+
+
+def _trainable_copy(module: nn.Module) -> nn.Module:
+    clone = copy.deepcopy(module)
+    for param in clone.parameters():
+        param.requires_grad_(True)
+    return clone
+
+
+def plan(model: nn.Module, config: DeltaConfig, name: str) -> AttachPlan:
+    """Work out and build what attaching ``config`` as ``name`` adds, without changing ``model``."""
+    _check_name(model, name)
+    method = method_for(config)
+    if not isinstance(config, TargetedConfig):
+        raise TargetError(f"{type(config).__name__} does not select modules; it cannot be attached here")
+    config = _resolve_targets(model, config)
+    views = _find_targets(model, config)
+    config = method.finalize(config, views)
+    result = AttachPlan(name, config, views=views, saved=_saved_copies(model, config))
+    for key, view in views.items():
+        delta = method.make_delta(view, config, key)
+        delta.to(device=view.weight.device, dtype=adapter_dtype(view.weight.dtype))
+        residual = delta.adjust_base(view.read_weight())
+        if residual is not None:
+            result.base_weights[key] = residual
+        result.deltas[key] = delta
+    return result
+
+
+def apply(model: nn.Module, attach_plan: AttachPlan, trainable: bool = True) -> None:
+    """Swap the planned modules into the model. Nothing here can fail half way."""
+    state = state_of(model, create=True)
+    for key, delta in attach_plan.deltas.items():
+        parent, child = parent_of(model, key)
+        layer = getattr(parent, child)
+        if not isinstance(layer, DeltaLayer):
+            layer = DeltaLayer(layer, attach_plan.views[key])
+            setattr(parent, child, layer)
+        layer.deltas[attach_plan.name] = delta
+        if key in attach_plan.base_weights:
+            layer.view.write_weight(attach_plan.base_weights[key])
+    for key, clone in attach_plan.saved.items():
+        parent, child = parent_of(model, key)
+        wrapper = getattr(parent, child)
+        if not isinstance(wrapper, SavedModule):
+            wrapper = SavedModule(wrapper)
+            setattr(parent, child, wrapper)
+        wrapper.copies[attach_plan.name] = clone
+    state.configs[attach_plan.name] = attach_plan.config
+    _freeze_base(model)
+    for param in attach_plan.parameters():
+        param.requires_grad_(trainable and not attach_plan.config.inference_mode)
+    for param in trainable_biases(model, attach_plan.name).values():
+        param.requires_grad_(trainable and not attach_plan.config.inference_mode)
+    from .adapters import set_active  # local: adapters imports this module
+
+    set_active(model, state.active or (attach_plan.name,))
+
+
+def _freeze_base(model: nn.Module) -> None:
+    """Freeze every parameter that does not belong to an adapter (deltas and saved copies)."""
+    adapter_params = set()
+    for module in model.modules():
+        if isinstance(module, DeltaLayer):
+            adapter_params.update(map(id, module.deltas.parameters()))
+        elif isinstance(module, SavedModule):
+            adapter_params.update(map(id, module.copies.parameters()))
+    for param in model.parameters():
+        if id(param) not in adapter_params:
+            param.requires_grad_(False)
+
+
+def trainable_biases(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """The base biases an adapter trains and saves (``bias="all"`` / ``"lora_only"``), by state-dict name.
+
+    Biases inside saved modules are excluded: the adapter's copy already holds them.
+    """
+    mode = getattr(state_of(model).require(name), "bias", "none")
+    if mode == "none":
+        return {}
+    if mode == "lora_only":
+        return {f"{key}.base_layer.bias": layer.base_layer.bias for key, layer in delta_layers(model)
+                if name in layer.deltas and getattr(layer.base_layer, "bias", None) is not None}
+    return {key: param for key, param in model.named_parameters()
+            if key.rsplit(".", 1)[-1] == "bias" and not _inside_adapter(key)}
+
+
+def _inside_adapter(key: str) -> bool:
+    """Whether a state-dict name lies in an adapter's own modules or a saved module's frozen original."""
+    return any(part in ("deltas", "copies", "original_module") for part in key.split(".")[:-1])
+
+
+def attach(model: nn.Module, config: DeltaConfig, name: str = "default") -> nn.Module:
+    """Add an adapter to ``model`` in place and return the model.
+
+    The base is frozen and the new adapter's parameters are trainable. The first adapter
+    attached becomes active; later ones are added inactive (switch with ``dt.set_active``),
+    as peft's ``add_adapter`` does. Raises before changing anything if the config does not fit.
+    """
+    apply(model, plan(model, config, name))
+    return model
+
+
+def remove(model: nn.Module, name: str) -> None:
+    """Take adapter ``name`` off the model and free its memory; unwrap layers left empty."""
+    state = state_of(model)
+    state.require(name)
+    for key, layer in list(delta_layers(model)):
+        if name not in layer.deltas:
+            continue
+        if name in layer.merged:
+            layer.unmerge()
+            layer.merge(tuple(n for n in state.active if n != name))
+        del layer.deltas[name]
+        if not len(layer.deltas):
+            parent, child = parent_of(model, key)
+            setattr(parent, child, layer.base_layer)
+    for key, module in list(model.named_modules()):
+        if isinstance(module, SavedModule) and name in module.copies:
+            del module.copies[name]
+            if not len(module.copies):
+                parent, child = parent_of(model, key)
+                setattr(parent, child, module.original_module)
+    del state.configs[name]
+    from .adapters import set_active
+
+    remaining = tuple(n for n in state.active if n != name)
+    if remaining or state.configs:
+        set_active(model, remaining)
+    else:
+        state.active = ()

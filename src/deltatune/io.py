@@ -1,0 +1,200 @@
+"""Save and load adapters in peft's on-disk format, both ways, exactly.
+
+A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` whose keys are
+``base_model.model.<module path>.<peft tensor name>`` with the adapter name left out; the
+adapter named "default" goes in the folder itself and every other one in a subfolder named
+after it, as peft does. Only safetensors is read: nothing from an adapter folder is ever
+unpickled. Loading checks every key and shape before the model is touched, so a bad file
+leaves the model exactly as it was; each file is written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from . import hf
+from .config import DeltaConfig
+from .errors import AdapterFileError
+from .inject import AttachPlan, apply, plan, trainable_biases
+from .registry import method_named
+from .state import delta_layers, saved_modules, state_of
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
+PREFIX = "base_model.model."
+PEFT_ARTIFACTS = ("original_module", "modules_to_save")
+"""Path parts peft writes for bias="all" next to modules_to_save; they carry no extra information."""
+
+
+def _folder_for(directory: Path, name: str) -> Path:
+    return directory if name == "default" else directory / name
+
+
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
+    """Adapter ``name``'s tensors under peft's file keys (live tensors, not copies)."""
+    out: dict[str, Tensor] = {}
+    for key, layer in delta_layers(model):
+        if name in layer.deltas:
+            out.update({f"{PREFIX}{key}.{k}": t for k, t in layer.deltas[name].tensors().items()})
+    for key, module in saved_modules(model):
+        if name in module.copies:
+            out.update({f"{PREFIX}{key}.{k}": t for k, t in module.copies[name].state_dict().items()})
+    out.update({f"{PREFIX}{key}": t for key, t in trainable_biases(model, name).items()})
+    return out
+
+
+def config_dict(model: nn.Module, name: str) -> dict[str, Any]:
+    """The adapter_config.json content peft would write for adapter ``name``."""
+    config = state_of(model).require(name)
+    data = config.to_peft_dict()
+    data["base_model_name_or_path"] = config.base_model_name_or_path or hf.name_or_path(model)
+    data["auto_mapping"] = hf.auto_mapping(model, config.task_type)
+    data["inference_mode"] = True
+    return dict(sorted(data.items()))
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through ``write(tmp_path)`` to a temporary file beside ``path``, then rename over it."""
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save(model: nn.Module, directory: str | os.PathLike[str], names: Sequence[str] | None = None) -> Path:
+    """Save adapters (all by default) as peft-format folders under ``directory``; returns it."""
+    state = state_of(model)
+    root = Path(directory)
+    for name in list(state.configs) if names is None else names:
+        state.require(name)
+        folder = _folder_for(root, name)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in adapter_tensors(model, name).items()}
+        text = json.dumps(config_dict(model, name), indent=2) + "\n"
+        _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    return root
+
+
+def read_config(folder: Path) -> DeltaConfig:
+    """The config stored in an adapter folder, with a clear error for a missing or broken file."""
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        where = f"folder {folder} holds {found}" if folder.is_dir() else f"{folder} is not a folder"
+        raise AdapterFileError(f"no {CONFIG_NAME} found: {where}. Pass the folder that dt.save or peft wrote.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{path} is not valid JSON ({err}); the file is corrupt.") from err
+    if not isinstance(data, dict) or "peft_type" not in data:
+        raise AdapterFileError(f"{path} has no 'peft_type' key; it is not an adapter config.")
+    return method_named(str(data["peft_type"]), str(path)).config_class.from_peft_dict(data, str(path))
+
+
+def read_tensors(folder: Path) -> dict[str, Tensor]:
+    """The tensors of an adapter folder; refuses pickle files and reports corrupt ones."""
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        pickled = [n for n in PICKLE_NAMES if (folder / n).exists()]
+        if pickled:
+            raise AdapterFileError(
+                f"{folder} holds {pickled[0]}, a pickle file, and no {WEIGHTS_NAME}. deltatune never unpickles "
+                "adapter files (pickle can run arbitrary code). Fix: re-save the adapter with safetensors "
+                "(peft: save_pretrained(..., safe_serialization=True)) from a source you trust."
+            )
+        raise AdapterFileError(f"{folder} has no {WEIGHTS_NAME}.")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterFileError(f"{path} is not a readable safetensors file ({err}); the file is corrupt.") from err
+
+
+def _base_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Base parameters by their name in a model without wrappers (what peft's keys reduce to)."""
+    out = {}
+    for key, param in model.named_parameters():
+        parts = key.split(".")
+        if any(p in ("deltas", "copies") for p in parts[:-1]):
+            continue
+        out[".".join(p for p in parts if p not in ("base_layer", "original_module"))] = param
+    return out
+
+
+def _match(model: nn.Module, attach_plan: AttachPlan, tensors: dict[str, Tensor], source: Path) -> list[tuple[Tensor, Tensor]]:
+    """Pair every file tensor with the planned (or base bias) tensor it fills; raise on any mismatch."""
+    expected: dict[str, Tensor] = {}
+    for key, delta in attach_plan.deltas.items():
+        expected.update({f"{key}.{k}": t for k, t in delta.tensors().items()})
+    for key, clone in attach_plan.saved.items():
+        expected.update({f"{key}.{k}": t for k, t in clone.state_dict().items()})
+    uses_bias = getattr(attach_plan.config, "bias", "none") != "none"
+    base = _base_params(model) if uses_bias else {}
+    pairs, unexpected = [], []
+    for file_key, value in tensors.items():
+        if not file_key.startswith(PREFIX):
+            unexpected.append(file_key)
+            continue
+        key = file_key[len(PREFIX):]
+        target = expected.pop(key, None)
+        if target is None and uses_bias and key.endswith("bias"):
+            if any(p in PEFT_ARTIFACTS for p in key.split(".")[:-1]):
+                continue
+            target = base.get(key.replace(".base_layer.", "."))
+        if target is None:
+            unexpected.append(file_key)
+        elif target.shape != value.shape:
+            raise AdapterFileError(
+                f"{source}: tensor {file_key!r} has shape {tuple(value.shape)} but the model needs "
+                f"{tuple(target.shape)} there (check r, rank_pattern and that this adapter was made for this model). "
+                "The model was left unchanged."
+            )
+        else:
+            pairs.append((target, value))
+    if unexpected:
+        raise AdapterFileError(
+            f"{source}: {len(unexpected)} tensor(s) match nothing in the model, e.g. {unexpected[:3]}; the adapter "
+            "was made for a different model or config. The model was left unchanged."
+        )
+    if expected:
+        raise AdapterFileError(
+            f"{source}: missing tensor(s) {[PREFIX + k for k in list(expected)[:3]]} "
+            f"({len(expected)} in all) that the config's targets need. The model was left unchanged."
+        )
+    return pairs
+
+
+def load(model: nn.Module, directory: str | os.PathLike[str], name: str = "default",
+         trainable: bool = False) -> nn.Module:
+    """Load an adapter folder (written by deltatune or peft) into ``model`` as ``name``.
+
+    The adapter is frozen unless ``trainable``; it becomes active if no adapter was active.
+    Every check happens before the model changes: on any error the model is as it was.
+    """
+    folder = Path(directory)
+    config = read_config(folder).replace(inference_mode=not trainable)
+    tensors = read_tensors(folder)
+    attach_plan = plan(model, config, name)
+    pairs = _match(model, attach_plan, tensors, folder / WEIGHTS_NAME)
+    with torch.no_grad():
+        for target, value in pairs:
+            target.copy_(value)
+    apply(model, attach_plan, trainable=trainable)
+    return model

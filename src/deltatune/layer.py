@@ -1,0 +1,135 @@
+"""The wrappers that hold a base layer together with its named per-adapter changes.
+
+``Delta`` is the one interface every weight-space method implements, for one (layer, adapter)
+pair: ``forward(x, y)`` turns the base output ``y`` into the adapted output, ``merge`` and
+``unmerge`` fold the change into a dense weight and back, ``tensors`` names the parameters as
+peft's files do. ``DeltaLayer`` wraps a base layer and applies its active deltas in order;
+``SavedModule`` keeps a trainable full copy of a module per adapter (``modules_to_save``).
+
+Both wrappers keep their base under peft's child names (``base_layer``, ``original_module``), so
+base parameter names in ``state_dict()`` match a peft model's, and forward unknown attributes to
+the wrapped module so code that reads ``layer.in_features`` or ``layer.weight`` keeps working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .bases import BaseLayer
+
+
+class Delta(nn.Module):
+    """One method's change to one base layer for one adapter."""
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:  # noqa: D102 - documented above
+        raise NotImplementedError
+
+    def merge(self, weight: Tensor) -> Tensor:
+        """The dense canonical weight with this change folded in (``W -> W'``)."""
+        raise NotImplementedError
+
+    def unmerge(self, weight: Tensor) -> Tensor:
+        """The inverse of ``merge`` (``W' -> W``), exact up to floating-point rounding."""
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, Tensor]:
+        """This delta's saved tensors, keyed by peft's names relative to the layer."""
+        raise NotImplementedError
+
+    def adjust_base(self, weight: Tensor) -> Tensor | None:
+        """For inits that move part of W into the delta (PiSSA, OLoRA): the residual base weight."""
+        return None
+
+
+class _Forwarding(nn.Module):
+    """A wrapper that reads attributes it lacks from its wrapped module."""
+
+    _wrapped_name = ""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == self._wrapped_name:
+                raise
+            return getattr(super().__getattr__(self._wrapped_name), name)
+
+
+class DeltaLayer(_Forwarding):
+    """A base layer plus named deltas; the active ones that are not merged run in forward."""
+
+    _wrapped_name = "base_layer"
+
+    def __init__(self, base_layer: nn.Module, view: BaseLayer) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.deltas = nn.ModuleDict()
+        self.view = view
+        self.active: tuple[str, ...] = ()
+        self.merged: list[str] = []
+        self.enabled = True
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        if not self.enabled:
+            return y
+        for name in self.active:
+            if name in self.deltas and name not in self.merged:
+                y = self.deltas[name](x, y)
+        return y
+
+    def merge(self, names: tuple[str, ...]) -> None:
+        """Fold the named deltas into the base weight (computed in fp32, stored in its dtype)."""
+        todo = [n for n in names if n in self.deltas and n not in self.merged]
+        if not todo:
+            return
+        weight = self.view.read_weight().float()
+        for name in todo:
+            weight = self.deltas[name].merge(weight)
+            self.merged.append(name)
+        self.view.write_weight(weight)
+
+    def unmerge(self) -> None:
+        """Take every merged delta back out of the base weight, last merged first."""
+        if not self.merged:
+            return
+        weight = self.view.read_weight().float()
+        for name in reversed(self.merged):
+            weight = self.deltas[name].unmerge(weight)
+        self.merged.clear()
+        self.view.write_weight(weight)
+
+    def extra_repr(self) -> str:
+        return f"active={list(self.active)}, merged={self.merged}, enabled={self.enabled}"
+
+
+class SavedModule(_Forwarding):
+    """A module trained in full for some adapters: one copy per adapter, original kept frozen."""
+
+    _wrapped_name = "original_module"
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.copies = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.enabled = True
+
+    def current(self) -> nn.Module:
+        """The copy of the first active adapter that has one, else the original."""
+        if self.enabled:
+            for name in self.active:
+                if name in self.copies:
+                    return self.copies[name]
+        return self.original_module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.current()(*args, **kwargs)
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Adapters on a half-precision base are kept in fp32 (peft's autocast_adapter_dtype)."""
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype

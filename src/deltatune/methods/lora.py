@@ -1,0 +1,206 @@
+"""LoRA: low-rank adaptation (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+Update: ``W' = W + s * B @ A`` with ``A: (r, in, *kernel)``, ``B: (out, r)`` and
+``s = alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA, Kalajdzievski 2023). In forward the
+product is never formed: ``y + s * B (A x)``.
+
+Init (``init_lora_weights``): True = A Kaiming-uniform, B zero (for embeddings the reverse:
+A zero, B normal, as peft does), so the adapter starts as the identity; "gaussian" = A normal
+with std 1/r, B zero; False = both random (for tests); "pissa" / "pissa_niter_K" = the top-r
+singular triplets of W split between B and A, and W replaced by its residual (Meng et al.
+2024); "olora" = the first r columns of Q and rows of R of W = QR, W replaced by its residual
+(Büyükakyüz 2024). Parameter count per layer: ``r * (in * prod(kernel) + out)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..bases import BaseLayer
+from ..config import DeltaConfig, TargetedConfig
+from ..errors import TargetError
+from ..layer import Delta
+from ..registry import Method, register
+
+_INITS = (True, False, "gaussian", "pissa", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_\d+")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig(TargetedConfig):
+    """LoRA settings, with peft's field names and defaults."""
+
+    peft_type: ClassVar[str] = "LORA"
+    peft_ignored: ClassVar[Mapping[str, Any]] = MappingProxyType(
+        {"megatron_core": "megatron.core", "qalora_group_size": 16, "ensure_weight_tying": False}
+    )
+    peft_unsupported: ClassVar[Mapping[str, Any]] = MappingProxyType({
+        key: None for key in ("alora_invocation_tokens", "arrow_config", "corda_config", "eva_config",
+                              "kasa_config", "layer_replication", "lora_ga_config", "megatron_config",
+                              "monteclora_config", "target_parameters", "trainable_token_indices",
+                              "use_bdlora", "velora_config")
+    } | {"loftq_config": {}, "use_qalora": False})
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    use_dora: bool = False
+    lora_bias: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        self.check(_is_int(self.r) and self.r >= 1, "r", "the rank must be a positive integer", "pass e.g. r=8")
+        self.check(_is_number(self.lora_alpha), "lora_alpha", "lora_alpha must be a number",
+                   "pass e.g. lora_alpha=16 (twice r is common)")
+        self.check(_is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout",
+                   "dropout must be in [0, 1)", "pass e.g. lora_dropout=0.05")
+        self.check(self.bias in ("none", "all", "lora_only"), "bias", "bias must be 'none', 'all' or 'lora_only'",
+                   "pass bias='none' unless you also want to train biases")
+        init = self.init_lora_weights
+        self.check(init in _INITS or (isinstance(init, str) and _PISSA_NITER.fullmatch(init) is not None),
+                   "init_lora_weights", f"supported inits are {_INITS} and 'pissa_niter_<K>'",
+                   "pass True (the standard zero-B init) or one of those")
+        self.check(all(_is_int(v) and v >= 1 for v in self.rank_pattern.values()), "rank_pattern",
+                   "every rank in the pattern must be a positive integer", "pass e.g. {'q_proj': 16}")
+        self.check(all(_is_number(v) for v in self.alpha_pattern.values()), "alpha_pattern",
+                   "every alpha in the pattern must be a number", "pass e.g. {'q_proj': 32}")
+        self.check(not self.use_dora, "use_dora", "DoRA is not implemented in this version yet",
+                   "use plain LoRA (use_dora=False)")
+        self.check(not self.lora_bias, "lora_bias", "a bias on lora_B is not implemented in this version yet",
+                   "use lora_bias=False")
+        for key in (*self.rank_pattern, *self.alpha_pattern):
+            _check_regex(self, key)
+
+    def rank_and_alpha(self, key: str) -> tuple[int, float]:
+        """The rank and alpha for the module named ``key`` (peft's pattern rule: first match wins)."""
+        r = self.rank_pattern.get(_pattern_key(self.rank_pattern, key), self.r)
+        alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, key), self.lora_alpha)
+        return int(r), float(alpha)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_regex(config: LoraConfig, key: str) -> None:
+    try:
+        re.compile(key)
+    except re.error as err:
+        config.check(False, "rank_pattern", f"the key {key!r} is not a valid regular expression ({err})",
+                     "use module names or valid regular expressions as keys")
+
+
+def _pattern_key(patterns: Mapping[str, Any], key: str) -> str:
+    return next((p for p in patterns if re.match(rf"(.*\.)?({p})$", key)), key)
+
+
+class LoraDelta(Delta):
+    """``y + s * B(A(dropout(x)))`` on any base kind; A and B kept in peft's shapes."""
+
+    def __init__(self, base: BaseLayer, r: int, scaling: float, dropout: float) -> None:
+        super().__init__()
+        kernel = base.kernel_size
+        self.base = base
+        self.scaling = scaling
+        self.A = nn.Parameter(torch.empty(r, base.in_features, *kernel, device=base.weight.device))
+        self.B = nn.Parameter(torch.empty(base.out_features, r, *(1,) * len(kernel), device=base.weight.device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.moves_base = False  # set by the PiSSA / OLoRA inits
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        if x.is_floating_point():
+            x = self.dropout(x).to(self.A.dtype)
+        return self.base.expand(y, self.base.project(x, self.A), self.B, self.scaling)
+
+    def delta_weight(self) -> Tensor:
+        """``s * B @ A`` in the canonical ``(out, in, *kernel)`` layout, in fp32."""
+        product = self.B.float().flatten(1) @ self.A.float().flatten(1)
+        return (product * self.scaling).view(self.B.shape[0], *self.A.shape[1:])
+
+    def merge(self, weight: Tensor) -> Tensor:
+        return weight + self.delta_weight().to(weight)
+
+    def unmerge(self, weight: Tensor) -> Tensor:
+        return weight - self.delta_weight().to(weight)
+
+    def tensors(self) -> dict[str, Tensor]:
+        if self.base.kind == "embedding":
+            return {"lora_embedding_A": self.A, "lora_embedding_B": self.B}
+        return {"lora_A.weight": self.A, "lora_B.weight": self.B}
+
+    def adjust_base(self, weight: Tensor) -> Tensor | None:
+        return self.unmerge(weight.float()) if self.moves_base else None
+
+    @torch.no_grad()
+    def initialize(self, init: bool | str) -> None:
+        """Fill A and B per ``init_lora_weights`` (see the module docstring)."""
+        if init in ("pissa", "olora") or (isinstance(init, str) and init.startswith("pissa_niter_")):
+            self._init_from_weight(str(init))
+        elif self.base.kind == "embedding":
+            nn.init.zeros_(self.A) if init is not False else nn.init.normal_(self.A)
+            nn.init.normal_(self.B)
+        elif init is False:
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
+        else:
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5)) if init is True else nn.init.normal_(
+                self.A, std=1 / self.A.shape[0])
+            nn.init.zeros_(self.B)
+
+    def _init_from_weight(self, init: str) -> None:
+        if self.base.kind != "linear":
+            raise TargetError(f"init_lora_weights={init!r} needs a linear layer, got {self.base.describe()}")
+        weight, r = self.base.read_weight().float(), self.A.shape[0]
+        if init == "olora":
+            q, upper = torch.linalg.qr(weight)
+            b, a = q[:, :r], upper[:r]
+        else:
+            if init == "pissa":
+                u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+                u, s, vh = u[:, :r], s[:r], vh[:r]
+            else:
+                u, s, v = torch.svd_lowrank(weight, r, niter=int(init.rsplit("_", 1)[1]))
+                vh = v.t()
+            root = torch.sqrt(s / self.scaling)
+            b, a = u * root, root[:, None] * vh
+        self.A.copy_(a)
+        self.B.copy_(b)
+        self.moves_base = True
+
+
+def make_lora(base: BaseLayer, config: DeltaConfig, key: str) -> LoraDelta:
+    assert isinstance(config, LoraConfig)
+    if base.kind == "conv" and getattr(base, "groups", 1) != 1:
+        raise TargetError(f"{key}: LoRA on a grouped convolution ({base.describe()}) is not supported yet")
+    r, alpha = config.rank_and_alpha(key)
+    scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+    delta = LoraDelta(base, r, scaling, config.lora_dropout)
+    delta.initialize(config.init_lora_weights)
+    return delta
+
+
+def finalize_lora(config: DeltaConfig, views: Mapping[str, BaseLayer]) -> DeltaConfig:
+    """peft stores fan_in_fan_out=True exactly when a transposed (Conv1D) layer is adapted."""
+    assert isinstance(config, LoraConfig)
+    return config.replace(fan_in_fan_out=any(v.fan_in_fan_out for v in views.values()))
+
+
+LORA = register(Method("LORA", LoraConfig, make_lora, finalize_lora))

@@ -1,0 +1,84 @@
+"""What deltatune keeps on a model: its adapters' configs and which are active.
+
+The model itself is never wrapped or re-classed; its adapted layers are replaced by
+``DeltaLayer`` / ``SavedModule`` wrappers and one plain attribute, ``deltatune_state``, holds
+the bookkeeping below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .config import DeltaConfig
+from .errors import AdapterError
+from .layer import DeltaLayer, SavedModule
+
+STATE_ATTR = "deltatune_state"
+
+
+@dataclass
+class ModelState:
+    """The adapters on one model, in the order they were added."""
+
+    configs: dict[str, DeltaConfig] = field(default_factory=dict)
+    active: tuple[str, ...] = ()
+
+    def require(self, name: str) -> DeltaConfig:
+        if name not in self.configs:
+            raise AdapterError(f"no adapter named {name!r} on this model; adapters: {list(self.configs)}")
+        return self.configs[name]
+
+
+def state_of(model: nn.Module, create: bool = False) -> ModelState:
+    """The model's adapter bookkeeping; raises if nothing was attached (unless ``create``)."""
+    state = model.__dict__.get(STATE_ATTR)
+    if state is None:
+        if not create:
+            raise AdapterError("this model has no deltatune adapters; attach one with dt.attach or dt.load first")
+        state = ModelState()
+        model.__dict__[STATE_ATTR] = state
+    return state
+
+
+def drop_state(model: nn.Module) -> None:
+    model.__dict__.pop(STATE_ATTR, None)
+
+
+def delta_layers(model: nn.Module) -> Iterator[tuple[str, DeltaLayer]]:
+    """Every ``DeltaLayer`` in the model with its module name."""
+    for name, module in model.named_modules():
+        if isinstance(module, DeltaLayer):
+            yield name, module
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
+    """Every ``SavedModule`` in the model with its module name."""
+    for name, module in model.named_modules():
+        if isinstance(module, SavedModule):
+            yield name, module
+
+
+def logical_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """The model's modules as the user sees them: wrappers stand for the module they wrap.
+
+    A ``DeltaLayer`` yields its base layer under its own name (and nothing inside it), a
+    ``SavedModule`` its original module, so targeting works the same before and after attach.
+    """
+    for name, child in model.named_children():
+        path = f"{prefix}{name}"
+        if isinstance(child, DeltaLayer):
+            yield path, child.base_layer
+        elif isinstance(child, SavedModule):
+            yield path, child.original_module
+        else:
+            yield path, child
+            yield from logical_modules(child, f"{path}.")
+
+
+def parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The module holding the child at ``path``, and the child's attribute name."""
+    parent_path, _, child = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), child

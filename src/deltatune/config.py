@@ -39,12 +39,28 @@ TASK_HEADS: Mapping[str, tuple[str, ...]] = MappingProxyType(
 C = TypeVar("C", bound="DeltaConfig")
 
 
+class FrozenDict(dict):  # type: ignore[type-arg]
+    """A read-only dict: JSON-serialisable, picklable and deep-copyable, unlike MappingProxyType."""
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("config mappings are read-only; build a new config with config.replace(...)")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _read_only  # type: ignore[assignment]
+    __ior__ = _read_only  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenDict, (dict(self),))
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+
 def _freeze(value: Any) -> Any:
     """Lists become tuples and dicts read-only mappings, recursively, so a config cannot change."""
     if isinstance(value, (list, tuple)):
         return tuple(_freeze(v) for v in value)
     if isinstance(value, Mapping):
-        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+        return FrozenDict({k: _freeze(v) for k, v in value.items()})
     if isinstance(value, (set, frozenset)):
         return tuple(sorted(value))
     return value
@@ -163,6 +179,9 @@ class TargetedConfig(DeltaConfig):
         self.check(layers is None or isinstance(self.target_modules, tuple) or self.target_modules is None,
                    "layers_to_transform", "peft applies layers_to_transform only when target_modules is a list",
                    "give target_modules as a list of names, or encode the layers in the regular expression")
+        self.check(not self.layers_pattern or layers is not None, "layers_pattern",
+                   "layers_pattern only says where layer numbers are, for layers_to_transform, which is not set",
+                   "also pass layers_to_transform, or drop layers_pattern")
 
     def _check_names(self, field: str) -> None:
         value = getattr(self, field)

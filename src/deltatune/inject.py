@@ -85,7 +85,7 @@ def _find_targets(model: nn.Module, config: TargetedConfig) -> dict[str, BaseLay
             raise TargetError(
                 f"target_modules selects {key!r}, a {type(module).__name__}, which "
                 f"{type(config).__name__} cannot adapt; it adapts Linear, transformers Conv1D, Embedding and "
-                "Conv1d/2d/3d layers. Fix: name the layers inside it, or exclude it with exclude_modules."
+                "Conv1d/2d/3d layers (zero padding, groups=1). Fix: name the layers inside it, or exclude it with exclude_modules."
             )
         views[key] = view
     if not views:
@@ -149,8 +149,12 @@ def plan(model: nn.Module, config: DeltaConfig, name: str) -> AttachPlan:
     return result
 
 
-def apply(model: nn.Module, attach_plan: AttachPlan, trainable: bool = True) -> None:
-    """Swap the planned modules into the model. Nothing here can fail half way."""
+def apply(model: nn.Module, attach_plan: AttachPlan) -> None:
+    """Swap the planned modules into the model. Nothing here can fail half way.
+
+    The base is frozen; the new adapter trains unless its config is in inference mode, and
+    biases stay trainable for every adapter that trains them.
+    """
     state = state_of(model, create=True)
     for key, delta in attach_plan.deltas.items():
         parent, child = parent_of(model, key)
@@ -171,9 +175,10 @@ def apply(model: nn.Module, attach_plan: AttachPlan, trainable: bool = True) -> 
     state.configs[attach_plan.name] = attach_plan.config
     _freeze_base(model)
     for param in attach_plan.parameters():
-        param.requires_grad_(trainable and not attach_plan.config.inference_mode)
-    for param in trainable_biases(model, attach_plan.name).values():
-        param.requires_grad_(trainable and not attach_plan.config.inference_mode)
+        param.requires_grad_(not attach_plan.config.inference_mode)
+    for name, config in state.configs.items():
+        for param in trainable_biases(model, name).values():
+            param.requires_grad_(param.requires_grad or not config.inference_mode)
     from .adapters import set_active  # local: adapters imports this module
 
     set_active(model, state.active or (attach_plan.name,))
@@ -231,8 +236,9 @@ def remove(model: nn.Module, name: str) -> None:
         if name not in layer.deltas:
             continue
         if name in layer.merged:
+            keep = tuple(n for n in layer.merged if n != name)
             layer.unmerge()
-            layer.merge(tuple(n for n in state.active if n != name))
+            layer.merge(keep)
         del layer.deltas[name]
         if not len(layer.deltas):
             parent, child = parent_of(model, key)

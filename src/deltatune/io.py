@@ -196,5 +196,5 @@ def load(model: nn.Module, directory: str | os.PathLike[str], name: str = "defau
     with torch.no_grad():
         for target, value in pairs:
             target.copy_(value)
-    apply(model, attach_plan, trainable=trainable)
+    apply(model, attach_plan)
     return model

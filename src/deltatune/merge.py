@@ -1,8 +1,9 @@
 """Fold adapters into the base weights and back, and strip deltatune from a model.
 
 Merging is computed in fp32 and stored in the base dtype. ``unmerge`` subtracts what was
-added, so the original weights come back up to one rounding of the base dtype (exact
-for the fp32 values in most cases; within 1e-6 relative in fp32 and one bf16 ulp in bf16).
+added, so the original weights come back up to the rounding of the base dtype: in fp32 within
+about 1e-6 absolute; in bf16 within half a bf16 ulp of max(|W|, |W + dW|), which is large
+relative to a small |W| when |dW| is much larger (a bf16 merge is lossy, as in peft).
 Adapter arithmetic (combining adapters) arrives with the merging issue.
 """
 

@@ -70,6 +70,11 @@ class LoraConfig(TargetedConfig):
                    "dropout must be in [0, 1)", "pass e.g. lora_dropout=0.05")
         self.check(self.bias in ("none", "all", "lora_only"), "bias", "bias must be 'none', 'all' or 'lora_only'",
                    "pass bias='none' unless you also want to train biases")
+        for flag in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias"):
+            self.check(isinstance(getattr(self, flag), bool), flag, f"{flag} must be a bool", "pass True or False")
+        for field in ("rank_pattern", "alpha_pattern"):
+            self.check(isinstance(getattr(self, field), Mapping), field, "it must map module names to values",
+                       "pass a dict, e.g. {'q_proj': 16}")
         init = self.init_lora_weights
         self.check(init in _INITS or (isinstance(init, str) and _PISSA_NITER.fullmatch(init) is not None),
                    "init_lora_weights", f"supported inits are {_INITS} and 'pissa_niter_<K>'",
@@ -188,8 +193,6 @@ class LoraDelta(Delta):
 
 def make_lora(base: BaseLayer, config: DeltaConfig, key: str) -> LoraDelta:
     assert isinstance(config, LoraConfig)
-    if base.kind == "conv" and getattr(base, "groups", 1) != 1:
-        raise TargetError(f"{key}: LoRA on a grouped convolution ({base.describe()}) is not supported yet")
     r, alpha = config.rank_and_alpha(key)
     scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
     delta = LoraDelta(base, r, scaling, config.lora_dropout)

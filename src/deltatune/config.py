@@ -163,6 +163,14 @@ class TargetedConfig(DeltaConfig):
     layers_pattern: tuple[str, ...] | str | None = None
     modules_to_save: tuple[str, ...] | None = None
 
+    def __post_init__(self) -> None:
+        # peft stores these name lists as sets: keep them sorted and unique, so equal selections compare equal.
+        for field in ("target_modules", "exclude_modules"):
+            value = getattr(self, field)
+            if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) and v for v in value):
+                object.__setattr__(self, field, tuple(sorted(set(value))))
+        super().__post_init__()
+
     def validate(self) -> None:
         super().validate()
         for field in ("target_modules", "exclude_modules"):

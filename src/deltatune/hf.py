@@ -72,6 +72,17 @@ def output_head_name(model: nn.Module, task_type: str | None) -> str | None:
     return next((name for name, module in model.named_modules() if module is head), None)
 
 
+def embedding_modules(model: nn.Module) -> list[nn.Module]:
+    """The model's input and output embedding modules (as transformers reports them), if any."""
+    found = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(model, getter, None)
+        module = get() if callable(get) else None
+        if module is not None:
+            found.append(module)
+    return found
+
+
 def name_or_path(model: nn.Module) -> str | None:
     """Where the base model came from (``config._name_or_path``), or None for a model built in code."""
     value = getattr(getattr(model, "config", None), "_name_or_path", None)

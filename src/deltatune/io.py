@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from . import hf
 from .config import DeltaConfig
-from .errors import AdapterFileError
+from .errors import AdapterFileError, ConfigError
 from .inject import AttachPlan, apply, plan, trainable_biases
 from .registry import method_named
 from .state import delta_layers, saved_modules, state_of
@@ -61,21 +61,33 @@ def config_dict(model: nn.Module, name: str) -> dict[str, Any]:
     data["base_model_name_or_path"] = config.base_model_name_or_path or hf.name_or_path(model)
     data["auto_mapping"] = hf.auto_mapping(model, config.task_type)
     data["inference_mode"] = True
+    if "modules_to_save" in data:  # peft records the task heads it added
+        data["modules_to_save"] = list(config.saved_module_names()) or None
     return dict(sorted(data.items()))
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through ``write(tmp_path)`` to a temporary file beside ``path``, then rename over it."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+def _write_files(folder: Path, writers: dict[str, Any]) -> None:
+    """Write every file to a temporary name in ``folder`` first, then rename them all into place.
+
+    ``writers`` maps a file name to ``write(tmp_path)``. A failure while writing leaves the old
+    files untouched and no temporary file behind; only the renames, which do not fail in
+    practice on one filesystem, happen after the first new file is in place.
+    """
+    staged: dict[str, str] = {}
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for name, write in writers.items():
+            handle, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+            os.close(handle)
+            staged[name] = tmp
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        for name, tmp in staged.items():
+            os.replace(tmp, folder / name)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp in staged.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def save(model: nn.Module, directory: str | os.PathLike[str], names: Sequence[str] | None = None) -> Path:
@@ -88,8 +100,10 @@ def save(model: nn.Module, directory: str | os.PathLike[str], names: Sequence[st
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in adapter_tensors(model, name).items()}
         text = json.dumps(config_dict(model, name), indent=2) + "\n"
-        _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-        _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
+        _write_files(folder, {
+            WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+            CONFIG_NAME: lambda p: Path(p).write_text(text, encoding="utf-8"),
+        })
     return root
 
 
@@ -99,14 +113,20 @@ def read_config(folder: Path) -> DeltaConfig:
     if not path.is_file():
         found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         where = f"folder {folder} holds {found}" if folder.is_dir() else f"{folder} is not a folder"
-        raise AdapterFileError(f"no {CONFIG_NAME} found: {where}. Pass the folder that dt.save or peft wrote.")
+        pickled = [n for n in PICKLE_NAMES if n in found]
+        hint = f" It holds {pickled[0]}, a pickle file, which deltatune never loads." if pickled else ""
+        raise AdapterFileError(f"no {CONFIG_NAME} found: {where}.{hint} Pass the folder that dt.save or peft wrote.")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterFileError(f"{path} is not valid JSON ({err}); the file is corrupt.") from err
     if not isinstance(data, dict) or "peft_type" not in data:
         raise AdapterFileError(f"{path} has no 'peft_type' key; it is not an adapter config.")
-    return method_named(str(data["peft_type"]), str(path)).config_class.from_peft_dict(data, str(path))
+    config_class = method_named(str(data["peft_type"]), str(path)).config_class
+    try:
+        return config_class.from_peft_dict(data, str(path))
+    except (ConfigError, TypeError) as err:
+        raise AdapterFileError(f"{path}: {err}") from err
 
 
 def read_tensors(folder: Path) -> dict[str, Tensor]:
@@ -138,15 +158,23 @@ def _base_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+def _base_overrides(model: nn.Module, config: DeltaConfig) -> dict[str, nn.Parameter]:
+    """Base parameters a peft file may carry: trained biases, and the embedding tables peft
+    writes (``save_embedding_layers="auto"``) when embeddings are targeted or resized."""
+    uses_bias = getattr(config, "bias", "none") != "none"
+    tables = {id(getattr(m, "weight", None)) for m in hf.embedding_modules(model)}
+    return {name: p for name, p in _base_params(model).items()
+            if (uses_bias and name.endswith("bias")) or id(p) in tables}
+
+
 def _match(model: nn.Module, attach_plan: AttachPlan, tensors: dict[str, Tensor], source: Path) -> list[tuple[Tensor, Tensor]]:
-    """Pair every file tensor with the planned (or base bias) tensor it fills; raise on any mismatch."""
+    """Pair every file tensor with the planned (or base) tensor it fills; raise on any mismatch."""
     expected: dict[str, Tensor] = {}
     for key, delta in attach_plan.deltas.items():
         expected.update({f"{key}.{k}": t for k, t in delta.tensors().items()})
     for key, clone in attach_plan.saved.items():
         expected.update({f"{key}.{k}": t for k, t in clone.state_dict().items()})
-    uses_bias = getattr(attach_plan.config, "bias", "none") != "none"
-    base = _base_params(model) if uses_bias else {}
+    base = _base_overrides(model, attach_plan.config)
     pairs, unexpected = [], []
     for file_key, value in tensors.items():
         if not file_key.startswith(PREFIX):
@@ -154,9 +182,9 @@ def _match(model: nn.Module, attach_plan: AttachPlan, tensors: dict[str, Tensor]
             continue
         key = file_key[len(PREFIX):]
         target = expected.pop(key, None)
-        if target is None and uses_bias and key.endswith("bias"):
-            if any(p in PEFT_ARTIFACTS for p in key.split(".")[:-1]):
-                continue
+        if target is None and any(p in PEFT_ARTIFACTS for p in key.split(".")[:-1]):
+            continue
+        if target is None:
             target = base.get(key.replace(".base_layer.", "."))
         if target is None:
             unexpected.append(file_key)

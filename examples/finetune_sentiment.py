@@ -13,7 +13,7 @@ A real, end-to-end deltatune run in about 2-3 minutes on 2 CPU threads:
    number of steps, printing the loss, measure test accuracy again;
 5. save the adapter in the peft on-disk format with ``dt.save``.
 
-Usage (from the project root, with ``pip install -e .[examples]``)::
+Usage (from the project root, after ``make demo`` has installed everything into .venv)::
 
     python examples/finetune_sentiment.py                 # full run, ~2-3 minutes
     python examples/finetune_sentiment.py --quick         # ~20-second smoke run

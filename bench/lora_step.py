@@ -196,7 +196,7 @@ def prepare(variant: str, lib: ModuleType | None, model: Any) -> tuple[Any, dict
             lib_trainable=trainable,
             lib_total=total,
             lib_version=getattr(dt, "__version__", None),
-            lib_file=getattr(dt, "__file__", None),
+            lib_file=display_path(Path(dt.__file__)) if getattr(dt, "__file__", None) else None,
         )
     else:
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")

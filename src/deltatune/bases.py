@@ -10,6 +10,7 @@ Methods build on these and never ask which torch class they are wrapping.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from . import hf
 
 
-class BaseLayer:
+class BaseLayer(ABC):
     """A view of one torch layer; subclasses say how to read it. Holds no state of its own."""
 
     kind: ClassVar[str] = ""
@@ -32,16 +33,19 @@ class BaseLayer:
         self.module = module
 
     @staticmethod
+    @abstractmethod
     def accepts(module: nn.Module) -> bool:
-        raise NotImplementedError
+        """Whether this kind describes ``module``."""
 
     @property
+    @abstractmethod
     def in_features(self) -> int:
-        raise NotImplementedError
+        """Input size (channels for conv, vocabulary size for embeddings)."""
 
     @property
+    @abstractmethod
     def out_features(self) -> int:
-        raise NotImplementedError
+        """Output size (channels for conv, embedding dim for embeddings)."""
 
     @property
     def kernel_size(self) -> tuple[int, ...]:

@@ -13,6 +13,7 @@ the wrapped module so code that reads ``layer.in_features`` or ``layer.weight`` 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -21,23 +22,24 @@ from torch import Tensor, nn
 from .bases import BaseLayer
 
 
-class Delta(nn.Module):
+class Delta(nn.Module, ABC):
     """One method's change to one base layer for one adapter."""
 
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:  # noqa: D102 - documented above
-        raise NotImplementedError
+    @abstractmethod
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """The adapted output, given the layer input ``x`` and the base output so far ``y``."""
 
+    @abstractmethod
     def merge(self, weight: Tensor) -> Tensor:
         """The dense canonical weight with this change folded in (``W -> W'``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def unmerge(self, weight: Tensor) -> Tensor:
         """The inverse of ``merge`` (``W' -> W``), exact up to floating-point rounding."""
-        raise NotImplementedError
 
+    @abstractmethod
     def tensors(self) -> dict[str, Tensor]:
         """This delta's saved tensors, keyed by peft's names relative to the layer."""
-        raise NotImplementedError
 
     def adjust_base(self, weight: Tensor) -> Tensor | None:
         """For inits that move part of W into the delta (PiSSA, OLoRA): the residual base weight."""

@@ -19,7 +19,7 @@ from .config import DeltaConfig, TargetedConfig
 from .errors import AdapterError, TargetError
 from .layer import Delta, DeltaLayer, SavedModule, adapter_dtype
 from .registry import method_for
-from .state import delta_layers, logical_modules, parent_of, state_of
+from .state import STATE_ATTR, delta_layers, logical_modules, parent_of, set_active, state_of
 from .targets import ALL_LINEAR, is_target, nearest_names
 
 
@@ -43,7 +43,7 @@ class AttachPlan:
 def _check_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not name or "." in name:
         raise AdapterError(f"adapter name {name!r} is invalid: use a non-empty string without dots, e.g. 'default'")
-    existing = model.__dict__.get("deltatune_state")
+    existing = model.__dict__.get(STATE_ATTR)
     if existing is not None and name in existing.configs:
         raise AdapterError(
             f"an adapter named {name!r} is already attached; pick another name or remove it first "
@@ -179,8 +179,6 @@ def apply(model: nn.Module, attach_plan: AttachPlan) -> None:
     for name, config in state.configs.items():
         for param in trainable_biases(model, name).values():
             param.requires_grad_(param.requires_grad or not config.inference_mode)
-    from .adapters import set_active  # local: adapters imports this module
-
     set_active(model, state.active or (attach_plan.name,))
 
 
@@ -250,10 +248,4 @@ def remove(model: nn.Module, name: str) -> None:
                 parent, child = parent_of(model, key)
                 setattr(parent, child, module.original_module)
     del state.configs[name]
-    from .adapters import set_active
-
-    remaining = tuple(n for n in state.active if n != name)
-    if remaining or state.configs:
-        set_active(model, remaining)
-    else:
-        state.active = ()
+    set_active(model, tuple(n for n in state.active if n != name))

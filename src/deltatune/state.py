@@ -7,7 +7,7 @@ the bookkeeping below.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -82,3 +82,28 @@ def parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     """The module holding the child at ``path``, and the child's attribute name."""
     parent_path, _, child = path.rpartition(".")
     return (model.get_submodule(parent_path) if parent_path else model), child
+
+
+def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make ``names`` the active adapters; with several, their changes are summed in that order.
+
+    Adapters merged into the weights stay merged (merged ones are active by definition);
+    trainability is not changed.
+    """
+    state = state_of(model)
+    active = (names,) if isinstance(names, str) else tuple(names)
+    for name in active:
+        state.require(name)
+    if len(set(active)) != len(active):
+        raise ValueError(f"set_active: adapter names repeat in {list(active)}; give each name once")
+    for _, layer in delta_layers(model):
+        stray = [n for n in layer.merged if n not in active]
+        if stray:
+            raise ValueError(
+                f"set_active: adapters {stray} are merged into the weights; call dt.unmerge(model) before "
+                "switching them off"
+            )
+        layer.active = active
+    for _, module in saved_modules(model):
+        module.active = active
+    state.active = active

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from . import hf
 from .config import DeltaConfig
 from .errors import AdapterFileError, ConfigError
 from .inject import AttachPlan, apply, plan, trainable_biases
+from .layer import Delta
 from .registry import method_named
 from .state import delta_layers, saved_modules, state_of
 
@@ -41,17 +42,22 @@ def _folder_for(directory: Path, name: str) -> Path:
     return directory if name == "default" else directory / name
 
 
+def _by_module_path(deltas: Mapping[str, Delta], copies: Mapping[str, nn.Module]) -> dict[str, Tensor]:
+    """Tensors keyed ``<module path>.<peft name>``: what a file key is, less ``base_model.model.``."""
+    out: dict[str, Tensor] = {}
+    for key, delta in deltas.items():
+        out.update({f"{key}.{k}": t for k, t in delta.tensors().items()})
+    for key, module in copies.items():
+        out.update({f"{key}.{k}": t for k, t in module.state_dict().items()})
+    return out
+
+
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
     """Adapter ``name``'s tensors under peft's file keys (live tensors, not copies)."""
-    out: dict[str, Tensor] = {}
-    for key, layer in delta_layers(model):
-        if name in layer.deltas:
-            out.update({f"{PREFIX}{key}.{k}": t for k, t in layer.deltas[name].tensors().items()})
-    for key, module in saved_modules(model):
-        if name in module.copies:
-            out.update({f"{PREFIX}{key}.{k}": t for k, t in module.copies[name].state_dict().items()})
-    out.update({f"{PREFIX}{key}": t for key, t in trainable_biases(model, name).items()})
-    return out
+    deltas = {key: layer.deltas[name] for key, layer in delta_layers(model) if name in layer.deltas}
+    copies = {key: module.copies[name] for key, module in saved_modules(model) if name in module.copies}
+    out = {**_by_module_path(deltas, copies), **trainable_biases(model, name)}
+    return {PREFIX + key: t for key, t in out.items()}
 
 
 def config_dict(model: nn.Module, name: str) -> dict[str, Any]:
@@ -169,11 +175,7 @@ def _base_overrides(model: nn.Module, config: DeltaConfig) -> dict[str, nn.Param
 
 def _match(model: nn.Module, attach_plan: AttachPlan, tensors: dict[str, Tensor], source: Path) -> list[tuple[Tensor, Tensor]]:
     """Pair every file tensor with the planned (or base) tensor it fills; raise on any mismatch."""
-    expected: dict[str, Tensor] = {}
-    for key, delta in attach_plan.deltas.items():
-        expected.update({f"{key}.{k}": t for k, t in delta.tensors().items()})
-    for key, clone in attach_plan.saved.items():
-        expected.update({f"{key}.{k}": t for k, t in clone.state_dict().items()})
+    expected = _by_module_path(attach_plan.deltas, attach_plan.saved)
     base = _base_overrides(model, attach_plan.config)
     pairs, unexpected = [], []
     for file_key, value in tensors.items():

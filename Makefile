@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine (see README.md):
 #   make demo   - install into .venv, then fine-tune MiniLM with LoRA on the shipped sentiment data
-#   make test   - install into .venv, then run the test suite
+#   make test   - install into .venv, then type-check and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -21,6 +21,7 @@ demo: $(BIN)/.deltatune-installed
 	$(BIN)/python examples/finetune_sentiment.py
 
 test: $(BIN)/.deltatune-installed
+	$(BIN)/python -m mypy src/deltatune
 	$(BIN)/python -m pytest
 
 bench: $(BIN)/.deltatune-installed

@@ -174,7 +174,7 @@ class ConvBase(BaseLayer):
 
     def project(self, x: Tensor, weight: Tensor) -> Tensor:
         m = self.module
-        return self._conv()(x, weight, None, m.stride, m.padding, m.dilation)  # type: ignore[union-attr]
+        return self._conv()(x, weight, None, m.stride, m.padding, m.dilation)
 
     def expand(self, y: Tensor, h: Tensor, weight: Tensor, scale: float) -> Tensor:
         out = self._conv()(h, weight.reshape(*weight.shape[:2], *(1,) * len(self.kernel_size)))

@@ -39,7 +39,7 @@ TASK_HEADS: Mapping[str, tuple[str, ...]] = MappingProxyType(
 C = TypeVar("C", bound="DeltaConfig")
 
 
-class FrozenDict(dict):  # type: ignore[type-arg]
+class FrozenDict(dict[str, Any]):
     """A read-only dict: JSON-serialisable, picklable and deep-copyable, unlike MappingProxyType."""
 
     def _read_only(self, *args: Any, **kwargs: Any) -> None:

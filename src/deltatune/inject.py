@@ -138,6 +138,7 @@ def plan(model: nn.Module, config: DeltaConfig, name: str) -> AttachPlan:
     config = _resolve_targets(model, config)
     views = _find_targets(model, config)
     config = method.finalize(config, views)
+    assert isinstance(config, TargetedConfig)
     result = AttachPlan(name, config, views=views, saved=_saved_copies(model, config))
     for key, view in views.items():
         delta = method.make_delta(view, config, key)
@@ -184,7 +185,7 @@ def apply(model: nn.Module, attach_plan: AttachPlan) -> None:
 
 def _freeze_base(model: nn.Module) -> None:
     """Freeze every parameter that does not belong to an adapter (deltas and saved copies)."""
-    adapter_params = set()
+    adapter_params: set[int] = set()
     for module in model.modules():
         if isinstance(module, DeltaLayer):
             adapter_params.update(map(id, module.deltas.parameters()))
@@ -204,8 +205,8 @@ def trainable_biases(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     if mode == "none":
         return {}
     if mode == "lora_only":
-        return {f"{key}.base_layer.bias": layer.base_layer.bias for key, layer in delta_layers(model)
-                if name in layer.deltas and getattr(layer.base_layer, "bias", None) is not None}
+        return {f"{key}.base_layer.bias": layer.base_layer.bias for key, layer in delta_layers(model)  # type: ignore[misc]
+                if name in layer.deltas and isinstance(getattr(layer.base_layer, "bias", None), nn.Parameter)}
     return {key: param for key, param in model.named_parameters()
             if key.rsplit(".", 1)[-1] == "bias" and not _inside_adapter(key)}
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from . import hf
-from .config import DeltaConfig
+from .config import DeltaConfig, TargetedConfig
 from .errors import AdapterFileError, ConfigError
 from .inject import AttachPlan, apply, plan, trainable_biases
 from .layer import Delta
@@ -54,7 +54,7 @@ def _by_module_path(deltas: Mapping[str, Delta], copies: Mapping[str, nn.Module]
 
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
     """Adapter ``name``'s tensors under peft's file keys (live tensors, not copies)."""
-    deltas = {key: layer.deltas[name] for key, layer in delta_layers(model) if name in layer.deltas}
+    deltas = {key: layer.delta(name) for key, layer in delta_layers(model) if name in layer.deltas}
     copies = {key: module.copies[name] for key, module in saved_modules(model) if name in module.copies}
     out = {**_by_module_path(deltas, copies), **trainable_biases(model, name)}
     return {PREFIX + key: t for key, t in out.items()}
@@ -67,7 +67,7 @@ def config_dict(model: nn.Module, name: str) -> dict[str, Any]:
     data["base_model_name_or_path"] = config.base_model_name_or_path or hf.name_or_path(model)
     data["auto_mapping"] = hf.auto_mapping(model, config.task_type)
     data["inference_mode"] = True
-    if "modules_to_save" in data:  # peft records the task heads it added
+    if isinstance(config, TargetedConfig):  # peft records the task heads it added
         data["modules_to_save"] = list(config.saved_module_names()) or None
     return dict(sorted(data.items()))
 

@@ -74,6 +74,10 @@ class DeltaLayer(_Forwarding):
         self.merged: list[str] = []
         self.enabled = True
 
+    def delta(self, name: str) -> Delta:
+        """The delta of adapter ``name`` on this layer."""
+        return self.deltas[name]  # type: ignore[return-value]
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         y = self.base_layer(x, *args, **kwargs)
         if not self.enabled:
@@ -90,7 +94,7 @@ class DeltaLayer(_Forwarding):
             return
         weight = self.view.read_weight().float()
         for name in todo:
-            weight = self.deltas[name].merge(weight)
+            weight = self.delta(name).merge(weight)
             self.merged.append(name)
         self.view.write_weight(weight)
 
@@ -100,7 +104,7 @@ class DeltaLayer(_Forwarding):
             return
         weight = self.view.read_weight().float()
         for name in reversed(self.merged):
-            weight = self.deltas[name].unmerge(weight)
+            weight = self.delta(name).unmerge(weight)
         self.merged.clear()
         self.view.write_weight(weight)
 

@@ -62,7 +62,8 @@ def is_target(
     index = layer_index(key, layers_pattern)
     if index is None:
         return False
-    return index == layers_to_transform if isinstance(layers_to_transform, int) else index in layers_to_transform
+    wanted = (layers_to_transform,) if isinstance(layers_to_transform, int) else tuple(layers_to_transform or ())
+    return index in wanted
 
 
 def nearest_names(wanted: Iterable[str], names: Sequence[str], limit: int = 5) -> list[str]:

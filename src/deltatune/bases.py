@@ -73,14 +73,8 @@ class BaseLayer(ABC):
         return F.linear(x, weight)
 
     def expand(self, y: Tensor, h: Tensor, weight: Tensor, scale: float) -> Tensor:
-        """``y + scale * (h mapped by the (out, r) weight)``, computed in h's dtype, returned in y's.
-
-        One fused ``addmm`` (BLAS with alpha) instead of matmul, scale and add, which saves two
-        passes over the output; summing in the adapter dtype matches peft's rounding in bf16.
-        """
-        flat = y.reshape(-1, y.shape[-1]).to(h.dtype)
-        out = torch.addmm(flat, h.reshape(-1, h.shape[-1]), weight.t(), alpha=scale)
-        return out.view(y.shape).to(y.dtype)
+        """``y + (h mapped by the (out, r) weight) * scale``, returned in y's dtype."""
+        return add_scaled(y, F.linear(h, weight), scale)
 
     def describe(self) -> str:
         return f"{type(self.module).__name__}({self.in_features} -> {self.out_features})"
@@ -177,8 +171,18 @@ class ConvBase(BaseLayer):
         return self._conv()(x, weight, None, m.stride, m.padding, m.dilation)
 
     def expand(self, y: Tensor, h: Tensor, weight: Tensor, scale: float) -> Tensor:
-        out = self._conv()(h, weight.reshape(*weight.shape[:2], *(1,) * len(self.kernel_size)))
-        return (y.to(out.dtype) + scale * out).to(y.dtype)
+        pointwise = weight.reshape(*weight.shape[:2], *(1,) * len(self.kernel_size))
+        return add_scaled(y, self._conv()(h, pointwise), scale)
+
+
+def add_scaled(y: Tensor, z: Tensor, scale: float) -> Tensor:
+    """``y + z * scale`` in y's dtype, in the order peft computes it, so outputs match peft's bit
+    for bit; ``z`` is a fresh tensor that autograd does not keep, so it is reused in place
+    (two fewer full-size allocations than the out-of-place expression)."""
+    z = z.mul_(scale)
+    if z.dtype == y.dtype:
+        return z.add_(y)
+    return (y + z).to(y.dtype)  # half-precision base, fp32 adapter: sum in fp32 as peft does
 
 
 BASE_KINDS: list[type[BaseLayer]] = [LinearBase, Conv1DBase, EmbeddingBase, ConvBase]

@@ -164,6 +164,7 @@ def apply(model: nn.Module, attach_plan: AttachPlan) -> None:
             layer = DeltaLayer(layer, attach_plan.views[key])
             setattr(parent, child, layer)
         layer.deltas[attach_plan.name] = delta
+        layer.train(layer.base_layer.training)  # new modules follow the mode of what they wrap (dropout)
         if key in attach_plan.base_weights:
             layer.view.write_weight(attach_plan.base_weights[key])
     for key, clone in attach_plan.saved.items():
@@ -173,6 +174,7 @@ def apply(model: nn.Module, attach_plan: AttachPlan) -> None:
             wrapper = SavedModule(wrapper)
             setattr(parent, child, wrapper)
         wrapper.copies[attach_plan.name] = clone
+        wrapper.training = wrapper.original_module.training
     state.configs[attach_plan.name] = attach_plan.config
     _freeze_base(model)
     for param in attach_plan.parameters():

@@ -69,6 +69,26 @@ def tiny_bert(seed: int = 0, num_labels: int = 3) -> nn.Module:
     return BertForSequenceClassification(config).eval()
 
 
+def tiny_t5(seed: int = 0) -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    _quiet()
+    torch.manual_seed(seed)
+    config = T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, vocab_size=128,
+                      decoder_start_token_id=0)
+    return T5ForConditionalGeneration(config).eval()
+
+
+def tiny_opt(seed: int = 0) -> nn.Module:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    _quiet()
+    torch.manual_seed(seed)
+    config = OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64, vocab_size=128,
+                       max_position_embeddings=64, word_embed_proj_dim=32)
+    return OPTForCausalLM(config).eval()
+
+
 class ConvNet(nn.Module):
     """A small model with every non-transformers base kind: Embedding, Conv1d, Conv2d, Linear."""
 

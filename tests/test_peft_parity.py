@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 import deltatune as dt
-from conftest import TOLERANCES, conv_net, tiny_bert, tiny_gpt2, tiny_llama, token_ids
+from conftest import TOLERANCES, conv_net, tiny_bert, tiny_gpt2, tiny_llama, tiny_opt, tiny_t5, token_ids
 
 peft = pytest.importorskip("peft")
 
@@ -84,6 +84,10 @@ CASES = [
     Case("bert-seq-cls-modules-to-save", tiny_bert,
          {"target_modules": ["query"], "task_type": "SEQ_CLS", "modules_to_save": ["pooler"]}),
     Case("llama-all-linear", tiny_llama, {"target_modules": "all-linear"}),
+    Case("t5-all-linear-dropout", tiny_t5, {"target_modules": "all-linear", "lora_dropout": 0.1}),
+    Case("t5-qv-bias-all", tiny_t5, {"target_modules": ["q", "v"], "bias": "all", "use_rslora": True}),
+    Case("opt-all-linear-gaussian", tiny_opt, {"target_modules": "all-linear", "init_lora_weights": "gaussian",
+                                               "alpha_pattern": {"fc1": 3}}),
     Case("gpt2-all-linear", tiny_gpt2, {"target_modules": "all-linear"}),
     Case("bert-all-linear-seq-cls", tiny_bert, {"target_modules": "all-linear", "task_type": "SEQ_CLS"}),
     Case("llama-regex", tiny_llama, {"target_modules": r".*layers\.1\.self_attn\.(q|k)_proj|.*mlp\.up_proj"}),
@@ -121,8 +125,9 @@ def inputs_for(factory: Factory) -> Tensor:
 
 
 def output(model: nn.Module, x: Tensor) -> Tensor:
+    seq2seq = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
     with torch.no_grad():
-        out = model(x)
+        out = model(x, decoder_input_ids=x[:, :5]) if seq2seq else model(x)
     return getattr(out, "logits", out).float()
 
 

@@ -21,11 +21,11 @@ from torch import nn
 import deltatune as dt
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 from deltatune.layer import DeltaLayer, SavedModule
-from deltatune.targets import is_saved_module, is_target, layer_index, nearest_names
+from deltatune.targets import condense, is_saved_module, is_target, layer_index, nearest_names
 
 peft = pytest.importorskip("peft")
 from peft.tuners.lora import LoraLayer  # noqa: E402
-from peft.tuners.tuners_utils import check_target_module_exists  # noqa: E402
+from peft.tuners.tuners_utils import _find_minimal_target_modules, check_target_module_exists  # noqa: E402
 from peft.utils.other import ModulesToSaveWrapper  # noqa: E402
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -371,3 +371,26 @@ def test_second_attach_targets_the_same_modules() -> None:
     second, _ = _ours(model)
     assert first == second
     assert all(set(model.get_submodule(n).deltas) == {"a", "b"} for n in second)
+
+
+_LEAVES = st.sampled_from(["q_proj", "k_proj", "v_proj", "o_proj", "proj", "fc", "c_fc", "wi", "wo", "dense"])
+_MODULE_NAME = st.builds(
+    lambda stack, i, block, leaf: f"{stack}.{i}.{block}.{leaf}",
+    st.sampled_from(["model.layers", "encoder.block", "decoder.block", "h"]), st.integers(0, 3),
+    st.sampled_from(["self_attn", "mlp", "attn", "layer.0"]), _LEAVES,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sets(_MODULE_NAME, min_size=2, max_size=40), st.data())
+def test_condense_matches_peft(names: set[str], data: st.DataObject) -> None:
+    """Long target lists are shortened exactly as peft does, and still select the same modules."""
+    ordered = sorted(names)
+    targets = set(data.draw(st.lists(st.sampled_from(ordered), min_size=1, unique=True)))
+    others = [n for n in ordered if n not in targets and not any(n.endswith(f".{t}") for t in targets)]
+    ours = condense(targets, others)
+    theirs = _find_minimal_target_modules(targets, others)
+    assert set(ours) == (theirs if len(theirs) < len(targets) else targets)
+    for name in ordered:
+        selected = name in ours or any(name.endswith(f".{t}") for t in ours)
+        assert selected == (name in targets or any(name.endswith(f".{t}") for t in targets))

@@ -89,6 +89,8 @@ class DeltaConfig:
     """peft keys with no effect in deltatune: any value is accepted; written with this default."""
     peft_unsupported: ClassVar[Mapping[str, Any]] = MappingProxyType({})
     """peft features deltatune lacks: accepted only while 'off'; written with this default."""
+    condense_targets: ClassVar[bool] = True
+    """Whether long target lists are shortened to suffixes as peft does (peft skips it for IA3)."""
 
     task_type: str | None = None
     base_model_name_or_path: str | None = None

@@ -20,7 +20,7 @@ from .errors import AdapterError, TargetError
 from .layer import Delta, DeltaLayer, SavedModule, adapter_dtype
 from .registry import method_for
 from .state import STATE_ATTR, delta_layers, logical_modules, parent_of, set_active, state_of
-from .targets import ALL_LINEAR, is_target, nearest_names
+from .targets import ALL_LINEAR, condense, is_target, nearest_names
 
 
 @dataclass
@@ -51,7 +51,22 @@ def _check_name(model: nn.Module, name: str) -> None:
         )
 
 
+CONDENSE_FROM = 20
+"""peft shortens target lists of at least this many names (MIN_TARGET_MODULES_FOR_OPTIMIZATION)."""
+
+
 def _resolve_targets(model: nn.Module, config: TargetedConfig) -> TargetedConfig:
+    """Fill in default targets, expand "all-linear", and shorten long lists as peft does."""
+    config = _expand_targets(model, config)
+    targets = config.target_modules
+    if isinstance(targets, tuple) and len(targets) >= CONDENSE_FROM and config.condense_targets:
+        others = [n for n, _ in logical_modules(model)
+                  if n not in targets and not any(n.endswith(f".{t}") for t in targets)]
+        config = config.replace(target_modules=condense(targets, others))
+    return config
+
+
+def _expand_targets(model: nn.Module, config: TargetedConfig) -> TargetedConfig:
     """Replace a missing target list with the architecture default, and expand "all-linear"."""
     targets = config.target_modules
     if targets is None:

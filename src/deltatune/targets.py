@@ -66,6 +66,31 @@ def is_target(
     return index in wanted
 
 
+def _suffixes(name: str) -> list[str]:
+    """Dotted suffixes of a name, shortest first: "a.b.c" -> ["c", "b.c", "a.b.c"]."""
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]
+
+
+def condense(targets: Iterable[str], others: Iterable[str]) -> tuple[str, ...]:
+    """Fewer names that still select exactly ``targets`` among ``targets`` + ``others``.
+
+    peft shortens long target lists this way (greedily, shortest suffix first, targets in the
+    order of their suffix lists) and records the result in adapter_config.json; doing the same
+    keeps deltatune's files equal to peft's. Returns the targets unchanged if nothing is shorter.
+    """
+    blocked = {suffix for name in others for suffix in _suffixes(name)}
+    chosen: list[str] = []
+    for name, options in sorted(((n, _suffixes(n)) for n in set(targets)), key=lambda item: item[1]):
+        if any(name.endswith(f".{c}") for c in chosen):
+            continue
+        pick = next((s for s in options if s not in chosen and s not in blocked), None)
+        if pick is not None:
+            chosen.append(pick)
+    unique = set(targets)
+    return tuple(sorted(chosen)) if chosen and len(chosen) < len(unique) else tuple(sorted(unique))
+
+
 def nearest_names(wanted: Iterable[str], names: Sequence[str], limit: int = 5) -> list[str]:
     """The module names closest to what was asked for, to suggest in an error message."""
     leaves = sorted({name.rsplit(".", 1)[-1] for name in names if name})

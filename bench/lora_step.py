@@ -384,6 +384,18 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b in (None, 0) else a / b
 
 
+def paired_ratio(summary: dict[str, dict[str, Any]], a: str, b: str) -> float | None:
+    """Median over rounds of a's step time / b's in the same round.
+
+    Children of one round run back to back, so a slow spell of the machine hits both sides of
+    a pair: this is steadier than the ratio of the two medians when the machine drifts.
+    """
+    sa, sb = summary.get(a, {}).get("step_s_per_round"), summary.get(b, {}).get("step_s_per_round")
+    if not sa or not sb:
+        return None
+    return statistics.median(x / y for x, y in zip(sa, sb))
+
+
 def compute_ratios(summary: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     """deltatune vs peft (time, RSS, RSS above floor) and each variant vs floor."""
     def get(v: str, key: str) -> float | None:
@@ -394,6 +406,7 @@ def compute_ratios(summary: dict[str, dict[str, Any]]) -> dict[str, float | None
                  else get(v, "peak_rss_mb") - floor_rss) for v in ("peft", "deltatune")}
     ratios: dict[str, float | None] = {
         "deltatune/peft step": ratio(get("deltatune", "step_s"), get("peft", "step_s")),
+        "deltatune/peft step, median of per-round ratios": paired_ratio(summary, "deltatune", "peft"),
         "deltatune/peft peak RSS": ratio(get("deltatune", "peak_rss_mb"),
                                          get("peft", "peak_rss_mb")),
         "deltatune/peft RSS above floor": ratio(above["deltatune"], above["peft"]),

@@ -31,3 +31,13 @@ def test_attach_train_merge_save_load(tmp_path) -> None:
     assert close(fresh(ids).logits, out)
     dt.merge(model)
     assert close(model(ids).logits, out)
+
+
+def test_import_loads_neither_peft_nor_transformers() -> None:
+    """peft is a test oracle only and transformers is optional: importing deltatune pulls in neither."""
+    import subprocess
+    import sys
+
+    code = "import sys, deltatune; print(sorted(m for m in ('peft', 'transformers') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -96,13 +96,14 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
         state.require(name)
     if len(set(active)) != len(active):
         raise ValueError(f"set_active: adapter names repeat in {list(active)}; give each name once")
-    for _, layer in delta_layers(model):
-        stray = [n for n in layer.merged if n not in active]
-        if stray:
-            raise ValueError(
-                f"set_active: adapters {stray} are merged into the weights; call dt.unmerge(model) before "
-                "switching them off"
-            )
+    layers = [layer for _, layer in delta_layers(model)]
+    stray = sorted({n for layer in layers for n in layer.merged if n not in active})
+    if stray:  # checked for every layer before any changes, so an error changes nothing
+        raise ValueError(
+            f"set_active: adapters {stray} are merged into the weights; call dt.unmerge(model) before "
+            "switching them off"
+        )
+    for layer in layers:
         layer.active = active
     for _, module in saved_modules(model):
         module.active = active

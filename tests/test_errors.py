@@ -475,3 +475,17 @@ def test_failed_save_of_second_adapter(tmp_path: Path, monkeypatch: pytest.Monke
     dt.load(tiny_llama(), folder)  # the adapter that was written is complete
     with pytest.raises(dt.AdapterFileError):
         dt.load(tiny_llama(), folder / "extra")  # the one that failed is absent, not half there
+
+
+def test_folder_with_only_named_adapters_points_to_the_subfolders(tmp_path: Path) -> None:
+    """peft puts non-default adapters in subfolders; loading the parent says which to pass."""
+    model = tiny_llama()
+    dt.attach(model, dt.LoraConfig(r=2, target_modules=["q_proj"]), name="other")
+    dt.save(model, tmp_path)
+    fresh = tiny_llama()
+    before = state_hash(fresh)
+    with pytest.raises(dt.AdapterFileError, match=r"subfolders \['other'\]"):
+        dt.load(fresh, tmp_path)
+    assert state_hash(fresh) == before
+    dt.load(fresh, tmp_path / "other", name="other")
+    assert dt.adapter_names(fresh) == ["other"]

@@ -120,7 +120,9 @@ def read_config(folder: Path) -> DeltaConfig:
         found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         where = f"folder {folder} holds {found}" if folder.is_dir() else f"{folder} is not a folder"
         pickled = [n for n in PICKLE_NAMES if n in found]
+        nested = [n for n in found if (folder / n / CONFIG_NAME).is_file()]
         hint = f" It holds {pickled[0]}, a pickle file, which deltatune never loads." if pickled else ""
+        hint += f" Adapters are in its subfolders {nested}: pass one of those." if nested else ""
         raise AdapterFileError(f"no {CONFIG_NAME} found: {where}.{hint} Pass the folder that dt.save or peft wrote.")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -56,6 +56,18 @@ class BaseLayer(ABC):
         """The stored weight parameter (layout is the layer's own; use read_weight for math)."""
         return self.module.weight  # type: ignore[return-value]
 
+    @property
+    def bias(self) -> Tensor | None:
+        """The layer's bias ``(out,)``, or None."""
+        bias = getattr(self.module, "bias", None)
+        return bias if isinstance(bias, Tensor) else None
+
+    def write_bias(self, bias: Tensor) -> None:
+        """Overwrite the bias in place (only called when the layer has one)."""
+        assert self.bias is not None
+        with torch.no_grad():
+            self.bias.copy_(bias.to(self.bias.dtype))
+
     def read_weight(self) -> Tensor:
         """The dense weight in the canonical ``(out, in, *kernel)`` layout (a view where possible)."""
         return self.weight

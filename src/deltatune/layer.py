@@ -14,7 +14,7 @@ the wrapped module so code that reads ``layer.in_features`` or ``layer.weight`` 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,9 @@ from .bases import BaseLayer
 
 class Delta(nn.Module, ABC):
     """One method's change to one base layer for one adapter."""
+
+    changes_input: ClassVar[bool] = False
+    """Whether ``before`` changes the base layer's input (IA3 on feed-forward layers does)."""
 
     @abstractmethod
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
@@ -40,6 +43,18 @@ class Delta(nn.Module, ABC):
     @abstractmethod
     def tensors(self) -> dict[str, Tensor]:
         """This delta's saved tensors, keyed by peft's names relative to the layer."""
+
+    def before(self, x: Tensor) -> Tensor:
+        """The input the base layer should see; only called when ``changes_input``."""
+        return x
+
+    def merge_bias(self, bias: Tensor) -> Tensor:
+        """The base bias with this change folded in (most methods leave it alone)."""
+        return bias
+
+    def unmerge_bias(self, bias: Tensor) -> Tensor:
+        """The inverse of ``merge_bias``."""
+        return bias
 
     def adjust_base(self, weight: Tensor) -> Tensor | None:
         """For inits that move part of W into the delta (PiSSA, OLoRA): the residual base weight."""
@@ -79,12 +94,16 @@ class DeltaLayer(_Forwarding):
         return self.deltas[name]  # type: ignore[return-value]
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        y = self.base_layer(x, *args, **kwargs)
         if not self.enabled:
-            return y
-        for name in self.active:
-            if name in self.deltas and name not in self.merged:
-                y = self.deltas[name](x, y)
+            return self.base_layer(x, *args, **kwargs)
+        running = [self.delta(n) for n in self.active if n in self.deltas and n not in self.merged]
+        base_input = x
+        for delta in running:
+            if delta.changes_input:
+                base_input = delta.before(base_input)
+        y = self.base_layer(base_input, *args, **kwargs)
+        for delta in running:
+            y = delta(x, y)
         return y
 
     def merge(self, names: tuple[str, ...]) -> None:
@@ -92,21 +111,27 @@ class DeltaLayer(_Forwarding):
         todo = [n for n in names if n in self.deltas and n not in self.merged]
         if not todo:
             return
-        weight = self.view.read_weight().float()
+        weight, bias = self.view.read_weight().float(), self.view.bias
         for name in todo:
             weight = self.delta(name).merge(weight)
+            bias = None if bias is None else self.delta(name).merge_bias(bias.float())
             self.merged.append(name)
         self.view.write_weight(weight)
+        if bias is not None:
+            self.view.write_bias(bias)
 
     def unmerge(self) -> None:
         """Take every merged delta back out of the base weight, last merged first."""
         if not self.merged:
             return
-        weight = self.view.read_weight().float()
+        weight, bias = self.view.read_weight().float(), self.view.bias
         for name in reversed(self.merged):
             weight = self.delta(name).unmerge(weight)
+            bias = None if bias is None else self.delta(name).unmerge_bias(bias.float())
         self.merged.clear()
         self.view.write_weight(weight)
+        if bias is not None:
+            self.view.write_bias(bias)
 
     def extra_repr(self) -> str:
         return f"active={list(self.active)}, merged={self.merged}, enabled={self.enabled}"

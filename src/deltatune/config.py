@@ -90,7 +90,7 @@ class DeltaConfig:
     peft_unsupported: ClassVar[Mapping[str, Any]] = MappingProxyType({})
     """peft features deltatune lacks: accepted only while 'off'; written with this default."""
     condense_targets: ClassVar[bool] = True
-    """Whether long target lists are shortened to suffixes as peft does (peft skips it for IA3)."""
+    """Whether long target lists are shortened to suffixes as peft does (peft skips it for methods whose two target lists are coupled)."""
 
     task_type: str | None = None
     base_model_name_or_path: str | None = None
@@ -205,6 +205,11 @@ class TargetedConfig(DeltaConfig):
         self.check(value is None or (isinstance(value, tuple) and all(isinstance(v, str) and v for v in value)),
                    field, "it must be a list of non-empty module names, a regular expression string or None",
                    "pass e.g. ['q_proj', 'v_proj']")
+
+    def trained_biases(self) -> str:
+        """Which base biases the adapter trains and saves: "none", "all", or "adapted" (those of
+        the layers it adapts). Methods with a bias option override this."""
+        return "none"
 
     def saved_module_names(self) -> tuple[str, ...]:
         """``modules_to_save`` plus the heads the task type trains, as peft does."""

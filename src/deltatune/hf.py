@@ -54,7 +54,7 @@ def model_type(model: nn.Module) -> str | None:
 
 
 def default_targets(model: nn.Module) -> tuple[str, ...] | None:
-    """peft's default LoRA targets for this model's architecture, if known."""
+    """peft's default targets for this model's architecture, if known."""
     kind = model_type(model)
     return DEFAULT_TARGETS.get(kind) if kind else None
 

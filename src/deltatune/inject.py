@@ -214,14 +214,15 @@ def _freeze_base(model: nn.Module) -> None:
 
 
 def trainable_biases(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
-    """The base biases an adapter trains and saves (``bias="all"`` / ``"lora_only"``), by state-dict name.
+    """The base biases an adapter trains and saves (see ``TargetedConfig.trained_biases``), by state-dict name.
 
     Biases inside saved modules are excluded: the adapter's copy already holds them.
     """
-    mode = getattr(state_of(model).require(name), "bias", "none")
+    config = state_of(model).require(name)
+    mode = config.trained_biases() if isinstance(config, TargetedConfig) else "none"
     if mode == "none":
         return {}
-    if mode == "lora_only":
+    if mode == "adapted":
         return {f"{key}.base_layer.bias": layer.base_layer.bias for key, layer in delta_layers(model)  # type: ignore[misc]
                 if name in layer.deltas and isinstance(getattr(layer.base_layer, "bias", None), nn.Parameter)}
     return {key: param for key, param in model.named_parameters()

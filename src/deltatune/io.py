@@ -169,7 +169,7 @@ def _base_params(model: nn.Module) -> dict[str, nn.Parameter]:
 def _base_overrides(model: nn.Module, config: DeltaConfig) -> dict[str, nn.Parameter]:
     """Base parameters a peft file may carry: trained biases, and the embedding tables peft
     writes (``save_embedding_layers="auto"``) when embeddings are targeted or resized."""
-    uses_bias = getattr(config, "bias", "none") != "none"
+    uses_bias = isinstance(config, TargetedConfig) and config.trained_biases() != "none"
     tables = {id(getattr(m, "weight", None)) for m in hf.embedding_modules(model)}
     return {name: p for name, p in _base_params(model).items()
             if (uses_bias and name.endswith("bias")) or id(p) in tables}

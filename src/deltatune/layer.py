@@ -26,7 +26,7 @@ class Delta(nn.Module, ABC):
     """One method's change to one base layer for one adapter."""
 
     changes_input: ClassVar[bool] = False
-    """Whether ``before`` changes the base layer's input (IA3 on feed-forward layers does)."""
+    """Whether ``before`` changes the base layer's input (e.g. a method that scales the input of feed-forward layers)."""
 
     @abstractmethod
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
@@ -57,7 +57,7 @@ class Delta(nn.Module, ABC):
         return bias
 
     def adjust_base(self, weight: Tensor) -> Tensor | None:
-        """For inits that move part of W into the delta (PiSSA, OLoRA): the residual base weight."""
+        """For inits that move part of W into the delta: the residual base weight, else None."""
         return None
 
 

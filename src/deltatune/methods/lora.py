@@ -83,12 +83,13 @@ class LoraConfig(TargetedConfig):
                    "every rank in the pattern must be a positive integer", "pass e.g. {'q_proj': 16}")
         self.check(all(_is_number(v) for v in self.alpha_pattern.values()), "alpha_pattern",
                    "every alpha in the pattern must be a number", "pass e.g. {'q_proj': 32}")
-        self.check(not self.use_dora, "use_dora", "DoRA is not implemented in this version yet",
-                   "use plain LoRA (use_dora=False)")
         self.check(not self.lora_bias, "lora_bias", "a bias on lora_B is not implemented in this version yet",
                    "use lora_bias=False")
         for key in (*self.rank_pattern, *self.alpha_pattern):
             _check_regex(self, key)
+
+    def trained_biases(self) -> str:
+        return {"none": "none", "all": "all", "lora_only": "adapted"}[self.bias]
 
     def rank_and_alpha(self, key: str) -> tuple[int, float]:
         """The rank and alpha for the module named ``key`` (peft's pattern rule: first match wins)."""
@@ -195,6 +196,10 @@ def make_lora(base: BaseLayer, config: DeltaConfig, key: str) -> LoraDelta:
     assert isinstance(config, LoraConfig)
     r, alpha = config.rank_and_alpha(key)
     scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+    if config.use_dora:
+        from .dora import make_dora  # dora.py builds on this module
+
+        return make_dora(base, r, scaling, config.lora_dropout, config.init_lora_weights)
     delta = LoraDelta(base, r, scaling, config.lora_dropout)
     delta.initialize(config.init_lora_weights)
     return delta

@@ -20,6 +20,7 @@ from .errors import AdapterError, AdapterFileError, ConfigError, DeltatuneError,
 from .inject import attach
 from .io import load, save
 from .merge import merge, unload, unmerge
+from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "ConfigError",
     "DeltaConfig",
     "DeltatuneError",
+    "IA3Config",
     "LoraConfig",
     "TargetError",
     "TargetedConfig",

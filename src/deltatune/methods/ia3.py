@@ -1,0 +1,176 @@
+"""IA3: learned rescaling of activations (Liu et al. 2022, "Few-Shot Parameter-Efficient
+Fine-Tuning is Better and Cheaper than In-Context Learning", (IA)^3).
+
+Update: a vector ``l`` per adapted layer rescales one of its channel axes. On an attention
+projection (keys, values) it scales the output, ``y = l * (W x + b)``, so
+``W' = diag(l) W`` and ``b' = l * b``. On a feed-forward layer (``feedforward_modules``) it
+scales the input, ``y = W (l * x) + b``, so ``W' = W diag(l)`` and the bias is unchanged.
+For a convolution the same holds per channel (every kernel position scaled alike).
+
+Init (``init_ia3_weights``): True = ones, so the adapter starts as the identity; False =
+standard normal (for tests). Parameter count per layer: ``out`` (output scaling) or ``in``
+(feed-forward, input scaling), channels for a convolution.
+
+peft's format: one tensor ``ia3_l`` per layer, shaped ``(out, 1)`` / ``(1, in)`` on Linear and
+GPT-2 Conv1D, ``(1, channels, 1, ...)`` on Conv2d/Conv3d. peft adapts no embeddings and no
+Conv1d, so neither does this file (an adapter on them could not move to peft). Unmerge divides
+by ``l`` exactly (peft adds 1e-8 to ``l`` first, which biases the weights it restores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..bases import BaseLayer
+from ..config import DeltaConfig, TargetedConfig
+from ..errors import TargetError
+from ..layer import Delta
+from ..registry import Method, register
+
+_NOT_IN_PEFT = ("layers_to_transform", "layers_pattern")
+"""TargetedConfig fields that peft's IA3Config lacks: kept unset, and never written."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IA3Config(TargetedConfig):
+    """IA3 settings, with peft's field names and defaults.
+
+    ``target_modules`` and ``feedforward_modules`` must be given (peft fills both from its own
+    per-architecture tables; pass ``feedforward_modules=[]`` when no target is feed-forward).
+    A list of feed-forward names must be a subset of a list of targets (peft's rule); a module is
+    feed-forward when its full name ends with a list entry, or fully matches a regex string.
+    """
+
+    peft_type: ClassVar[str] = "IA3"
+    condense_targets: ClassVar[bool] = False  # peft never shortens IA3 target lists
+
+    feedforward_modules: tuple[str, ...] | str | None = None
+    fan_in_fan_out: bool = False
+    init_ia3_weights: bool = True
+
+    def __post_init__(self) -> None:
+        value = self.feedforward_modules  # peft keeps it as a set: sorted and unique here
+        if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) and v for v in value):
+            object.__setattr__(self, "feedforward_modules", tuple(sorted(set(value))))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        super().validate()
+        self._check_names("feedforward_modules")
+        self.check(self.target_modules is not None, "target_modules",
+                   "IA3 needs explicit targets (the architecture defaults known to deltatune are LoRA's)",
+                   "pass e.g. target_modules=['k_proj', 'v_proj', 'down_proj']")
+        self.check(self.feedforward_modules is not None, "feedforward_modules",
+                   "IA3 needs to know which targets are feed-forward layers (their input is scaled)",
+                   "pass e.g. feedforward_modules=['down_proj'], or [] if no target is feed-forward")
+        ff, targets = self.feedforward_modules, self.target_modules
+        self.check(not (isinstance(ff, tuple) and isinstance(targets, tuple)) or set(ff) <= set(targets),
+                   "feedforward_modules", f"every feed-forward name must also be in target_modules={list(targets or ())}",
+                   "add the missing names to target_modules, or drop them from feedforward_modules")
+        for flag in ("fan_in_fan_out", "init_ia3_weights"):
+            self.check(isinstance(getattr(self, flag), bool), flag, f"{flag} must be a bool", "pass True or False")
+        for field in _NOT_IN_PEFT:
+            self.check(getattr(self, field) is None, field, "peft's IA3 has no layer selection by index",
+                       "select layers with a regular expression in target_modules instead")
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        out = super().to_peft_dict()
+        for field in _NOT_IN_PEFT:
+            del out[field]
+        return out
+
+    def is_feedforward(self, key: str) -> bool:
+        """Whether module ``key`` gets input scaling; peft's rule (plain suffix, no dot boundary)."""
+        ff = self.feedforward_modules
+        if isinstance(ff, str):
+            return re.fullmatch(ff, key) is not None
+        return any(key.endswith(name) for name in ff or ())
+
+
+class IA3Delta(Delta):
+    """Output scaling ``y * l`` (and ``W' = diag(l) W``, ``b' = l * b`` when merged)."""
+
+    def __init__(self, base: BaseLayer, features: int, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.base = base
+        self.ia3_l = nn.Parameter(torch.ones(shape, device=base.weight.device))
+        # l laid along the canonical (out, in, *kernel) weight: output rows here, input columns if feed-forward
+        rows_cols = (1, features) if self.changes_input else (features, 1)
+        self._weight_shape: tuple[int, ...] = (*rows_cols, *(1,) * len(base.kernel_size))
+
+    def scale(self) -> Tensor:
+        """``l`` shaped to broadcast over activations (channels last for linear, dim 1 for conv)."""
+        return self.ia3_l.flatten() if self.base.kind == "linear" else self.ia3_l
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return (y * self.scale()).to(y.dtype)
+
+    def merge(self, weight: Tensor) -> Tensor:
+        return weight * self.ia3_l.detach().to(weight).reshape(self._weight_shape)
+
+    def unmerge(self, weight: Tensor) -> Tensor:
+        return weight / self.ia3_l.detach().to(weight).reshape(self._weight_shape)
+
+    def merge_bias(self, bias: Tensor) -> Tensor:
+        return bias * self.ia3_l.detach().to(bias).flatten()
+
+    def unmerge_bias(self, bias: Tensor) -> Tensor:
+        return bias / self.ia3_l.detach().to(bias).flatten()
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"ia3_l": self.ia3_l}
+
+
+class IA3FeedForwardDelta(IA3Delta):
+    """Input scaling ``base(x * l)`` (and ``W' = W diag(l)``, bias unchanged, when merged)."""
+
+    changes_input: ClassVar[bool] = True
+
+    def before(self, x: Tensor) -> Tensor:
+        return (x.to(self.ia3_l.dtype) * self.scale()).to(x.dtype)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return y
+
+    def merge_bias(self, bias: Tensor) -> Tensor:
+        return bias
+
+    def unmerge_bias(self, bias: Tensor) -> Tensor:
+        return bias
+
+
+def make_ia3(base: BaseLayer, config: DeltaConfig, key: str) -> IA3Delta:
+    assert isinstance(config, IA3Config)
+    if base.kind not in ("linear", "conv") or len(base.kernel_size) == 1:
+        raise TargetError(
+            f"IA3 cannot adapt {key!r}, a {base.describe()}: like peft, it adapts Linear, transformers Conv1D, "
+            "Conv2d and Conv3d layers only. Fix: exclude it with exclude_modules or narrow target_modules."
+        )
+    feedforward = config.is_feedforward(key)
+    features = base.in_features if feedforward else base.out_features
+    if base.kind == "conv":
+        shape: tuple[int, ...] = (1, features, *(1,) * len(base.kernel_size))
+    else:
+        shape = (1, features) if feedforward else (features, 1)
+    delta = (IA3FeedForwardDelta if feedforward else IA3Delta)(base, features, shape)
+    if not config.init_ia3_weights:
+        with torch.no_grad():
+            nn.init.normal_(delta.ia3_l)
+    return delta
+
+
+def finalize_ia3(config: DeltaConfig, views: Mapping[str, BaseLayer]) -> DeltaConfig:
+    """peft rewrites fan_in_fan_out for each Linear (False) or Conv1D (True) it wraps, in module
+    order, so the stored value is that of the last one; convolutions leave it alone."""
+    assert isinstance(config, IA3Config)
+    linear = [v for v in views.values() if v.kind == "linear"]
+    return config.replace(fan_in_fan_out=linear[-1].fan_in_fan_out) if linear else config
+
+
+IA3 = register(Method("IA3", IA3Config, make_ia3, finalize_ia3))

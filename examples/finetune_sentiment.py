@@ -89,6 +89,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=64, help="tokens per sentence")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    parser.add_argument("--method", choices=sorted(METHODS), default="lora",
+                        help="lora (default), dora (LoRA with use_dora=True) or ia3")
     parser.add_argument("--log-every", type=int, default=25, help="print the mean loss every N steps")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
@@ -147,19 +149,20 @@ def build_model(model_dir: Path) -> tuple[MeanPoolClassifier, PreTrainedTokenize
     return model, tokenizer
 
 
-def attach_lora(model: nn.Module, rank: int) -> None:
-    """Attach a LoRA adapter to the attention query/value projections, in place.
+METHODS = ("lora", "dora", "ia3")
 
-    The base weights are frozen; the LoRA matrices and a trainable copy of the head train.
+
+def adapter_config(method: str, rank: int) -> dt.DeltaConfig:
+    """The adapter for ``--method``; every one also trains a full copy of the head.
+
+    LoRA/DoRA: rank ``rank`` on the attention query/value projections. IA3: learned scalings
+    of keys, values and the feed-forward output layers (peft's default IA3 targets for BERT).
     """
-    config = dt.LoraConfig(
-        r=rank,
-        lora_alpha=2 * rank,
-        lora_dropout=0.1,
-        target_modules=["query", "value"],
-        modules_to_save=["classifier"],
-    )
-    dt.attach(model, config, name="default")
+    if method == "ia3":
+        return dt.IA3Config(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"],
+                            modules_to_save=["classifier"])
+    return dt.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.1, target_modules=["query", "value"],
+                         modules_to_save=["classifier"], use_dora=method == "dora")
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, batch: list[Example], max_length: int) -> dict[str, torch.Tensor]:
@@ -243,7 +246,7 @@ def main() -> None:
     print(f"data: {data_path} ({len(splits['train'])} train, {len(test)} test sentences)")
 
     model, tokenizer = build_model(args.model or default_model_dir())
-    attach_lora(model, args.rank)
+    dt.attach(model, adapter_config(args.method, args.rank), name="default")
     print(dt.summary(model))
     trainable, total = dt.trainable_parameters(model)
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")

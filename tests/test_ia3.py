@@ -28,6 +28,7 @@ from transformers.pytorch_utils import Conv1D
 import deltatune as dt
 from conftest import TOLERANCES, close, conv_net, state_hash, tiny_bert, tiny_gpt2, tiny_llama, token_ids
 from deltatune.layer import DeltaLayer
+from test_battery import Single
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -155,15 +156,6 @@ def test_peft_bf16_to_deltatune(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------- the battery
-
-class Single(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.layer(x)
-
 
 @dataclass(frozen=True)
 class Kind:

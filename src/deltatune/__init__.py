@@ -22,6 +22,7 @@ from .io import load, save
 from .merge import merge, unload, unmerge
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
+from .methods.loraplus import loraplus_optimizer
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ __all__ = [
     "delete_adapter",
     "disabled",
     "load",
+    "loraplus_optimizer",
     "merge",
     "save",
     "set_active",

@@ -1,4 +1,4 @@
-"""One LoRA training step, deltatune vs peft, side by side on CPU.
+"""One LoRA (or DoRA) training step, deltatune vs peft, side by side on CPU.
 
 What
     Times one training step (forward + backward + AdamW step + zero_grad) of a
@@ -10,6 +10,12 @@ What
                input embeddings (no optimizer): the cost no adapter library can avoid.
     peft       ``peft.get_peft_model(model, peft.LoraConfig(...))``.
     deltatune  ``dt.attach(model, dt.LoraConfig(...), name="default")``.
+
+    With ``--dora`` both libraries get ``use_dora=True`` (everything else identical) and
+    a fourth variant may be asked for:
+
+    deltatune-lora  deltatune with plain LoRA (only with --dora), so that one run gives
+                    "deltatune DoRA / deltatune LoRA" next to "deltatune DoRA / peft DoRA".
 
 Why
     deltatune claims to be a drop-in for peft's LoRA. This shows whether it costs more
@@ -31,10 +37,13 @@ How
     python bench/lora_step.py --wait-idle 600       # shared machine: wait for quiet
     python bench/lora_step.py --quick               # tiny model, ~20 s (CI smoke)
     python bench/lora_step.py --variant peft        # one child, human-readable
+    python bench/lora_step.py --dora --variants peft deltatune deltatune-lora
+    python bench/lora_step.py --quick --dora        # DoRA smoke test
 
 The markdown table goes to stdout, the full result (all step times, machine facts,
 the command line) to ``--out`` as JSON (default bench/results/lora_step.json, or
-lora_step_quick.json with --quick). "MB" means MiB (2**20 bytes). The exit status
+lora_step_quick.json with --quick; dora_step.json / dora_step_quick.json with
+--dora). "MB" means MiB (2**20 bytes). The exit status
 is 1 if deltatune and peft disagree on the trainable parameter count or a child fails.
 """
 
@@ -58,11 +67,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-VARIANTS: tuple[str, ...] = ("floor", "peft", "deltatune")
+DEFAULT_VARIANTS: tuple[str, ...] = ("floor", "peft", "deltatune")
+VARIANTS: tuple[str, ...] = (*DEFAULT_VARIANTS, "deltatune-lora")
+# The adapter library behind each variant (None: no adapter).
+LIBRARY: dict[str, str | None] = {
+    "floor": None, "peft": "peft", "deltatune": "deltatune", "deltatune-lora": "deltatune"
+}
+PLAIN_LORA_VARIANTS = frozenset({"deltatune-lora"})  # stay LoRA under --dora
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
-DEFAULT_OUT = BENCH_DIR / "results" / "lora_step.json"
-QUICK_OUT = BENCH_DIR / "results" / "lora_step_quick.json"  # so --quick never clobbers
 
 SEED = 0
 NUM_THREADS = 2
@@ -88,6 +101,33 @@ class Shape:
 
 FULL = Shape(512, 8, 8, 1408, 32000, batch=4, seq_len=256)
 QUICK = Shape(64, 2, 4, 176, 1000, batch=2, seq_len=32)
+
+
+def benchmark_name(dora: bool) -> str:
+    """'dora_step' or 'lora_step': the JSON's benchmark field and default file stem."""
+    return "dora_step" if dora else "lora_step"
+
+
+def default_out(quick: bool, dora: bool) -> Path:
+    """bench/results/{lora,dora}_step[_quick].json, so --quick/--dora never clobber."""
+    return BENCH_DIR / "results" / f"{benchmark_name(dora)}{'_quick' if quick else ''}.json"
+
+
+def uses_dora(variant: str, dora: bool) -> bool:
+    """Whether this variant's adapter is DoRA in a run with (or without) --dora."""
+    return dora and LIBRARY[variant] is not None and variant not in PLAIN_LORA_VARIANTS
+
+
+def adapter_kwargs(variant: str, dora: bool) -> dict[str, Any]:
+    """The LoraConfig arguments of this variant: LORA_KWARGS, plus use_dora=True if DoRA."""
+    return {**LORA_KWARGS, **({"use_dora": True} if uses_dora(variant, dora) else {})}
+
+
+def label(variant: str, dora: bool) -> str:
+    """Name in the table and ratios: the variant itself, or 'peft DoRA' etc. with --dora."""
+    if not dora or LIBRARY[variant] is None:
+        return variant
+    return f"{LIBRARY[variant]} {'DoRA' if uses_dora(variant, dora) else 'LoRA'}"
 
 
 # --------------------------------------------------------------------------- child
@@ -158,24 +198,26 @@ def import_deltatune() -> ModuleType | str:
 
 def import_library(variant: str) -> ModuleType | None:
     """The adapter library this variant uses (None for floor); raise SkipVariant if unusable."""
-    if variant == "floor":
+    if variant not in LIBRARY:
+        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    if LIBRARY[variant] is None:
         return None
-    if variant == "peft":
+    if LIBRARY[variant] == "peft":
         import peft
 
         return peft
-    if variant == "deltatune":
-        dt = import_deltatune()
-        if isinstance(dt, str):
-            raise SkipVariant(dt)
-        return dt
-    raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    dt = import_deltatune()
+    if isinstance(dt, str):
+        raise SkipVariant(dt)
+    return dt
 
 
-def prepare(variant: str, lib: ModuleType | None, model: Any) -> tuple[Any, dict[str, Any]]:
+def prepare(variant: str, lib: ModuleType | None, model: Any,
+            dora: bool) -> tuple[Any, dict[str, Any]]:
     """Apply the variant to ``model``; return the model to train and the library's own facts."""
     facts: dict[str, Any] = {}
-    if variant == "floor":
+    kwargs = adapter_kwargs(variant, dora)
+    if LIBRARY[variant] is None:
         for p in model.parameters():
             p.requires_grad_(False)
         # Make the embedding output a leaf that wants grad, so backward runs through
@@ -183,14 +225,14 @@ def prepare(variant: str, lib: ModuleType | None, model: Any) -> tuple[Any, dict
         model.get_input_embeddings().register_forward_hook(
             lambda _mod, _inp, out: out.requires_grad_(True)
         )
-    elif variant == "peft":
+    elif LIBRARY[variant] == "peft":
         peft = lib
-        model = peft.get_peft_model(model, peft.LoraConfig(**LORA_KWARGS))
+        model = peft.get_peft_model(model, peft.LoraConfig(**kwargs))
         trainable, total = model.get_nb_trainable_parameters()
         facts.update(lib_trainable=trainable, lib_total=total, lib_version=peft.__version__)
-    elif variant == "deltatune":
+    elif LIBRARY[variant] == "deltatune":
         dt = lib
-        model = dt.attach(model, dt.LoraConfig(**LORA_KWARGS), name="default")
+        model = dt.attach(model, dt.LoraConfig(**kwargs), name="default")
         trainable, total = dt.trainable_parameters(model)
         facts.update(
             lib_trainable=trainable,
@@ -221,7 +263,8 @@ def check_grads(model: Any, batch: Any) -> int:
     return missing
 
 
-def run_child(variant: str, shape: Shape, steps: int, warmup: int) -> dict[str, Any]:
+def run_child(variant: str, shape: Shape, steps: int, warmup: int,
+              dora: bool = False) -> dict[str, Any]:
     """Build, warm up, and time one variant in this process; return its measurements."""
     import torch
 
@@ -238,12 +281,12 @@ def run_child(variant: str, shape: Shape, steps: int, warmup: int) -> dict[str, 
     t0 = time.perf_counter()
     model = build_model(shape)
     rss_model = rss_mb()
-    model, facts = prepare(variant, lib, model)
+    model, facts = prepare(variant, lib, model, dora)
     setup_s = time.perf_counter() - t0
     rss_setup = rss_mb()
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR) if variant != "floor" else None
+    optimizer = torch.optim.AdamW(params, lr=LR) if LIBRARY[variant] is not None else None
     batch = make_batch(shape)
     missing_grads = check_grads(model, batch)  # also one more untimed warm-up pass
 
@@ -264,6 +307,7 @@ def run_child(variant: str, shape: Shape, steps: int, warmup: int) -> dict[str, 
 
     return {
         "variant": variant,
+        "use_dora": uses_dora(variant, dora),
         "step_s_median": statistics.median(times),
         "step_s": times,
         "peak_rss_mb": rss_mb(),
@@ -292,8 +336,7 @@ def spawn(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run one variant in a fresh interpreter and return its JSON result."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--json"]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
-    if args.quick:
-        cmd.append("--quick")
+    cmd += [flag for flag, on in (("--quick", args.quick), ("--dora", args.dora)) if on]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     if proc.returncode != 0 or not lines:
@@ -365,6 +408,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
             continue
         out[variant] = {
             "status": "ok",
+            "use_dora": ok[0].get("use_dora", False),
             "rounds": len(ok),
             "step_s": statistics.median(r["step_s_median"] for r in ok),
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in ok),
@@ -396,24 +440,40 @@ def paired_ratio(summary: dict[str, dict[str, Any]], a: str, b: str) -> float | 
     return statistics.median(x / y for x, y in zip(sa, sb))
 
 
-def compute_ratios(summary: dict[str, dict[str, Any]]) -> dict[str, float | None]:
-    """deltatune vs peft (time, RSS, RSS above floor) and each variant vs floor."""
+def pair_ratios(summary: dict[str, dict[str, Any]], a: str, b: str,
+                dora: bool) -> dict[str, float | None]:
+    """a vs b: step time (ratio of medians, and median of per-round ratios), peak RSS, and
+    peak RSS above floor; keyed by the variants' labels ('deltatune DoRA/peft DoRA step')."""
     def get(v: str, key: str) -> float | None:
         return summary.get(v, {}).get(key)
 
-    floor_rss = get("floor", "peak_rss_mb")
-    above = {v: (None if get(v, "peak_rss_mb") is None or floor_rss is None
-                 else get(v, "peak_rss_mb") - floor_rss) for v in ("peft", "deltatune")}
-    ratios: dict[str, float | None] = {
-        "deltatune/peft step": ratio(get("deltatune", "step_s"), get("peft", "step_s")),
-        "deltatune/peft step, median of per-round ratios": paired_ratio(summary, "deltatune", "peft"),
-        "deltatune/peft peak RSS": ratio(get("deltatune", "peak_rss_mb"),
-                                         get("peft", "peak_rss_mb")),
-        "deltatune/peft RSS above floor": ratio(above["deltatune"], above["peft"]),
+    def above_floor(v: str) -> float | None:
+        rss, floor_rss = get(v, "peak_rss_mb"), get("floor", "peak_rss_mb")
+        return None if rss is None or floor_rss is None else rss - floor_rss
+
+    name = f"{label(a, dora)}/{label(b, dora)}"
+    return {
+        f"{name} step": ratio(get(a, "step_s"), get(b, "step_s")),
+        f"{name} step, median of per-round ratios": paired_ratio(summary, a, b),
+        f"{name} peak RSS": ratio(get(a, "peak_rss_mb"), get(b, "peak_rss_mb")),
+        f"{name} RSS above floor": ratio(above_floor(a), above_floor(b)),
     }
-    for v in ("peft", "deltatune"):
-        ratios[f"{v}/floor step"] = ratio(get(v, "step_s"), get("floor", "step_s"))
-        ratios[f"{v}/floor peak RSS"] = ratio(get(v, "peak_rss_mb"), floor_rss)
+
+
+def compute_ratios(summary: dict[str, dict[str, Any]],
+                   dora: bool = False) -> dict[str, float | None]:
+    """deltatune vs peft (time, RSS, RSS above floor), deltatune vs deltatune-lora when that
+    ran (our DoRA / our LoRA), and each adapter variant vs floor."""
+    def get(v: str, key: str) -> float | None:
+        return summary.get(v, {}).get(key)
+
+    ratios = pair_ratios(summary, "deltatune", "peft", dora)
+    if "deltatune-lora" in summary:
+        ratios.update(pair_ratios(summary, "deltatune", "deltatune-lora", dora))
+    for v in (v for v in VARIANTS if LIBRARY[v] is not None and v in summary):
+        ratios[f"{label(v, dora)}/floor step"] = ratio(get(v, "step_s"), get("floor", "step_s"))
+        ratios[f"{label(v, dora)}/floor peak RSS"] = ratio(get(v, "peak_rss_mb"),
+                                                          get("floor", "peak_rss_mb"))
     return ratios
 
 
@@ -434,18 +494,20 @@ def fmt(x: float | None, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def markdown(summary: dict[str, dict[str, Any]], ratios: dict[str, float | None]) -> str:
-    """The result as two markdown tables: per variant, then the ratios."""
+def markdown(summary: dict[str, dict[str, Any]], ratios: dict[str, float | None],
+             dora: bool = False) -> str:
+    """The result as two markdown tables: per variant (labelled 'peft DoRA' etc. with
+    --dora), then the ratios."""
     floor = summary.get("floor", {})
     rows = ["| variant | median step s | peak RSS MB | step / floor | RSS / floor "
             "| RSS above floor MB |", "|---|---:|---:|---:|---:|---:|"]
     for v, s in summary.items():
         if s["status"] != "ok":
-            rows.append(f"| {v} | {s['status']} | | | | |")
+            rows.append(f"| {label(v, dora)} | {s['status']} | | | | |")
             continue
         above = None if "peak_rss_mb" not in floor else s["peak_rss_mb"] - floor["peak_rss_mb"]
         rows.append(
-            f"| {v} | {s['step_s']:.3f} | {s['peak_rss_mb']:.0f} "
+            f"| {label(v, dora)} | {s['step_s']:.3f} | {s['peak_rss_mb']:.0f} "
             f"| {fmt(ratio(s['step_s'], floor.get('step_s')), '.3f')} "
             f"| {fmt(ratio(s['peak_rss_mb'], floor.get('peak_rss_mb')), '.3f')} "
             f"| {fmt(above, '.0f')} |"
@@ -502,20 +564,27 @@ def git_commit() -> str | None:
 def run_parent(args: argparse.Namespace) -> int:
     """Run all rounds, print the table, write the JSON; return the exit status."""
     shape = QUICK if args.quick else FULL
-    print(f"lora_step: {'quick' if args.quick else 'full'} model {asdict(shape)}, "
+    method = "DoRA" if args.dora else "LoRA"
+    print(f"{benchmark_name(args.dora)} ({method}): {'quick' if args.quick else 'full'} "
+          f"model {asdict(shape)}, "
           f"{args.repeats} round(s) x {args.variants}, {args.warmup} warm-up + "
           f"{args.steps} timed steps per child", file=sys.stderr)
     runs = run_rounds(args)
     summary = summarize(runs)
-    ratios = compute_ratios(summary)
+    ratios = compute_ratios(summary, args.dora)
     match, match_msg = check_trainable(summary)
     losses = {v: s["loss_first"] for v, s in summary.items() if s["status"] == "ok"}
 
-    print(markdown(summary, ratios))
+    if args.dora:
+        lora = [v for v in args.variants if v in PLAIN_LORA_VARIANTS]
+        print("DoRA (use_dora=True): "
+              + ", ".join(v for v in args.variants if uses_dora(v, True))
+              + (f"; plain LoRA: {', '.join(lora)}" if lora else "") + "\n")
+    print(markdown(summary, ratios, args.dora))
     print()
     print(match_msg)
     print("first-step loss (must agree: LoRA B starts at zero): "
-          + ", ".join(f"{v} {x:.6f}" for v, x in losses.items()))
+          + ", ".join(f"{label(v, args.dora)} {x:.6f}" for v, x in losses.items()))
     for v, s in summary.items():
         if s["status"] != "ok":
             print(f"{v}: {s['status']}: {s['reason']}")
@@ -525,12 +594,17 @@ def run_parent(args: argparse.Namespace) -> int:
               "timed; the timings are not trustworthy. Rerun on an idle machine.")
 
     result = {
-        "benchmark": "lora_step",
+        "benchmark": benchmark_name(args.dora),
+        "method": method,
         "command": shlex.join(sys.orig_argv),
         "settings": {"quick": args.quick, "shape": asdict(shape), "steps": args.steps,
                      "warmup": args.warmup, "repeats": args.repeats, "variants": args.variants,
                      "wait_idle_s": args.wait_idle,
-                     "lora": LORA_KWARGS, "lr": LR, "threads": NUM_THREADS, "seed": SEED,
+                     "dora": args.dora, "lora": LORA_KWARGS,
+                     "adapter_kwargs": {v: adapter_kwargs(v, args.dora) for v in args.variants
+                                        if LIBRARY[v] is not None},
+                     "labels": {v: label(v, args.dora) for v in args.variants},
+                     "lr": LR, "threads": NUM_THREADS, "seed": SEED,
                      "dtype": "float32"},
         "machine": machine_facts(),
         "summary": summary,
@@ -563,23 +637,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variant", choices=VARIANTS,
                    help="run only this variant in this process (what the parent spawns)")
     p.add_argument("--json", action="store_true", help="with --variant: print one JSON line")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
-                   help="variants the parent runs, in this order each round (default: all)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS),
+                   help="variants the parent runs, in this order each round (default: "
+                        f"{' '.join(DEFAULT_VARIANTS)}; deltatune-lora only with --dora)")
     p.add_argument("--steps", type=int, help="timed steps per child (default 6; quick 2)")
     p.add_argument("--warmup", type=int, help="untimed warm-up steps (default 2; quick 1)")
     p.add_argument("--repeats", type=int, help="interleaved rounds (default 2; quick 1)")
     p.add_argument("--quick", action="store_true", help="tiny model and 2 steps: a smoke test")
+    p.add_argument("--dora", action="store_true",
+                   help="DoRA instead of LoRA (use_dora=True in both libraries' LoraConfig); "
+                        "variant deltatune-lora stays plain LoRA for 'our DoRA / our LoRA'")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                    help="before each child, wait up to this long for other processes to "
                         "stop using the CPU (for shared machines; default 0: don't wait)")
     p.add_argument("--out", type=Path,
                    help="JSON result path (default bench/results/lora_step.json; "
-                        "with --quick, bench/results/lora_step_quick.json)")
+                        "with --quick, lora_step_quick.json; with --dora, dora_step.json / "
+                        "dora_step_quick.json)")
     args = p.parse_args(argv)
     args.steps = args.steps if args.steps is not None else (2 if args.quick else 6)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 2)
-    args.out = args.out if args.out is not None else (QUICK_OUT if args.quick else DEFAULT_OUT)
+    args.out = args.out if args.out is not None else default_out(args.quick, args.dora)
+    if not args.dora and "deltatune-lora" in args.variants:
+        p.error("variant deltatune-lora is only meaningful with --dora (it is deltatune's LoRA)")
     if not args.quick and args.steps < 5:
         p.error("--steps must be >= 5 for a full run (use --quick for a smoke test)")
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
@@ -592,7 +673,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.variant is None:
         return run_parent(args)
-    res = run_child(args.variant, QUICK if args.quick else FULL, args.steps, args.warmup)
+    res = run_child(args.variant, QUICK if args.quick else FULL, args.steps, args.warmup,
+                    args.dora)
     if args.json:
         print(json.dumps(res))
     else:

@@ -138,11 +138,9 @@ class IA3FeedForwardDelta(IA3Delta):
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         return y
 
-    def merge_bias(self, bias: Tensor) -> Tensor:
-        return bias
-
-    def unmerge_bias(self, bias: Tensor) -> Tensor:
-        return bias
+    # scaling the input leaves the bias alone: back to Delta's identity
+    merge_bias = Delta.merge_bias
+    unmerge_bias = Delta.unmerge_bias
 
 
 def make_ia3(base: BaseLayer, config: DeltaConfig, key: str) -> IA3Delta:

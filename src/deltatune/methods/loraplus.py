@@ -37,9 +37,54 @@ from .lora import LoraDelta
 _WHERE = "loraplus_optimizer"
 
 
-def _positive(field: str, value: float, fix: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(_WHERE, field, value, "it must be a number > 0", fix)
+def _number(field: str, value: float, fix: str, zero_ok: bool = False) -> None:
+    """Raise a ConfigError unless ``value`` is a number > 0 (>= 0 with ``zero_ok``)."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or not (value >= 0 if zero_ok else value > 0):
+        raise ConfigError(_WHERE, field, value, f"it must be a number {'>=' if zero_ok else '>'} 0", fix)
+
+
+def _delta_roles(model: nn.Module) -> tuple[set[int], set[int], set[int]]:
+    """Ids of (every LoRA/DoRA A and B, B on non-embedding layers, A and B on embedding layers)."""
+    lora_ids: set[int] = set()
+    b_ids: set[int] = set()
+    embedding_ids: set[int] = set()
+    for _, layer in delta_layers(model):
+        for delta in layer.deltas.values():
+            if not isinstance(delta, LoraDelta):
+                continue
+            lora_ids.update((id(delta.A), id(delta.B)))
+            if delta.base.kind == "embedding":
+                embedding_ids.update((id(delta.A), id(delta.B)))
+            else:
+                b_ids.add(id(delta.B))
+    return lora_ids, b_ids, embedding_ids
+
+
+def _no_decay_ids(model: nn.Module) -> set[int]:
+    """peft's rule: no weight decay for tensors of LayerNorm modules or registered as ``bias``."""
+    return {id(param) for module in model.modules() for name, param in module.named_parameters(recurse=False)
+            if isinstance(module, nn.LayerNorm) or name == "bias"}
+
+
+def _grouped(model: nn.Module) -> tuple[dict[str, list[nn.Parameter]], bool]:
+    """The trainable parameters by LoRA+ group, and whether any LoRA/DoRA tensor trains."""
+    lora_ids, b_ids, embedding_ids = _delta_roles(model)
+    no_decay = _no_decay_ids(model)
+    groups: dict[str, list[nn.Parameter]] = {
+        "loraplus_A": [], "loraplus_embedding": [], "loraplus_B": [], "loraplus_B_no_decay": []}
+    trains_lora = False
+    for param in model.parameters():  # each shared parameter once
+        if not param.requires_grad:
+            continue
+        trains_lora = trains_lora or id(param) in lora_ids
+        if id(param) in embedding_ids:
+            groups["loraplus_embedding"].append(param)
+        elif id(param) in b_ids or param.ndim == 1:
+            groups["loraplus_B_no_decay" if id(param) in no_decay else "loraplus_B"].append(param)
+        else:
+            groups["loraplus_A"].append(param)
+    return groups, trains_lora
 
 
 def loraplus_optimizer(
@@ -82,52 +127,17 @@ def loraplus_optimizer(
     Raises:
         ConfigError: an argument is out of range, or the model has no trainable LoRA parameters.
     """
-    _positive("lr", lr, "pass the base (A) learning rate, e.g. lr=2e-4")
-    _positive("loraplus_lr_ratio", loraplus_lr_ratio, "pass eta_B / eta_A, e.g. loraplus_lr_ratio=16")
-    _positive("loraplus_lr_embedding", loraplus_lr_embedding, "pass e.g. loraplus_lr_embedding=1e-6")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
-        raise ConfigError(_WHERE, "weight_decay", weight_decay, "it must be a number >= 0", "pass e.g. weight_decay=0.0")
+    _number("lr", lr, "pass the base (A) learning rate, e.g. lr=2e-4")
+    _number("loraplus_lr_ratio", loraplus_lr_ratio, "pass eta_B / eta_A, e.g. loraplus_lr_ratio=16")
+    _number("loraplus_lr_embedding", loraplus_lr_embedding, "pass e.g. loraplus_lr_embedding=1e-6")
+    _number("weight_decay", weight_decay, "pass e.g. weight_decay=0.0", zero_ok=True)
     if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
         raise ConfigError(_WHERE, "optimizer_class", optimizer_class, "it is not a torch.optim.Optimizer subclass",
                           "pass a class such as torch.optim.AdamW")
     if "params" in optimizer_kwargs:
         raise ConfigError(_WHERE, "params", "...", "the parameters are taken from the model",
                           "drop params from the keyword arguments")
-
-    # roles of the delta tensors, by identity
-    b_ids: set[int] = set()
-    embedding_ids: set[int] = set()
-    lora_ids: set[int] = set()
-    for _, layer in delta_layers(model):
-        for delta in layer.deltas.values():
-            if not isinstance(delta, LoraDelta):
-                continue
-            lora_ids.update((id(delta.A), id(delta.B)))
-            if delta.base.kind == "embedding":
-                embedding_ids.update((id(delta.A), id(delta.B)))
-            else:
-                b_ids.add(id(delta.B))
-
-    # peft: no weight decay for tensors inside LayerNorm modules or named bias
-    no_decay_ids: set[int] = set()
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if isinstance(module, nn.LayerNorm) or name == "bias":
-                no_decay_ids.add(id(param))
-
-    groups: dict[str, list[nn.Parameter]] = {
-        "loraplus_A": [], "loraplus_embedding": [], "loraplus_B": [], "loraplus_B_no_decay": []}
-    trains_lora = False
-    for param in model.parameters():  # each shared parameter once
-        if not param.requires_grad:
-            continue
-        trains_lora = trains_lora or id(param) in lora_ids
-        if id(param) in embedding_ids:
-            groups["loraplus_embedding"].append(param)
-        elif id(param) in b_ids or param.ndim == 1:
-            groups["loraplus_B_no_decay" if id(param) in no_decay_ids else "loraplus_B"].append(param)
-        else:
-            groups["loraplus_A"].append(param)
+    groups, trains_lora = _grouped(model)
     if not trains_lora:
         raise ConfigError(_WHERE, "model", type(model).__name__, "it has no trainable LoRA/DoRA parameters",
                           "attach a LoRA adapter with dt.attach(model, dt.LoraConfig(...)) (or dt.load(..., "

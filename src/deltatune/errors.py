@@ -33,3 +33,11 @@ class AdapterError(DeltatuneError, KeyError):
 
 class AdapterFileError(DeltatuneError, ValueError):
     """An adapter folder is missing, corrupt, unsafe (pickle) or does not fit the model."""
+
+
+class DataError(DeltatuneError, ValueError):
+    """A data file or row cannot be used: missing file or column, bad line, unknown label."""
+
+
+class TrainingError(DeltatuneError, RuntimeError):
+    """Training cannot go on: the loss became NaN/inf, or a checkpoint does not fit the run."""

@@ -38,7 +38,8 @@ PEFT_ARTIFACTS = ("original_module", "modules_to_save")
 """Path parts peft writes for bias="all" next to modules_to_save; they carry no extra information."""
 
 
-def _folder_for(directory: Path, name: str) -> Path:
+def adapter_folder(directory: Path, name: str) -> Path:
+    """Where adapter ``name`` lives in a saved folder: the root for "default", else a subfolder (as peft)."""
     return directory if name == "default" else directory / name
 
 
@@ -102,7 +103,7 @@ def save(model: nn.Module, directory: str | os.PathLike[str], names: Sequence[st
     root = Path(directory)
     for name in list(state.configs) if names is None else names:
         state.require(name)
-        folder = _folder_for(root, name)
+        folder = adapter_folder(root, name)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in adapter_tensors(model, name).items()}
         text = json.dumps(config_dict(model, name), indent=2) + "\n"

@@ -1,0 +1,63 @@
+"""ΔW analysis: the dense change each adapter makes to each layer, its size and its rank.
+
+Works for every weight-space method through ``Delta.merge``: ΔW = merge(W) - W on the layer's
+canonical dense weight (fp32), so no method is named here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .state import delta_layers
+
+
+@dataclass(frozen=True)
+class LayerDelta:
+    """The change adapter ``name`` makes to one layer."""
+
+    module: str
+    shape: tuple[int, ...]
+    norm: float
+    """Frobenius norm of ΔW."""
+    relative_norm: float
+    """||ΔW|| / ||W||."""
+    effective_rank: float
+    """exp(entropy of the normalised singular values) (Roy & Vetterli 2007)."""
+    rank: int
+    """Singular values above max(shape) * eps * the largest one."""
+
+
+@torch.no_grad()
+def delta_weight(weight: Tensor, merged: Tensor) -> Tensor:
+    """ΔW as a matrix (convolution kernels flattened to (out, in * k))."""
+    return (merged - weight).reshape(weight.shape[0], -1)
+
+
+def effective_rank(singular_values: Tensor) -> float:
+    """exp of the Shannon entropy of the singular-value distribution; 0 for a zero matrix."""
+    total = singular_values.sum()
+    if total <= 0:
+        return 0.0
+    p = singular_values / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+@torch.no_grad()
+def layer_deltas(model: nn.Module, name: str) -> list[LayerDelta]:
+    """Size and rank of ΔW for every layer adapter ``name`` changes."""
+    report = []
+    for key, layer in delta_layers(model):
+        if name not in layer.deltas or name in layer.merged:
+            continue
+        weight = layer.view.read_weight().float()
+        dw = delta_weight(weight, layer.delta(name).merge(weight.clone()))
+        s = torch.linalg.svdvals(dw)
+        tol = max(dw.shape) * torch.finfo(s.dtype).eps * (float(s[0]) if s.numel() else 0.0)
+        norm = float(dw.norm())
+        report.append(LayerDelta(key, tuple(weight.shape), norm, norm / max(float(weight.norm()), 1e-30),
+                                 effective_rank(s), int((s > tol).sum())))
+    return report

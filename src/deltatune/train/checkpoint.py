@@ -1,0 +1,134 @@
+"""Checkpoints written atomically, and the state that makes a resumed run equal a straight one.
+
+A checkpoint is a folder ``checkpoints/step-NNNNNNN`` holding the adapter (peft format,
+``adapter/``), ``trainer_state.pt`` (optimizer, scheduler, random-generator states, data
+position, early-stopping counters; read back with ``weights_only=True``, so nothing is
+unpickled) and a readable ``checkpoint.json``. It is assembled in a hidden temporary folder
+and renamed into place; only then does ``checkpoints/latest`` (itself replaced atomically)
+point at it, so a run killed at any moment leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import TrainingError
+from ..io import save
+
+STATE_FILE = "trainer_state.pt"
+ADAPTER_DIR = "adapter"
+LATEST = "latest"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator a training step draws from."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    random.setstate(_as_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    """random.setstate wants nested tuples; a round trip may hand back lists."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_checkpoint(root: Path, model: nn.Module, trainer_state: dict[str, Any],
+                     info: dict[str, Any], keep: int) -> Path:
+    """Write checkpoint ``step-<step>`` under ``root`` atomically and prune old ones."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{trainer_state['step']:07d}"
+    staging = root / f".{final.name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    save(model, staging / ADAPTER_DIR)
+    torch.save(trainer_state, staging / STATE_FILE)
+    (staging / "checkpoint.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    _fsync_tree(staging)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    _write_text_atomically(root / LATEST, final.name + "\n")
+    _prune(root, keep)
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    done = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None when there is none."""
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    folder = root / pointer.read_text(encoding="utf-8").strip()
+    if not (folder / STATE_FILE).is_file():
+        raise TrainingError(f"{pointer} names {folder.name}, which is missing or incomplete; "
+                            f"delete {pointer} to start over, or point it at another step-* folder")
+    return folder
+
+
+def read_trainer_state(folder: Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint, loaded without unpickling arbitrary objects."""
+    state: dict[str, Any] = torch.load(folder / STATE_FILE, weights_only=True)
+    return state
+
+
+def restore_adapters(model: nn.Module, folder: Path) -> None:
+    """Copy a checkpoint's adapter tensors into the model's adapters of the same names, in place.
+
+    In place, so the optimizer keeps pointing at the same parameters. Every key and shape is
+    checked before anything is copied: on a mismatch the model is left as it was.
+    """
+    from ..adapters import adapter_names
+    from ..io import adapter_folder, adapter_tensors, read_tensors
+
+    pairs = []
+    for name in adapter_names(model):
+        live = adapter_tensors(model, name)
+        stored = read_tensors(adapter_folder(folder / ADAPTER_DIR, name))
+        if set(live) != set(stored):
+            extra, missing = sorted(set(stored) - set(live)), sorted(set(live) - set(stored))
+            raise TrainingError(f"{folder}: adapter {name!r} does not fit this model (unexpected keys {extra[:3]}, "
+                                f"missing keys {missing[:3]}); resume with the same model and adapter options")
+        for key, tensor in live.items():
+            if tensor.shape != stored[key].shape:
+                raise TrainingError(f"{folder}: {key} has shape {tuple(stored[key].shape)} in the checkpoint but "
+                                    f"{tuple(tensor.shape)} in the model; resume with the same adapter options")
+            pairs.append((tensor, stored[key]))
+    with torch.no_grad():
+        for tensor, value in pairs:
+            tensor.copy_(value)

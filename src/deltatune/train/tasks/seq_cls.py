@@ -1,0 +1,84 @@
+"""Sequence classification: one label per text (or text pair); metrics accuracy and macro-F1."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import Row, Rows
+from ..labels import LabelSet
+from ..metrics import accuracy, macro_f1
+from .base import Batch, Features, Task, batches
+
+
+class SequenceClassification(Task):
+    """Text (and optional second text) -> one of the labels seen in training."""
+
+    name = "seq-cls"
+    task_type = "SEQ_CLS"
+    metric = "accuracy"
+    columns = {"text": "text", "label": "label"}
+    optional_columns = {"text_pair": "text_pair"}
+
+    labels: LabelSet
+
+    def fit(self, rows: Rows) -> None:
+        self.labels = LabelSet.learn((r[self.column("label")] for r in rows.rows), rows.source)
+
+    def state(self) -> dict[str, Any]:
+        return {"labels": self.labels.names}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.labels = LabelSet(state.get("labels", ()))
+
+    def load_model(self, model_path: str, dtype: torch.dtype | None = None) -> nn.Module:
+        from transformers import AutoModelForSequenceClassification
+
+        names = self.labels.names
+        return AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=len(names), id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)}, local_files_only=True, dtype=dtype)
+
+    def _tokenize(self, rows: Sequence[Row]) -> dict[str, list[list[int]]]:
+        texts = [str(r[self.column("text")]) for r in rows]
+        pair_column = self.column("text_pair")
+        pairs = [str(r[pair_column]) for r in rows] if rows and pair_column in rows[0] else None
+        encoded = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length)
+        return dict(encoded)
+
+    def encode(self, rows: Rows) -> list[Features]:
+        encoded = self._tokenize(rows.rows)
+        label_column = self.column("label")
+        features = []
+        for i, row in enumerate(rows.rows):
+            feature: Features = {key: values[i] for key, values in encoded.items()}
+            feature["labels"] = self.labels.id(row[label_column], f"{rows.source}, row {i + 1}")
+            features.append(feature)
+        return features
+
+    def collate(self, features: Sequence[Features]) -> Batch:
+        return dict(self.tokenizer.pad(list(features), return_tensors="pt"))
+
+    @torch.inference_mode()
+    def _predicted_ids(self, model: nn.Module, features: Sequence[Features], batch_size: int) -> list[int]:
+        order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+        predicted = [0] * len(features)
+        for chunk in batches(order, batch_size):
+            batch = self.collate([{k: v for k, v in features[i].items() if k != "labels"} for i in chunk])
+            logits = model(**batch).logits
+            for i, label in zip(chunk, logits.argmax(dim=-1).tolist(), strict=True):
+                predicted[i] = label
+        return predicted
+
+    def evaluate(self, model: nn.Module, features: Sequence[Features], batch_size: int) -> dict[str, float]:
+        predicted = self._predicted_ids(model, features, batch_size)
+        gold = [f["labels"] for f in features]
+        return {"accuracy": accuracy(predicted, gold), "macro_f1": macro_f1(predicted, gold, len(self.labels))}
+
+    def predict(self, model: nn.Module, rows: Sequence[Row], batch_size: int = 32) -> list[Any]:
+        encoded = self._tokenize(rows)
+        features = [{key: values[i] for key, values in encoded.items()} for i in range(len(rows))]
+        return [self.labels.names[i] for i in self._predicted_ids(model, features, batch_size)]

@@ -1,0 +1,250 @@
+"""The training loop: batches, loss, optimizer, schedule, evaluation, checkpoints and resume.
+
+The data order is a pure function of (seed, epoch, position): epoch ``e`` visits the training
+features in the order of ``randperm(n)`` drawn from a generator seeded with ``seed + e``, and
+only whole micro-batches are used. Together with the optimizer, scheduler and random-generator
+states stored in a checkpoint, this is what makes 10 steps + resume + 10 steps give the same
+adapter as 20 straight steps.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import TrainingError
+from ..io import save
+from .checkpoint import latest_checkpoint, read_trainer_state, restore_adapters, rng_state, set_rng_state, write_checkpoint
+from .config import TrainConfig
+from .progress import MetricsLog, Progress
+from .schedule import make_scheduler
+from .tasks.base import Batch, Features, Task, tokens_in
+
+StepCallback = Callable[[int], None]
+"""Called with the global step after each optimizer step, before gradients are cleared."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's and torch's generators (model initialisation, dropout)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    steps: int
+    train_loss: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    best_metric: float | None = None
+    stopped_early: bool = False
+    adapter_dir: Path | None = None
+
+
+class MicroBatches:
+    """Micro-batch ``k`` of the endless, epoch-by-epoch shuffled stream of training features."""
+
+    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.per_epoch = size // batch_size
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, k: int) -> list[int]:
+        epoch, position = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.size, generator=generator)
+        start = position * self.batch_size
+        return self._order[start:start + self.batch_size].tolist()
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that train, in the model's order (a stable order for optimizer state)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (8-bit states with ``optimizer='adamw8bit'``)."""
+    params = trainable(model)
+    if not params:
+        raise TrainingError("the model has no trainable parameters: attach an adapter first (dt.attach)")
+    if config.optimizer == "adamw8bit":
+        from ..quant import AdamW8bit
+
+        return AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on activation recomputation so that it works with a frozen base.
+
+    With the base frozen no input of a checkpointed block requires grad, and reentrant
+    checkpointing then drops the adapter gradients ("element 0 of tensors does not require
+    grad"). Making the embedding output require grad fixes that for either checkpoint flavour.
+    """
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None:
+        raise TrainingError(f"{type(model).__name__} has no gradient_checkpointing_enable(); "
+                            "gradient checkpointing is supported on transformers models")
+    enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    make_inputs_require_grad = getattr(model, "enable_input_require_grads", None)
+    if make_inputs_require_grad is not None:
+        make_inputs_require_grad()
+
+
+class Trainer:
+    """Train a delta-tuned model on a task; evaluate, checkpoint and resume."""
+
+    def __init__(self, model: nn.Module, task: Task, train_features: Sequence[Features],
+                 eval_features: Sequence[Features] = (), config: TrainConfig | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, callbacks: Sequence[StepCallback] = ()) -> None:
+        self.model, self.task, self.config = model, task, config or TrainConfig()
+        self.train_features, self.eval_features = list(train_features), list(eval_features)
+        cfg = self.config
+        self.stream = MicroBatches(len(self.train_features), cfg.batch_size, cfg.seed)
+        if self.stream.per_epoch == 0:
+            raise TrainingError(f"{len(self.train_features)} training examples are fewer than one batch of "
+                                f"{cfg.batch_size}; lower --batch-size or add data")
+        steps_per_epoch = max(1, self.stream.per_epoch // cfg.grad_accum)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        self.optimizer = optimizer or make_optimizer(model, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg.schedule, self.total_steps, cfg.warmup_ratio)
+        self.callbacks = list(callbacks)
+        self.output = Path(cfg.output_dir)
+        self.step = 0
+        self.best: float | None = None
+        self.evals_without_improvement = 0
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+
+    # -- state ---------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step, "micro_batches": self.step * self.config.grad_accum,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "best": self.best, "evals_without_improvement": self.evals_without_improvement, "rng": rng_state()}
+
+    def resume(self) -> bool:
+        """Continue from the newest checkpoint in ``output_dir``; False when there is none."""
+        folder = latest_checkpoint(self.output / "checkpoints")
+        if folder is None:
+            return False
+        state = read_trainer_state(folder)
+        restore_adapters(self.model, folder)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.best = int(state["step"]), state["best"]
+        self.evals_without_improvement = int(state["evals_without_improvement"])
+        set_rng_state(state["rng"])
+        return True
+
+    # -- one step ------------------------------------------------------------------------
+    def _batch(self, k: int) -> Batch:
+        batch = self.task.collate([self.train_features[i] for i in self.stream.indices(k)])
+        device = next(iter(trainable(self.model))).device
+        return {key: value.to(device) for key, value in batch.items()}
+
+    def _train_step(self) -> tuple[float, int]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, tokens)."""
+        cfg, losses, tokens = self.config, [], 0
+        device_type = next(iter(trainable(self.model))).device.type
+        for micro in range(cfg.grad_accum):
+            batch = self._batch(self.step * cfg.grad_accum + micro)
+            tokens += tokens_in(batch)
+            with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = self.task.loss(self.model, batch)
+            if not torch.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise TrainingError(self._diverged_message(float(loss)))
+            (loss / cfg.grad_accum).backward()
+            losses.append(float(loss.detach()))
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trainable(self.model), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        for callback in self.callbacks:
+            callback(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        return sum(losses) / len(losses), tokens
+
+    def _diverged_message(self, loss: float) -> str:
+        latest = latest_checkpoint(self.output / "checkpoints")
+        kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+        return (f"the training loss became {loss} at step {self.step + 1}; the update was not applied and "
+                f"training stopped ({kept}). Try a lower --lr, --max-grad-norm 1.0, or fp32 instead of --bf16.")
+
+    # -- evaluation ----------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """The task's metrics on the evaluation features (empty when there are none)."""
+        if not self.eval_features:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.autocast(device_type=next(iter(trainable(self.model))).device.type,
+                                dtype=torch.bfloat16, enabled=self.config.bf16):
+                return self.task.evaluate(self.model, self.eval_features, self.config.eval_batch_size)
+        finally:
+            self.model.train(was_training)
+
+    def _record_eval(self, metrics: dict[str, float]) -> bool:
+        """Track the best metric (saving that adapter); True when early stopping says stop."""
+        value = metrics.get(self.task.metric)
+        if value is None:
+            return False
+        if self.best is None or value > self.best:
+            self.best, self.evals_without_improvement = value, 0
+            save(self.model, self.output / "best")
+            return False
+        self.evals_without_improvement += 1
+        return 0 < self.config.early_stopping <= self.evals_without_improvement
+
+    # -- the loop ------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> TrainResult:
+        """Train to ``total_steps`` (or until early stopping); save the final adapter."""
+        cfg = self.config
+        log = MetricsLog(self.output / "metrics.jsonl", self.output / "tensorboard" if cfg.tensorboard else None)
+        resumed = resume and self.resume()
+        progress = Progress(self.total_steps, self.step, cfg.progress)
+        if resumed:
+            progress.message(f"resumed from step {self.step} ({self.output / 'checkpoints'})")
+        self.model.train()
+        window: list[float] = []
+        last_loss, stopped_early, metrics = math.nan, False, {}
+        try:
+            while self.step < self.total_steps and not stopped_early:
+                loss, tokens = self._train_step()
+                window.append(loss)
+                last_loss = loss
+                line = progress.update(self.step, loss, float(self.scheduler.get_last_lr()[0]), tokens)
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    log.write("train", self.step, {"loss": sum(window) / len(window),
+                                                   "lr": self.scheduler.get_last_lr()[0], "tokens": progress.tokens})
+                    if not progress.live:
+                        progress.message(line)
+                    window.clear()
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                    metrics = self.evaluate()
+                    log.write("eval", self.step, metrics)
+                    progress.message(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                    stopped_early = self._record_eval(metrics)
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    write_checkpoint(self.output / "checkpoints", self.model, self.state(),
+                                     {"step": self.step, "loss": loss}, cfg.keep_checkpoints)
+        finally:
+            progress.close()
+        metrics = self.evaluate()
+        if metrics:
+            log.write("eval", self.step, metrics)
+            self._record_eval(metrics)
+        log.close()
+        adapter_dir = save(self.model, self.output / "adapter")
+        return TrainResult(self.step, last_loss, metrics, self.best, stopped_early, adapter_dir)

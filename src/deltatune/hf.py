@@ -94,3 +94,25 @@ def auto_mapping(model: nn.Module, task_type: str | None) -> dict[str, str] | No
     if task_type is not None or not type(model).__module__.startswith("transformers."):
         return None
     return {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+
+
+def adapter_checkpoint_callback() -> Any:
+    """A ``transformers.TrainerCallback`` that writes the adapters into every Trainer checkpoint.
+
+    The Trainer saves checkpoints with the model's own ``save_pretrained``, which stores the
+    whole adapted state dict; with this callback each ``checkpoint-N`` folder also holds the
+    adapters in peft's format (adapter_config.json + adapter_model.safetensors), which is what
+    ``dt.load`` and peft read.
+    """
+    from pathlib import Path
+
+    from transformers import TrainerCallback
+
+    from .io import save
+
+    class SaveAdapters(TrainerCallback):  # type: ignore[misc]
+        def on_save(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+            if model is not None and state.is_world_process_zero:
+                save(model, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    return SaveAdapters()

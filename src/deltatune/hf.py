@@ -110,7 +110,7 @@ def adapter_checkpoint_callback() -> Any:
 
     from .io import save
 
-    class SaveAdapters(TrainerCallback):  # type: ignore[misc]
+    class SaveAdapters(TrainerCallback):
         def on_save(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
             if model is not None and state.is_world_process_zero:
                 save(model, Path(args.output_dir) / f"checkpoint-{state.global_step}")

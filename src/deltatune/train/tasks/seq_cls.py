@@ -42,6 +42,11 @@ class SequenceClassification(Task):
             model_path, num_labels=len(names), id2label=dict(enumerate(names)),
             label2id={n: i for i, n in enumerate(names)}, local_files_only=True, dtype=dtype)
 
+    def saved_modules(self, model: nn.Module) -> list[str]:
+        """BERT-style models classify from a pooler (dense + tanh on [CLS]) that some checkpoints never
+        trained (all-MiniLM-L6-v2's is near its initialisation); train it with the head (d*d + d weights)."""
+        return [name for name, _ in model.named_modules() if name.split(".")[-1] == "pooler"][:1]
+
     def _tokenize(self, rows: Sequence[Row]) -> dict[str, list[list[int]]]:
         texts = [str(r[self.column("text")]) for r in rows]
         pair_column = self.column("text_pair")

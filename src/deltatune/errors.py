@@ -33,3 +33,7 @@ class AdapterError(DeltatuneError, KeyError):
 
 class AdapterFileError(DeltatuneError, ValueError):
     """An adapter folder is missing, corrupt, unsafe (pickle) or does not fit the model."""
+
+
+class QuantError(DeltatuneError, ValueError):
+    """An operation needs a dense weight but the layer stores it quantized (or the format does not fit)."""

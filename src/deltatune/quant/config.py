@@ -24,8 +24,8 @@ class QuantConfig:
     ``skip_modules``: names of modules kept unquantized (a full module name or its last dotted
     parts, as in ``target_modules``); None keeps the output head (``lm_head``) only; an explicit
     list replaces that default, as transformers does. ``compute_dtype`` None computes in each
-    layer's original dtype. ``prepare_for_training`` freezes every parameter, keeps norm layers
-    in fp32 and makes the input embeddings' output require grad, so that gradient checkpointing
+    layer's original dtype. ``prepare_for_training`` freezes every parameter, keeps unquantized
+    parameters (norms, embeddings, head) in fp32 and makes the input embeddings' output require grad, so that gradient checkpointing
     works on a frozen base.
     """
 

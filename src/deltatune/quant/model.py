@@ -5,7 +5,7 @@ first, as transformers does when it loads GPT-2 in 4 bits) is quantized, except 
 config skips (by default the output head). The replacements are all built before the first one
 is swapped in, so a failure leaves the model as it was. ``prepare_for_training`` then does what
 peft's ``prepare_model_for_kbit_training`` does for a frozen 4-bit base: freeze every
-parameter, keep norm layers in fp32 (their statistics are sensitive to rounding), and make the
+parameter, keep unquantized parameters (norms above all) in fp32, and make the
 input embeddings' output require grad, because gradient checkpointing only recomputes segments
 whose inputs require grad and a frozen embedding gives none.
 """
@@ -72,12 +72,17 @@ def _quantized(name: str, module: nn.Module, config: QuantConfig) -> Linear4bit:
 
 
 def prepare_for_training(model: nn.Module) -> None:
-    """Freeze the base, keep norms in fp32, and enable input gradients (for gradient checkpointing)."""
+    """Freeze the base, keep unquantized parameters in fp32, and enable input gradients.
+
+    As in peft's ``prepare_model_for_kbit_training``, every fp16/bf16 parameter left unquantized
+    (norms, embeddings, the output head, biases) goes to fp32: norms need the precision, and one
+    dtype for the whole residual stream avoids mixed-dtype matmuls (each 4-bit layer casts its
+    input to the compute dtype and its output back).
+    """
     for param in model.parameters():
         param.requires_grad_(False)
-    for module in model.modules():
-        if _is_norm(module):
-            module.float()
+        if param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()  # .data keeps the Parameter object, so ties hold
     enable = getattr(model, "enable_input_require_grads", None)
     if callable(enable):
         enable()
@@ -86,11 +91,6 @@ def prepare_for_training(model: nn.Module) -> None:
     embeddings = get_embeddings() if callable(get_embeddings) else None
     if isinstance(embeddings, nn.Module):
         embeddings.register_forward_hook(_require_grad)
-
-
-def _is_norm(module: nn.Module) -> bool:
-    """LayerNorm, GroupNorm and the RMSNorm classes transformers defines per model (LlamaRMSNorm, ...)."""
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or type(module).__name__.endswith("RMSNorm")
 
 
 def _require_grad(module: nn.Module, inputs: Any, output: Tensor) -> None:

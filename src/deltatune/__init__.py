@@ -24,6 +24,11 @@ from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.loraplus import loraplus_optimizer
 
+# 4-bit bases (QLoRA, issue 3)
+from . import quant
+from .errors import QuantError
+from .quant import QuantConfig, quantize
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -51,5 +56,10 @@ __all__ = [
     "trainable_parameters",
     "unload",
     "unmerge",
+    # 4-bit bases (QLoRA, issue 3)
+    "QuantConfig",
+    "QuantError",
+    "quant",
+    "quantize",
 ]
 del _methods

@@ -5,7 +5,9 @@ weight in one canonical layout ``(out, in, *kernel)`` (so GPT-2's transposed ``C
 embedding table look like any linear map), and the two operations a low-rank method needs:
 ``project`` (apply a ``(r, in, *kernel)`` weight the way the layer applies its own) and
 ``expand`` (add a pointwise ``(out, r)`` map of a hidden tensor into the layer's output).
-Methods build on these and never ask which torch class they are wrapping.
+Methods build on these and never ask which torch class they are wrapping. A 4-bit base
+(``quant.Linear4bit``) is read as its dequantized weight; it cannot be written in place, so
+merging it builds a new module (``merged_module``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import hf
+from .errors import QuantError
+from .quant.linear import Linear4bit
+from .quant.merge import dense_linear, requantized
 
 
 class BaseLayer(ABC):
@@ -68,14 +73,35 @@ class BaseLayer(ABC):
         with torch.no_grad():
             self.bias.copy_(bias.to(self.bias.dtype))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the layer computes in (the dtype of ``read_weight()``)."""
+        return self.weight.dtype
+
     def read_weight(self) -> Tensor:
         """The dense weight in the canonical ``(out, in, *kernel)`` layout (a view where possible)."""
         return self.weight
+
+    def check_writable(self) -> None:
+        """Raise if ``write_weight`` cannot hold an arbitrary dense weight exactly (checked before changes)."""
 
     def write_weight(self, canonical: Tensor) -> None:
         """Overwrite the weight in place (keeping the Parameter object, so ties and optimizers hold)."""
         with torch.no_grad():
             self.weight.copy_(self._to_stored(canonical).to(self.weight.dtype))
+
+    def merged_module(self, canonical: Tensor | None, bias: Tensor | None, requantize: bool) -> nn.Module:
+        """The plain module that replaces this layer when adapters are unloaded with merging.
+
+        ``canonical`` is the merged dense weight (fp32), or None when nothing is folded into this
+        layer; ``bias`` the merged bias, if it changed. A dense layer takes both in place and is
+        returned; a quantized kind returns a new module (see ``Linear4bitBase``).
+        """
+        if canonical is not None:
+            self.write_weight(canonical)
+        if bias is not None:
+            self.write_bias(bias)
+        return self.module
 
     def _to_stored(self, canonical: Tensor) -> Tensor:
         return canonical
@@ -187,6 +213,59 @@ class ConvBase(BaseLayer):
         return add_scaled(y, self._conv()(h, pointwise), scale)
 
 
+class Linear4bitBase(BaseLayer):
+    """deltatune's ``Linear4bit``: read as its dequantized weight in the compute dtype.
+
+    The packed weight cannot take a dense weight back without re-quantizing, which would lose the
+    merge (and unmerge would not restore the base), so ``write_weight`` raises: in-place merges
+    and inits that rewrite the base are refused, and ``merged_module`` builds a new layer instead,
+    16-bit by default (dequant(W4) + dW, lossless with respect to what was trained) or
+    re-quantized on request, with a warning that gives the measured error.
+    """
+
+    kind = "linear"
+
+    @staticmethod
+    def accepts(module: nn.Module) -> bool:
+        return isinstance(module, Linear4bit)
+
+    @property
+    def in_features(self) -> int:
+        return self.module.in_features  # type: ignore[return-value]
+
+    @property
+    def out_features(self) -> int:
+        return self.module.out_features  # type: ignore[return-value]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.module.compute_dtype  # type: ignore[return-value]
+
+    def read_weight(self) -> Tensor:
+        return self.module.dequantize()  # type: ignore[operator]
+
+    def check_writable(self) -> None:
+        raise QuantError(
+            f"{self.describe()} stores its weight in 4 bits, so a changed dense weight cannot be written into it "
+            "exactly (merging in place, or an init that rewrites the base weight). Fix: keep the adapter unmerged "
+            "for training and inference, and use dt.unload(model, merge=True) for a 16-bit merged model "
+            "(requantize=True re-quantizes it, lossy); for inits that rewrite the base, attach to the "
+            "unquantized model."
+        )
+
+    def write_weight(self, canonical: Tensor) -> None:
+        self.check_writable()
+
+    def merged_module(self, canonical: Tensor | None, bias: Tensor | None, requantize: bool) -> nn.Module:
+        layer: Linear4bit = self.module  # type: ignore[assignment]
+        if requantize and canonical is None:
+            return layer  # nothing folded in: the 4-bit layer is already what re-quantizing would give
+        return requantized(layer, canonical, bias) if requantize else dense_linear(layer, canonical, bias)
+
+    def describe(self) -> str:
+        return f"Linear4bit({self.in_features} -> {self.out_features}, {self.module.quant_type})"
+
+
 def add_scaled(y: Tensor, z: Tensor, scale: float) -> Tensor:
     """``y + z * scale`` in y's dtype, in the order peft computes it, so outputs match peft's bit
     for bit; ``z`` is a fresh tensor that autograd does not keep, so it is reused in place
@@ -197,8 +276,8 @@ def add_scaled(y: Tensor, z: Tensor, scale: float) -> Tensor:
     return (y + z).to(y.dtype)  # half-precision base, fp32 adapter: sum in fp32 as peft does
 
 
-BASE_KINDS: list[type[BaseLayer]] = [LinearBase, Conv1DBase, EmbeddingBase, ConvBase]
-"""Checked in order; later issues (4-bit linear) add their kind here."""
+BASE_KINDS: list[type[BaseLayer]] = [LinearBase, Conv1DBase, EmbeddingBase, ConvBase, Linear4bitBase]
+"""Checked in order."""
 
 
 def base_layer_for(module: nn.Module) -> BaseLayer | None:

@@ -41,3 +41,7 @@ class DataError(DeltatuneError, ValueError):
 
 class TrainingError(DeltatuneError, RuntimeError):
     """Training cannot go on: the loss became NaN/inf, or a checkpoint does not fit the run."""
+
+
+class QuantError(DeltatuneError, ValueError):
+    """An operation needs a dense weight but the layer stores it quantized (or the format does not fit)."""

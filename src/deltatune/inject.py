@@ -99,8 +99,8 @@ def _find_targets(model: nn.Module, config: TargetedConfig) -> dict[str, BaseLay
         if view is None:
             raise TargetError(
                 f"target_modules selects {key!r}, a {type(module).__name__}, which "
-                f"{type(config).__name__} cannot adapt; it adapts Linear, transformers Conv1D, Embedding and "
-                "Conv1d/2d/3d layers (zero padding, groups=1). Fix: name the layers inside it, or exclude it with exclude_modules."
+                f"{type(config).__name__} cannot adapt; it adapts Linear, transformers Conv1D, 4-bit Linear, Embedding "
+                "and Conv1d/2d/3d layers (zero padding, groups=1). Fix: name the layers inside it, or exclude it with exclude_modules."
             )
         views[key] = view
     if not views:
@@ -157,9 +157,10 @@ def plan(model: nn.Module, config: DeltaConfig, name: str) -> AttachPlan:
     result = AttachPlan(name, config, views=views, saved=_saved_copies(model, config))
     for key, view in views.items():
         delta = method.make_delta(view, config, key)
-        delta.to(device=view.weight.device, dtype=adapter_dtype(view.weight.dtype))
+        delta.to(device=view.weight.device, dtype=adapter_dtype(view.dtype))
         residual = delta.adjust_base(view.read_weight())
         if residual is not None:
+            view.check_writable()  # before anything changes: apply cannot fail
             result.base_weights[key] = residual
         result.deltas[key] = delta
     return result

@@ -111,14 +111,31 @@ class DeltaLayer(_Forwarding):
         todo = [n for n in names if n in self.deltas and n not in self.merged]
         if not todo:
             return
-        weight, bias = self.view.read_weight().float(), self.view.bias
-        for name in todo:
-            weight = self.delta(name).merge(weight)
-            bias = None if bias is None else self.delta(name).merge_bias(bias.float())
-            self.merged.append(name)
+        self.view.check_writable()
+        weight, bias = self._folded(todo)
         self.view.write_weight(weight)
         if bias is not None:
             self.view.write_bias(bias)
+        self.merged.extend(todo)
+
+    def _folded(self, names: list[str]) -> tuple[Tensor, Tensor | None]:
+        """The base weight (fp32) and bias with the named deltas folded in, in order; nothing is written."""
+        weight, bias = self.view.read_weight().float(), self.view.bias
+        for name in names:
+            weight = self.delta(name).merge(weight)
+            bias = None if bias is None else self.delta(name).merge_bias(bias.float())
+        return weight, bias
+
+    def unloaded(self, requantize: bool) -> nn.Module:
+        """The plain module computing what this layer computes, active deltas folded in (see ``merged_module``).
+
+        The wrapper is spent afterwards: a dense base has been changed in place.
+        """
+        todo = [n for n in self.active if n in self.deltas and n not in self.merged]
+        if not todo:
+            return self.view.merged_module(None, None, requantize)
+        weight, bias = self._folded(todo)
+        return self.view.merged_module(weight, bias, requantize)
 
     def unmerge(self) -> None:
         """Take every merged delta back out of the base weight, last merged first."""

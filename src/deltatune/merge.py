@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from .bases import base_layer_for
 from .state import delta_layers, drop_state, parent_of, saved_modules, state_of
 
 
@@ -39,22 +40,43 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+def unload(model: nn.Module, merge: bool = True, requantize: bool = False) -> nn.Module:
     """Remove every deltatune wrapper and return the plain model (changed in place).
 
     With ``merge=True`` the active adapters are folded into the weights first and the active
     adapter's copies of saved modules replace the originals: the result computes what the
-    adapted model computed. With ``merge=False`` the original model comes back.
+    adapted model computed. Layers whose weight is stored quantized cannot hold the merged
+    weight; each base kind decides what replaces them (``BaseLayer.merged_module``): by default
+    a dense layer in the compute dtype, for every quantized layer of the model, so the result is
+    a dense model; ``requantize=True`` quantizes the merged weights again instead (lossy; a
+    warning gives the measured error) and leaves layers without adapters as they are. Dense
+    layers ignore ``requantize``. With ``merge=False`` the original model comes back.
     """
     if merge:
-        _fold(model, None)
+        state = state_of(model)
+        for name in state.active:
+            state.require(name)
     else:
         unmerge(model)
     for key, layer in list(delta_layers(model)):
         parent, child = parent_of(model, key)
-        setattr(parent, child, layer.base_layer)
+        setattr(parent, child, layer.unloaded(requantize) if merge else layer.base_layer)
     for key, module in list(saved_modules(model)):
         parent, child = parent_of(model, key)
         setattr(parent, child, module.current() if merge else module.original_module)
+    if merge:
+        _replace_unadapted(model, requantize)
     drop_state(model)
     return model
+
+
+def _replace_unadapted(model: nn.Module, requantize: bool) -> None:
+    """Give layers that carried no adapter the same treatment (a quantized one becomes dense)."""
+    for key, module in list(model.named_modules()):
+        view = base_layer_for(module) if key else None
+        if view is None:
+            continue
+        replacement = view.merged_module(None, None, requantize)
+        if replacement is not module:
+            parent, child = parent_of(model, key)
+            setattr(parent, child, replacement)

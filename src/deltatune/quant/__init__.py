@@ -1,0 +1,30 @@
+"""4-bit base models for QLoRA, in plain PyTorch, in bitsandbytes 0.50's format bit for bit.
+
+- ``blockwise``: NF4 / FP4 blockwise quantization with double quantization (``quantize_4bit``,
+  ``dequantize_4bit``) and the blockwise 8-bit code used for absmax and optimizer states.
+- ``linear``: ``Linear4bit``, a frozen linear layer holding packed codes; a base kind in
+  ``bases.py``, so every weight-space method works on it.
+- ``model``: ``quantize(model, QuantConfig(...))`` and ``dequantize(model)``.
+- ``checkpoint``: ``save_quantized`` / ``load_quantized`` in transformers + bitsandbytes' layout.
+- ``merge``: what a 4-bit layer becomes when adapters are merged into it.
+- ``optim``: ``AdamW8bit``, AdamW with blockwise 8-bit states.
+"""
+
+from .blockwise import NestedState, QuantState, dequantize_4bit, quantize_4bit
+from .checkpoint import load_quantized, save_quantized
+from .config import QuantConfig
+from .linear import Linear4bit
+from .model import dequantize, quantize
+
+__all__ = [
+    "Linear4bit",
+    "NestedState",
+    "QuantConfig",
+    "QuantState",
+    "dequantize",
+    "dequantize_4bit",
+    "load_quantized",
+    "quantize",
+    "quantize_4bit",
+    "save_quantized",
+]

@@ -1,0 +1,49 @@
+"""What a 4-bit layer becomes when adapters are merged into it.
+
+The default is a dense ``nn.Linear`` in the compute dtype holding dequant(W4) + dW: exactly the
+function the adapted model computed (up to the compute dtype's rounding of the sum), so nothing
+that was trained is lost. Re-quantizing the merged weight gives a 4-bit model again, but the
+new codes round W + dW, not W, so the result differs from what was trained; the size of that
+difference is measured and reported every time.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from .linear import Linear4bit
+
+
+def dense_linear(layer: Linear4bit, weight: Tensor | None, bias: Tensor | None) -> nn.Linear:
+    """A plain ``nn.Linear`` in the compute dtype with ``weight`` (default: the dequantized weight)."""
+    dtype = layer.compute_dtype
+    dense = weight if weight is not None else layer.dequantize()
+    bias = bias if bias is not None else layer.bias
+    out = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=dense.device, dtype=dtype)
+    with torch.no_grad():
+        out.weight.copy_(dense.to(dtype))
+        if bias is not None:
+            assert out.bias is not None
+            out.bias.copy_(bias.to(dtype))
+    out.requires_grad_(False)
+    return out
+
+
+def requantized(layer: Linear4bit, weight: Tensor | None, bias: Tensor | None) -> Linear4bit:
+    """``weight`` quantized again with the layer's settings; warns with the error that adds."""
+    dense = (weight if weight is not None else layer.dequantize(torch.float32)).to(layer.dtype)
+    state = layer.quant_state()
+    new = Linear4bit.from_weight(dense, bias if bias is not None else layer.bias, state.quant_type, state.blocksize,
+                                 state.nested is not None, layer.compute_dtype, layer.weight.dtype)
+    err = new.dequantize(torch.float32) - dense.float()
+    rel = (err.norm() / dense.float().norm().clamp_min(1e-30)).item()
+    warnings.warn(
+        f"re-quantizing a merged {layer.out_features}x{layer.in_features} weight to {state.quant_type}: the 4-bit "
+        f"layer differs from the merged weight by up to {err.abs().max().item():.3g} (relative Frobenius error "
+        f"{rel:.3g}), so its outputs differ from the trained model's. Use requantize=False for a lossless "
+        "16-bit merge.", stacklevel=4)
+    new.to(layer.weight.device)
+    return new

@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine (see README.md):
-#   make demo   - install into .venv, then fine-tune MiniLM with LoRA on the shipped sentiment data
+#   make demo   - install into .venv, then `deltatune train`: LoRA on MiniLM with the shipped sentiment data
 #   make test   - install into .venv, then type-check and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +18,7 @@ $(BIN)/.deltatune-installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.deltatune-installed
-	$(BIN)/python examples/finetune_sentiment.py
+	$(BIN)/deltatune train
 
 test: $(BIN)/.deltatune-installed
 	$(BIN)/python -m mypy src/deltatune

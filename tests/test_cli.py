@@ -179,3 +179,23 @@ def test_kill_during_training_then_resume_gives_the_straight_result(
     resumed = load_file(killed / "adapter" / "adapter_model.safetensors")
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_qlora_run_trains_on_a_4bit_base_and_merges_dense(tmp_path: Path, tiny_bert_dir: Path,
+                                                         sentiment_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from deltatune.quant import Linear4bit
+    from deltatune.train.run import rebuild
+
+    out = tmp_path / "qlora"
+    assert main(train_args(tiny_bert_dir, sentiment_file, out, "--max-steps", "40", "--quantize", "nf4")) == 0
+    model, _, _ = rebuild(out)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert any(isinstance(m, Linear4bit) for m in model.modules()), kinds
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] >= 0.9
+    assert main(["merge", str(out), "--output", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert not any(isinstance(m, Linear4bit) for m in merged.modules())

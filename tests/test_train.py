@@ -187,3 +187,16 @@ def test_a_model_without_an_adapter_is_refused(tiny_bert_dir: Path, sentiment_fi
 def test_rows_object_keeps_its_source() -> None:
     rows = Rows([{"a": 1}], "mem")
     assert rows.source == "mem" and rows.skipped == []
+
+
+def test_a_fresh_run_clears_an_earlier_runs_checkpoints(tmp_path: Path, tiny_bert_dir: Path,
+                                                         sentiment_file: Path) -> None:
+    model, task, train, test = make_run(tiny_bert_dir, sentiment_file)
+    Trainer(model, task, train, test, config(tmp_path, max_steps=4, save_every=2)).fit()
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-0000004"  # type: ignore[union-attr]
+    model, task, train, test = make_run(tiny_bert_dir, sentiment_file)
+    crashed = Trainer(model, task, train, test, config(tmp_path, max_steps=4, save_every=2), callbacks=[StopAt(1)])
+    with pytest.raises(KeyboardInterrupt):
+        crashed.fit()
+    assert latest_checkpoint(tmp_path / "checkpoints") is None  # nothing of the first run is left to resume
+    assert not (tmp_path / "metrics.jsonl").exists()

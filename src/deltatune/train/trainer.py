@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,15 +204,27 @@ class Trainer:
         self.evals_without_improvement += 1
         return 0 < self.config.early_stopping <= self.evals_without_improvement
 
+    def _clear_earlier_run(self) -> bool:
+        """A fresh run must not leave an earlier run's checkpoints for a later --resume to pick up."""
+        stale = [p for p in (self.output / "checkpoints", self.output / "metrics.jsonl") if p.exists()]
+        for path in stale:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return bool(stale)
+
     # -- the loop ------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> TrainResult:
         """Train to ``total_steps`` (or until early stopping); save the final adapter."""
         cfg = self.config
-        log = MetricsLog(self.output / "metrics.jsonl", self.output / "tensorboard" if cfg.tensorboard else None)
+        if self.output.exists() and not self.output.is_dir():
+            raise TrainingError(f"output_dir {self.output} is a file; pass a folder for the run")
         resumed = resume and self.resume()
         progress = Progress(self.total_steps, self.step, cfg.progress)
         if resumed:
             progress.message(f"resumed from step {self.step} ({self.output / 'checkpoints'})")
+        elif self._clear_earlier_run():
+            progress.message(f"{self.output}: removed the checkpoints and metrics of an earlier run (fresh start; "
+                             "pass resume=True / --resume to continue a run instead)")
+        log = MetricsLog(self.output / "metrics.jsonl", self.output / "tensorboard" if cfg.tensorboard else None)
         self.model.train()
         window: list[float] = []
         last_loss, stopped_early, metrics = math.nan, False, {}

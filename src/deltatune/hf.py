@@ -116,3 +116,27 @@ def adapter_checkpoint_callback() -> Any:
                 save(model, Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     return SaveAdapters()
+
+
+def from_pretrained(class_name: str, path: str, **kwargs: Any) -> Any:
+    """``transformers.<class_name>.from_pretrained(path, **kwargs)``, offline (no hub access)."""
+    import transformers
+
+    quiet_loading()
+    return getattr(transformers, class_name).from_pretrained(path, local_files_only=True, **kwargs)
+
+
+def load_tokenizer(path: str) -> Any:
+    """The tokenizer saved with a model, offline."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return from_pretrained("AutoTokenizer", path)
+
+
+def quiet_loading() -> None:
+    """No download bars, and no load report listing a new task head as "MISSING" (expected here)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

@@ -15,7 +15,8 @@ from ..errors import DataError
 from ..io import CONFIG_NAME, load, read_config, read_tensors
 from ..merge import unload
 from .data import Row, read_rows, split_rows
-from .run import RUN_FILE, load_data, load_tokenizer, rebuild, spread
+from ..hf import from_pretrained, load_tokenizer
+from .run import RUN_FILE, load_data, rebuild, spread
 
 AUTO_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM"}
 """Model classes for adapters without a run folder (heads of other task types need its label set)."""
@@ -69,9 +70,7 @@ def model_for_adapter(folder: Path, model_path: str = "") -> tuple[nn.Module, An
     if config.task_type in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"):
         raise DataError(f"{folder} is a {config.task_type} adapter outside a run folder: its head size is unknown. "
                         "Pass the run folder that `deltatune train` wrote (it holds run.json)")
-    import transformers
-
-    model = getattr(transformers, class_name).from_pretrained(path, local_files_only=True)
+    model = from_pretrained(class_name, path)
     load(model, folder)
     try:
         tokenizer = load_tokenizer(path)

@@ -7,7 +7,6 @@ label set), so ``deltatune eval`` / ``predict`` / ``merge`` can rebuild exactly 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +18,7 @@ from torch import nn
 from ..adapters import summary
 from ..config import DeltaConfig
 from ..errors import DataError
-from ..hf import output_head_name
+from ..hf import load_tokenizer, output_head_name
 from ..inject import attach
 from ..io import load
 from ..methods.ia3 import IA3Config
@@ -33,17 +32,6 @@ from .trainer import Trainer, TrainResult, seed_everything
 
 RUN_FILE = "run.json"
 Print = Callable[[str], None]
-
-
-def load_tokenizer(model_path: str) -> Any:
-    """The model's tokenizer, offline."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()  # the load report lists the new head as "MISSING": expected here
-    return AutoTokenizer.from_pretrained(model_path, local_files_only=True)
 
 
 def spread(rows: Rows, limit: int) -> Rows:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...hf import from_pretrained
 from ..data import Row, Rows
 from ..labels import LabelSet
 from ..metrics import accuracy, macro_f1
@@ -35,12 +36,11 @@ class SequenceClassification(Task):
         self.labels = LabelSet(state.get("labels", ()))
 
     def load_model(self, model_path: str, dtype: torch.dtype | None = None) -> nn.Module:
-        from transformers import AutoModelForSequenceClassification
-
         names = self.labels.names
-        return AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=len(names), id2label=dict(enumerate(names)),
-            label2id={n: i for i, n in enumerate(names)}, local_files_only=True, dtype=dtype)
+        model: nn.Module = from_pretrained(
+            "AutoModelForSequenceClassification", model_path, num_labels=len(names), dtype=dtype,
+            id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+        return model
 
     def saved_modules(self, model: nn.Module) -> list[str]:
         """BERT-style models classify from a pooler (dense + tanh on [CLS]) that some checkpoints never

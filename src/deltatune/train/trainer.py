@@ -113,6 +113,7 @@ class Trainer:
         steps_per_epoch = max(1, self.stream.per_epoch // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         self.optimizer = optimizer or make_optimizer(model, cfg)
+        self.device = trainable(model)[0].device  # batches go where the adapter lives
         self.scheduler = make_scheduler(self.optimizer, cfg.schedule, self.total_steps, cfg.warmup_ratio)
         self.callbacks = list(callbacks)
         self.output = Path(cfg.output_dir)
@@ -145,17 +146,15 @@ class Trainer:
     # -- one step ------------------------------------------------------------------------
     def _batch(self, k: int) -> Batch:
         batch = self.task.collate([self.train_features[i] for i in self.stream.indices(k)])
-        device = next(iter(trainable(self.model))).device
-        return {key: value.to(device) for key, value in batch.items()}
+        return {key: value.to(self.device) for key, value in batch.items()}
 
     def _train_step(self) -> tuple[float, int]:
         """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, tokens)."""
         cfg, losses, tokens = self.config, [], 0
-        device_type = next(iter(trainable(self.model))).device.type
         for micro in range(cfg.grad_accum):
             batch = self._batch(self.step * cfg.grad_accum + micro)
             tokens += tokens_in(batch)
-            with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss = self.task.loss(self.model, batch)
             if not torch.isfinite(loss):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -186,8 +185,7 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.autocast(device_type=next(iter(trainable(self.model))).device.type,
-                                dtype=torch.bfloat16, enabled=self.config.bf16):
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
                 return self.task.evaluate(self.model, self.eval_features, self.config.eval_batch_size)
         finally:
             self.model.train(was_training)

@@ -22,6 +22,14 @@ from deltatune.train import read_rows
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
+@pytest.fixture(autouse=True)
+def keep_thread_count() -> object:
+    """`--threads` sets torch's process-wide thread count; later tests get theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--model", str(model), "--train-file", str(data), "--output-dir", str(out), "--no-progress",
             "--batch-size", "16", "--lr", "1e-2", "--max-length", "32", "--threads", "1",
@@ -31,7 +39,8 @@ def train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path, sentiment_file: Path) -> Path:
     out = tmp_path_factory.mktemp("run")
-    assert main(train_args(tiny_bert_dir, sentiment_file, out, "--max-steps", "40", "--eval-every", "20")) == 0
+    assert main(train_args(tiny_bert_dir, sentiment_file, out, "--max-steps", "60", "--eval-every", "30",
+                           "--lr", "2e-2")) == 0
     return out
 
 

@@ -24,9 +24,18 @@ from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.loraplus import loraplus_optimizer
 
+# BitFit, VeRA, AdaLoRA (issue 5)
+from .methods.adalora import AdaLoraConfig, AdaLoraScheduler
+from .methods.bitfit import BitFitConfig
+from .methods.vera import VeraConfig
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraConfig",
+    "AdaLoraScheduler",
+    "BitFitConfig",
+    "VeraConfig",
     "AdapterError",
     "AdapterFileError",
     "ConfigError",

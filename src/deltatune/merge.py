@@ -46,10 +46,12 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     adapter's copies of saved modules replace the originals: the result computes what the
     adapted model computed. With ``merge=False`` the original model comes back.
     """
+    state = state_of(model)
     if merge:
         _fold(model, None)
     else:
         unmerge(model)
+    state.switch_model_deltas(model, state.active if merge else ())  # model-level changes stay only when merging
     for key, layer in list(delta_layers(model)):
         parent, child = parent_of(model, key)
         setattr(parent, child, layer.base_layer)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..bases import BaseLayer
 from ..config import DeltaConfig, TargetedConfig
 from ..errors import TargetError
-from ..layer import Delta
+from ..layer import Delta, ModelDelta
 from ..registry import Method, register
 
 _NOT_IN_PEFT = ("layers_to_transform", "layers_pattern")
@@ -143,7 +143,7 @@ class IA3FeedForwardDelta(IA3Delta):
     unmerge_bias = Delta.unmerge_bias
 
 
-def make_ia3(base: BaseLayer, config: DeltaConfig, key: str) -> IA3Delta:
+def make_ia3(base: BaseLayer, config: DeltaConfig, key: str, shared: ModelDelta | None = None) -> IA3Delta:
     assert isinstance(config, IA3Config)
     if base.kind not in ("linear", "conv") or len(base.kernel_size) == 1:
         raise TargetError(

@@ -9,7 +9,7 @@ from torch import nn
 
 from .inject import remove, trainable_biases
 from .registry import method_for
-from .state import delta_layers, saved_modules, set_active, state_of
+from .state import STATE_ATTR, ModelState, delta_layers, saved_modules, set_active, state_of
 
 
 def active_adapters(model: nn.Module) -> tuple[str, ...]:
@@ -32,7 +32,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     layers = [layer for _, layer in delta_layers(model)]
     merged = [tuple(layer.merged) for layer in layers]
     modules = [module for _, module in saved_modules(model)]
-    state = state_of(model)
+    state = model.__dict__.get(STATE_ATTR) or ModelState()  # a model without adapters runs as it is
     try:
         state.switch_model_deltas(model, ())
         for layer in layers:

@@ -170,3 +170,19 @@ def test_scheduler_and_config_errors() -> None:
         dt.AdaLoraConfig(target_modules=["q_proj"], total_step=10, r=4)
     with pytest.raises(TargetError, match="Conv2d layers only"):
         dt.attach(conv_net(), dt.AdaLoraConfig(target_modules=["conv1"], total_step=10))
+
+
+def test_peft_bf16_to_deltatune(tmp_path: Path) -> None:
+    """On a bf16 base (adapter in fp32) the outputs are bit-equal. Only P, Λ, Q are perturbed: on
+    a bf16 base peft leaves its unsaved ``ranknum`` trainable, which a reload could not reproduce."""
+    base, x = tiny_llama().to(torch.bfloat16), token_ids()
+    theirs = peft.get_peft_model(copy.deepcopy(base), configs({"target_modules": ["q_proj", "v_proj"]})[0])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in sorted(theirs.named_parameters()):
+            if ".lora_" in name:
+                param.add_(0.3 * torch.randn(param.shape, generator=generator).to(param))
+    theirs.eval().save_pretrained(tmp_path)
+    want = output(theirs, x)
+    assert (want - output(base, x)).abs().max() > 1e-1
+    assert torch.equal(output(dt.load(copy.deepcopy(base), tmp_path), x), want)

@@ -129,3 +129,14 @@ def test_config_rules() -> None:
         dt.VeraConfig(target_modules=["q"], bias="lora_only")
     with pytest.raises(TargetError, match="Linear and transformers Conv1D"):
         dt.attach(tiny_gpt2(), dt.VeraConfig(r=4, target_modules=["wte"]))
+
+
+def test_peft_bf16_to_deltatune(tmp_path: Path) -> None:
+    """On a bf16 base (adapter and projection kept in fp32, as peft does) the outputs are bit-equal."""
+    base, x = tiny_llama().to(torch.bfloat16), token_ids()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    perturb(theirs, 0)
+    theirs.eval().save_pretrained(tmp_path)
+    want = output(theirs, x)
+    assert (want - output(base, x)).abs().max() > 1e-1
+    assert torch.equal(output(dt.load(copy.deepcopy(base), tmp_path), x), want)

@@ -168,6 +168,8 @@ def test_scheduler_and_config_errors() -> None:
         dt.AdaLoraConfig(target_modules=["q_proj"], total_step=10, tinit=5, tfinal=5)
     with pytest.raises(ConfigError, match="init_r"):
         dt.AdaLoraConfig(target_modules=["q_proj"], total_step=10, r=4)
+    with pytest.raises(ConfigError, match="target_modules"):
+        dt.AdaLoraConfig(total_step=10)
     with pytest.raises(TargetError, match="Conv2d layers only"):
         dt.attach(conv_net(), dt.AdaLoraConfig(target_modules=["conv1"], total_step=10))
 

@@ -15,7 +15,7 @@ triplets are masked (Λ set to 0) down to a budget that falls cubically from ``i
 ``tinit`` steps to ``target_r * n`` at ``total_step - tfinal``, after which the mask is fixed.
 The mask goes into ``rank_pattern`` (module path + ``.lora_E`` -> kept flags), and a save drops
 the masked triplets from the file, as peft does; loading with a rank_pattern builds the cut ranks.
-Like peft: Linear, GPT-2 Conv1D and Conv2d layers.
+Like peft: Linear, GPT-2 Conv1D and Conv2d layers; ``target_modules`` must be given.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ class AdaLoraConfig(LoraConfig):
             value = getattr(self, field)
             self.check(isinstance(value, int) and not isinstance(value, bool) and value >= (1 if "r" in field else 0),
                        field, "it must be a non-negative integer (a positive one for ranks and deltaT)", "pass e.g. 8")
-        self.check(isinstance(self.total_step, int) and self.total_step > 0, "total_step",
-                   "AdaLoRA's budget schedule needs the number of training steps", "pass total_step=<steps you will train>")
+        self.check(isinstance(self.total_step, int) and self.total_step > 0, "total_step", "the budget schedule needs "
+                   "the number of training steps", "pass total_step=<steps you will train>")
         self.check(self.tinit < (self.total_step or 0) - self.tfinal, "tinit", "the schedule leaves no budgeting phase",
                    f"make tinit + tfinal smaller than total_step={self.total_step}")
         for field in ("beta1", "beta2"):
@@ -69,9 +69,11 @@ class AdaLoraConfig(LoraConfig):
                        "an EMA factor must be in (0, 1)", "pass e.g. 0.85")
         self.check(isinstance(self.orth_reg_weight, (int, float)) and self.orth_reg_weight >= 0, "orth_reg_weight",
                    "the regularization weight must be >= 0", "pass e.g. 0.5")
-        self.check(self.r == 8, "r", "AdaLoRA does not use r", "set init_r (start rank) and target_r (average final rank)")
-        for field, off in (("use_dora", False), ("use_rslora", False), ("alpha_pattern", {})):
-            self.check(getattr(self, field) == off, field, "peft's AdaLoRA ignores it", f"leave it at {off!r}")
+        for field, off in (("r", 8), ("use_dora", False), ("use_rslora", False), ("alpha_pattern", {})):
+            self.check(getattr(self, field) == off, field, "peft's AdaLoRA ignores it", f"leave it at {off!r}"
+                       + (" and set init_r (start rank) and target_r (average final rank)" if field == "r" else ""))
+        self.check(self.target_modules is not None, "target_modules", "peft's AdaLoRA defaults differ from LoRA's",
+                   "pass the targets, e.g. target_modules=['q_proj', 'v_proj']")
         self.check(self.init_lora_weights in (True, False), "init_lora_weights", "AdaLoRA has only its own init",
                    "pass True (Λ = 0, the identity) or False (all random, for tests)")
 
@@ -79,8 +81,7 @@ class AdaLoraConfig(LoraConfig):
         pattern = self.rank_pattern
         self.check(pattern is None or (isinstance(pattern, Mapping) and all(
             isinstance(v, tuple) and all(isinstance(b, bool) for b in v) for v in pattern.values())),
-            "rank_pattern", "it maps '<module path>.lora_E' to a list of kept-triplet flags (True/False)",
-            "leave it None; AdaLoraScheduler fills it")
+            "rank_pattern", "it maps '<module path>.lora_E' to kept-triplet flags", "leave it None; the scheduler fills it")
 
     def rank_for(self, key: str) -> int:
         """The rank of module ``key``: the kept triplets of the rank pattern, else init_r."""

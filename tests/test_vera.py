@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
-from conftest import tiny_bert, tiny_gpt2, tiny_llama, token_ids
+from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_opt, tiny_t5, token_ids
 from deltatune.errors import ConfigError, TargetError
 from deltatune.io import adapter_tensors
-from test_peft_parity import _one_thread, assert_parity, config_json, output  # noqa: F401
+from test_peft_parity import _one_thread, assert_parity, config_json, inputs_for, output  # noqa: F401
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -36,6 +36,8 @@ PARITY = [
                              "d_initial": 0.5}, id="bert-seq-cls-bias"),
     pytest.param(tiny_llama, {"r": 4, "target_modules": ["k_proj", "up_proj"], "save_projection": False,
                               "layers_to_transform": [1], "layers_pattern": "layers"}, id="llama-no-projection-saved"),
+    pytest.param(tiny_opt, {"r": 8, "target_modules": "all-linear", "bias": "all"}, id="opt-all-linear-bias-all"),
+    pytest.param(tiny_t5, {"r": 8, "target_modules": ["q", "v", "wo"], "vera_dropout": 0.1}, id="t5-dropout"),
 ]
 
 
@@ -49,7 +51,7 @@ def perturb(model: nn.Module, seed: int) -> None:
 
 @pytest.mark.parametrize(("factory", "kwargs"), PARITY)
 def test_peft_parity_both_ways(factory: Any, kwargs: dict[str, Any], tmp_path: Path) -> None:
-    base, x = factory(), token_ids()
+    base, x = factory(), inputs_for(factory)
     base_out = output(base, x)
 
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.VeraConfig(**copy.deepcopy(kwargs)))

@@ -162,7 +162,7 @@ def read_tensors(folder: Path) -> dict[str, Tensor]:
 def _base_params(model: nn.Module) -> dict[str, nn.Parameter]:
     """Base parameters by their name in a model without wrappers (what peft's keys reduce to)."""
     out = {}
-    for key, param in model.named_parameters():
+    for key, param in model.named_parameters(remove_duplicate=False):  # a tied head is named too
         parts = key.split(".")
         if any(p in ("deltas", "copies") for p in parts[:-1]):
             continue

@@ -31,6 +31,14 @@ def _keep(config: DeltaConfig, views: Mapping[str, BaseLayer]) -> DeltaConfig:
     return config
 
 
+def last_fan_in_fan_out(config: DeltaConfig, views: Mapping[str, BaseLayer]) -> DeltaConfig:
+    """A ``Finalize`` for configs with a ``fan_in_fan_out`` field: peft rewrites it for every Linear
+    (False) or Conv1D (True) it wraps, in module order, so the stored value is the last one's;
+    other layer kinds leave it alone."""
+    linear = [v for v in views.values() if v.kind == "linear"]
+    return config.replace(fan_in_fan_out=linear[-1].fan_in_fan_out) if linear else config
+
+
 @dataclass(frozen=True)
 class Method:
     """What the generic machinery needs to know about one method."""

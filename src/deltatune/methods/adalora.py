@@ -32,9 +32,9 @@ from ..bases import BaseLayer
 from ..config import DeltaConfig
 from ..errors import AdapterError, TargetError
 from ..layer import Delta, ModelDelta
-from ..registry import Method, register
+from ..registry import Method, last_fan_in_fan_out, register
 from ..state import delta_layers, state_of
-from .lora import LoraConfig, finalize_lora
+from .lora import LoraConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -247,4 +247,4 @@ class AdaLoraScheduler:
         state_of(self.model).configs[self.adapter] = self.config.replace(rank_pattern=pattern)
 
 
-ADALORA = register(Method("ADALORA", AdaLoraConfig, make_adalora, finalize_lora))
+ADALORA = register(Method("ADALORA", AdaLoraConfig, make_adalora, last_fan_in_fan_out))

@@ -29,7 +29,7 @@ from ..bases import BaseLayer
 from ..config import DeltaConfig, TargetedConfig
 from ..errors import TargetError
 from ..layer import Delta, ModelDelta
-from ..registry import Method, register
+from ..registry import Method, last_fan_in_fan_out, register
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -164,10 +164,4 @@ def make_vera(base: BaseLayer, config: DeltaConfig, key: str, shared: ModelDelta
     return delta
 
 
-def finalize_vera(config: DeltaConfig, views: Mapping[str, BaseLayer]) -> DeltaConfig:
-    """peft stores fan_in_fan_out=True exactly when a transposed (Conv1D) layer is adapted."""
-    assert isinstance(config, VeraConfig)
-    return config.replace(fan_in_fan_out=any(v.fan_in_fan_out for v in views.values()))
-
-
-VERA = register(Method("VERA", VeraConfig, make_vera, finalize_vera, make_projection))
+VERA = register(Method("VERA", VeraConfig, make_vera, last_fan_in_fan_out, make_projection))

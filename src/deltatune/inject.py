@@ -209,7 +209,7 @@ def apply(model: nn.Module, attach_plan: AttachPlan) -> None:
 
 
 def _freeze_base(model: nn.Module) -> None:
-    """Freeze every parameter that does not belong to an adapter (deltas and saved copies)."""
+    """Freeze every parameter that does not belong to an adapter (deltas, saved copies, model-level parts)."""
     adapter_params: set[int] = {id(p) for part in state_of(model).model_deltas.values() for p in part.parameters()}
     for module in model.modules():
         if isinstance(module, DeltaLayer):

@@ -90,7 +90,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     parser.add_argument("--method", choices=sorted(METHODS), default="lora",
-                        help="lora (default), dora (LoRA with use_dora=True) or ia3")
+                        help="lora (default), dora (LoRA with use_dora=True), ia3, vera, adalora or bitfit")
     parser.add_argument("--log-every", type=int, default=25, help="print the mean loss every N steps")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
@@ -149,18 +149,30 @@ def build_model(model_dir: Path) -> tuple[MeanPoolClassifier, PreTrainedTokenize
     return model, tokenizer
 
 
-METHODS = ("lora", "dora", "ia3")
+METHODS = ("lora", "dora", "ia3", "vera", "adalora", "bitfit")
 
 
-def adapter_config(method: str, rank: int) -> dt.DeltaConfig:
+def adapter_config(method: str, rank: int, max_steps: int) -> dt.DeltaConfig:
     """The adapter for ``--method``; every one also trains a full copy of the head.
 
     LoRA/DoRA: rank ``rank`` on the attention query/value projections. IA3: learned scalings
     of keys, values and the feed-forward output layers (peft's default IA3 targets for BERT).
+    VeRA: rank 256 shared projection on query/value. AdaLoRA: ranks start at ``rank + 4`` on
+    query/value and are cut to ``rank`` on average (warm-up 10% of the steps, final 20%).
+    BitFit: every bias of the encoder.
     """
     if method == "ia3":
         return dt.IA3Config(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"],
                             modules_to_save=["classifier"])
+    if method == "vera":
+        return dt.VeraConfig(r=256, target_modules=["query", "value"], modules_to_save=["classifier"])
+    if method == "adalora":
+        return dt.AdaLoraConfig(init_r=rank + 4, target_r=rank, lora_alpha=2 * rank, lora_dropout=0.1,
+                                target_modules=["query", "value"], modules_to_save=["classifier"],
+                                total_step=max_steps, tinit=max_steps // 10, tfinal=max_steps // 5,
+                                deltaT=max(1, max_steps // 25))
+    if method == "bitfit":
+        return dt.BitFitConfig(modules_to_save=["classifier"])
     return dt.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.1, target_modules=["query", "value"],
                          modules_to_save=["classifier"], use_dora=method == "dora")
 
@@ -215,6 +227,8 @@ def train(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[E
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args.max_steps))
     loss_fn = nn.CrossEntropyLoss()
+    # AdaLoRA: the rank allocator runs after each backward and before the next zero_grad
+    allocator = dt.AdaLoraScheduler(model) if args.method == "adalora" else None
     model.train()
     window: list[float] = []
     start = time.perf_counter()
@@ -222,8 +236,10 @@ def train(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[E
         logits = model(**encode(tokenizer, batch, args.max_length))
         loss = loss_fn(logits, torch.tensor([e.label for e in batch]))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + allocator.orth_loss() if allocator else loss).backward()
         optimizer.step()
+        if allocator:
+            allocator.step(step)
         schedule.step()
         window.append(loss.item())
         if step % args.log_every == 0 or step == args.max_steps:
@@ -246,7 +262,7 @@ def main() -> None:
     print(f"data: {data_path} ({len(splits['train'])} train, {len(test)} test sentences)")
 
     model, tokenizer = build_model(args.model or default_model_dir())
-    dt.attach(model, adapter_config(args.method, args.rank), name="default")
+    dt.attach(model, adapter_config(args.method, args.rank, args.max_steps), name="default")
     print(dt.summary(model))
     trainable, total = dt.trainable_parameters(model)
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")

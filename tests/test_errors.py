@@ -296,7 +296,7 @@ def test_invalid_value_in_config_json_names_the_field(adapter_dir: Path) -> None
     assert_load_fails_cleanly(adapter_dir, dt.DeltatuneError, "r=0", "Fix:")
 
 
-@pytest.mark.parametrize("peft_type", ["VERA", "NOT_A_METHOD"])
+@pytest.mark.parametrize("peft_type", ["LOHA", "NOT_A_METHOD"])  # LOHA: a peft method deltatune lacks
 def test_unsupported_peft_type_is_named(adapter_dir: Path, peft_type: str) -> None:
     edit_config(adapter_dir, peft_type=peft_type)
     assert_load_fails_cleanly(adapter_dir, dt.AdapterFileError, repr(peft_type), "LORA")

@@ -20,11 +20,12 @@ from .errors import AdapterError, AdapterFileError, ConfigError, DeltatuneError,
 from .inject import attach
 from .io import load, save
 from .merge import merge, unload, unmerge
+from .methods.adalora import AdaLoraConfig, AdaLoraScheduler
+from .methods.bitfit import BitFitConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.loraplus import loraplus_optimizer
-
-# 4-bit bases (QLoRA, issue 3)
+from .methods.vera import VeraConfig
 from . import quant
 from .errors import QuantError
 from .quant import QuantConfig, quantize
@@ -32,15 +33,21 @@ from .quant import QuantConfig, quantize
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraConfig",
+    "AdaLoraScheduler",
     "AdapterError",
     "AdapterFileError",
+    "BitFitConfig",
     "ConfigError",
     "DeltaConfig",
     "DeltatuneError",
     "IA3Config",
     "LoraConfig",
+    "QuantConfig",
+    "QuantError",
     "TargetError",
     "TargetedConfig",
+    "VeraConfig",
     "active_adapters",
     "adapter_names",
     "adapter_parameters",
@@ -50,16 +57,13 @@ __all__ = [
     "load",
     "loraplus_optimizer",
     "merge",
+    "quant",
+    "quantize",
     "save",
     "set_active",
     "summary",
     "trainable_parameters",
     "unload",
     "unmerge",
-    # 4-bit bases (QLoRA, issue 3)
-    "QuantConfig",
-    "QuantError",
-    "quant",
-    "quantize",
 ]
 del _methods

@@ -9,7 +9,7 @@ from torch import nn
 
 from .inject import remove, trainable_biases
 from .registry import method_for
-from .state import delta_layers, saved_modules, set_active, state_of
+from .state import STATE_ATTR, ModelState, delta_layers, saved_modules, set_active, state_of
 
 
 def active_adapters(model: nn.Module) -> tuple[str, ...]:
@@ -32,7 +32,9 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     layers = [layer for _, layer in delta_layers(model)]
     merged = [tuple(layer.merged) for layer in layers]
     modules = [module for _, module in saved_modules(model)]
+    state = model.__dict__.get(STATE_ATTR) or ModelState()  # a model without adapters runs as it is
     try:
+        state.switch_model_deltas(model, ())
         for layer in layers:
             layer.unmerge()
             layer.enabled = False
@@ -45,6 +47,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.merge(names)
         for module in modules:
             module.enabled = True
+        state.switch_model_deltas(model, state.active)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -60,6 +63,8 @@ def adapter_parameters(model: nn.Module, name: str) -> int:
                 for p in layer.deltas[name].parameters())
     count += sum(p.numel() for _, module in saved_modules(model) if name in module.copies
                  for p in module.copies[name].parameters())
+    part = state_of(model).model_deltas.get(name)
+    count += sum(p.numel() for p in part.parameters()) if part is not None else 0
     return count + sum(p.numel() for p in trainable_biases(model, name).values())
 
 

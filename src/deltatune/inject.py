@@ -17,7 +17,7 @@ from . import hf
 from .bases import BaseLayer, base_layer_for, is_linear
 from .config import DeltaConfig, TargetedConfig
 from .errors import AdapterError, TargetError
-from .layer import Delta, DeltaLayer, SavedModule, adapter_dtype
+from .layer import Delta, DeltaLayer, ModelDelta, SavedModule, adapter_dtype
 from .registry import method_for
 from .state import STATE_ATTR, delta_layers, logical_modules, parent_of, set_active, state_of
 from .targets import ALL_LINEAR, condense, is_target, nearest_names
@@ -34,9 +34,10 @@ class AttachPlan:
     saved: dict[str, nn.Module] = field(default_factory=dict)
     base_weights: dict[str, Tensor] = field(default_factory=dict)
     """Replacement canonical weights for inits that move part of W into the delta."""
+    model_delta: ModelDelta | None = None
 
     def parameters(self) -> list[nn.Parameter]:
-        modules = [*self.deltas.values(), *self.saved.values()]
+        modules = [*self.deltas.values(), *self.saved.values(), *([self.model_delta] if self.model_delta else [])]
         return [p for module in modules for p in module.parameters()]
 
 
@@ -150,13 +151,18 @@ def plan(model: nn.Module, config: DeltaConfig, name: str) -> AttachPlan:
     method = method_for(config)
     if not isinstance(config, TargetedConfig):
         raise TargetError(f"{type(config).__name__} does not select modules; it cannot be attached here")
-    config = _resolve_targets(model, config)
-    views = _find_targets(model, config)
+    views: dict[str, BaseLayer] = {}
+    if method.make_delta is not None:  # a method without layer deltas selects what it changes itself
+        config = _resolve_targets(model, config)
+        views = _find_targets(model, config)
     config = method.finalize(config, views)
     assert isinstance(config, TargetedConfig)
     result = AttachPlan(name, config, views=views, saved=_saved_copies(model, config))
+    if method.make_model_delta is not None:
+        result.model_delta = method.make_model_delta(model, config, views)
     for key, view in views.items():
-        delta = method.make_delta(view, config, key)
+        assert method.make_delta is not None
+        delta = method.make_delta(view, config, key, result.model_delta)
         delta.to(device=view.weight.device, dtype=adapter_dtype(view.dtype))
         residual = delta.adjust_base(view.read_weight())
         if residual is not None:
@@ -192,6 +198,8 @@ def apply(model: nn.Module, attach_plan: AttachPlan) -> None:
         wrapper.copies[attach_plan.name] = clone
         wrapper.training = wrapper.original_module.training
     state.configs[attach_plan.name] = attach_plan.config
+    if attach_plan.model_delta is not None:
+        state.model_deltas[attach_plan.name] = attach_plan.model_delta
     _freeze_base(model)
     for param in attach_plan.parameters():
         param.requires_grad_(not attach_plan.config.inference_mode)
@@ -202,8 +210,8 @@ def apply(model: nn.Module, attach_plan: AttachPlan) -> None:
 
 
 def _freeze_base(model: nn.Module) -> None:
-    """Freeze every parameter that does not belong to an adapter (deltas and saved copies)."""
-    adapter_params: set[int] = set()
+    """Freeze every parameter that does not belong to an adapter (deltas, saved copies, model-level parts)."""
+    adapter_params: set[int] = {id(p) for part in state_of(model).model_deltas.values() for p in part.parameters()}
     for module in model.modules():
         if isinstance(module, DeltaLayer):
             adapter_params.update(map(id, module.deltas.parameters()))
@@ -267,5 +275,8 @@ def remove(model: nn.Module, name: str) -> None:
             if not len(module.copies):
                 parent, child = parent_of(model, key)
                 setattr(parent, child, module.original_module)
+    part = state.model_deltas.pop(name, None)
+    if part is not None:
+        part.switch(model, False)
     del state.configs[name]
     set_active(model, tuple(n for n in state.active if n != name))

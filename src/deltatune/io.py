@@ -43,22 +43,26 @@ def adapter_folder(directory: Path, name: str) -> Path:
     return directory if name == "default" else directory / name
 
 
-def _by_module_path(deltas: Mapping[str, Delta], copies: Mapping[str, nn.Module]) -> dict[str, Tensor]:
-    """Tensors keyed ``<module path>.<peft name>``: what a file key is, less ``base_model.model.``."""
+def _by_module_path(deltas: Mapping[str, Delta], copies: Mapping[str, nn.Module],
+                    saving: bool = False) -> dict[str, Tensor]:
+    """Tensors keyed ``<module path>.<peft name>``: what a file key is, less ``base_model.model.``.
+    ``saving`` gives the form a file holds (``Delta.tensors_to_save``) instead of the live tensors."""
     out: dict[str, Tensor] = {}
     for key, delta in deltas.items():
-        out.update({f"{key}.{k}": t for k, t in delta.tensors().items()})
+        out.update({f"{key}.{k}": t for k, t in (delta.tensors_to_save() if saving else delta.tensors()).items()})
     for key, module in copies.items():
         out.update({f"{key}.{k}": t for k, t in module.state_dict().items()})
     return out
 
 
-def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
-    """Adapter ``name``'s tensors under peft's file keys (live tensors, not copies)."""
+def adapter_tensors(model: nn.Module, name: str, saving: bool = False) -> dict[str, Tensor]:
+    """Adapter ``name``'s tensors under peft's file keys (live tensors, not copies; with ``saving``,
+    in the form a file holds them)."""
     deltas = {key: layer.delta(name) for key, layer in delta_layers(model) if name in layer.deltas}
     copies = {key: module.copies[name] for key, module in saved_modules(model) if name in module.copies}
-    out = {**_by_module_path(deltas, copies), **trainable_biases(model, name)}
-    return {PREFIX + key: t for key, t in out.items()}
+    out = {**_by_module_path(deltas, copies, saving), **trainable_biases(model, name)}
+    part = state_of(model).model_deltas.get(name)
+    return {**{PREFIX + key: t for key, t in out.items()}, **(part.tensors() if part is not None else {})}
 
 
 def config_dict(model: nn.Module, name: str) -> dict[str, Any]:
@@ -105,7 +109,7 @@ def save(model: nn.Module, directory: str | os.PathLike[str], names: Sequence[st
         state.require(name)
         folder = adapter_folder(root, name)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in adapter_tensors(model, name).items()}
+        tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in adapter_tensors(model, name, saving=True).items()}
         text = json.dumps(config_dict(model, name), indent=2) + "\n"
         _write_files(folder, {
             WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
@@ -159,7 +163,7 @@ def read_tensors(folder: Path) -> dict[str, Tensor]:
 def _base_params(model: nn.Module) -> dict[str, nn.Parameter]:
     """Base parameters by their name in a model without wrappers (what peft's keys reduce to)."""
     out = {}
-    for key, param in model.named_parameters():
+    for key, param in model.named_parameters(remove_duplicate=False):  # a tied head is named too
         parts = key.split(".")
         if any(p in ("deltas", "copies") for p in parts[:-1]):
             continue
@@ -178,15 +182,16 @@ def _base_overrides(model: nn.Module, config: DeltaConfig) -> dict[str, nn.Param
 
 def _match(model: nn.Module, attach_plan: AttachPlan, tensors: dict[str, Tensor], source: Path) -> list[tuple[Tensor, Tensor]]:
     """Pair every file tensor with the planned (or base) tensor it fills; raise on any mismatch."""
-    expected = _by_module_path(attach_plan.deltas, attach_plan.saved)
+    expected = {PREFIX + k: t for k, t in _by_module_path(attach_plan.deltas, attach_plan.saved).items()}
+    expected.update(attach_plan.model_delta.tensors() if attach_plan.model_delta is not None else {})
     base = _base_overrides(model, attach_plan.config)
     pairs, unexpected = [], []
     for file_key, value in tensors.items():
-        if not file_key.startswith(PREFIX):
+        target = expected.pop(file_key, None)
+        if target is None and not file_key.startswith(PREFIX):
             unexpected.append(file_key)
             continue
         key = file_key[len(PREFIX):]
-        target = expected.pop(key, None)
         if target is None and any(p in PEFT_ARTIFACTS for p in key.split(".")[:-1]):
             continue
         if target is None:
@@ -208,7 +213,7 @@ def _match(model: nn.Module, attach_plan: AttachPlan, tensors: dict[str, Tensor]
         )
     if expected:
         raise AdapterFileError(
-            f"{source}: missing tensor(s) {[PREFIX + k for k in list(expected)[:3]]} "
+            f"{source}: missing tensor(s) {list(expected)[:3]} "
             f"({len(expected)} in all) that the config's targets need. The model was left unchanged."
         )
     return pairs

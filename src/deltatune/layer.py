@@ -60,6 +60,28 @@ class Delta(nn.Module, ABC):
         """For inits that move part of W into the delta: the residual base weight, else None."""
         return None
 
+    def tensors_to_save(self) -> dict[str, Tensor]:
+        """What a save writes: ``tensors()``, unless the method saves a pruned form of them (a
+        rank cut during training is dropped from the file while the live tensors keep their size)."""
+        return self.tensors()
+
+
+class ModelDelta(nn.Module):
+    """One adapter's part that belongs to the model as a whole rather than to one layer.
+
+    Two uses: tensors kept once and shared by every layer delta of the adapter, and changes that
+    have no layer of their own (e.g. a selection of existing parameters that the adapter trains).
+    The model state keeps it by adapter name; save and load use ``tensors()`` with full file keys.
+    """
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Saved tensors by full file key (e.g. ``base_model.<name>``); live, so a load fills them."""
+        return {}
+
+    def switch(self, model: nn.Module, on: bool) -> None:
+        """Make ``model`` compute with (``on``) or without this change. Shared tensors act only
+        through the layer deltas, so by default there is nothing to do."""
+
 
 class _Forwarding(nn.Module):
     """A wrapper that reads attributes it lacks from its wrapped module."""

@@ -52,12 +52,14 @@ def unload(model: nn.Module, merge: bool = True, requantize: bool = False) -> nn
     warning gives the measured error) and leaves layers without adapters as they are. Dense
     layers ignore ``requantize``. With ``merge=False`` the original model comes back.
     """
+    state = state_of(model)
     if merge:
         state = state_of(model)
         for name in state.active:
             state.require(name)
     else:
         unmerge(model)
+    state.switch_model_deltas(model, state.active if merge else ())  # model-level changes stay only when merging
     for key, layer in list(delta_layers(model)):
         parent, child = parent_of(model, key)
         setattr(parent, child, layer.unloaded(requantize) if merge else layer.base_layer)

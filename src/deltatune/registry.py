@@ -9,13 +9,19 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from torch import nn
+
 from .bases import BaseLayer
 from .config import DeltaConfig
 from .errors import AdapterFileError, DeltatuneError
-from .layer import Delta
+from .layer import Delta, ModelDelta
 
-MakeDelta = Callable[[BaseLayer, DeltaConfig, str], Delta]
-"""Build the delta for one base layer: (view of the layer, config, module name) -> Delta."""
+MakeDelta = Callable[[BaseLayer, DeltaConfig, str, ModelDelta | None], Delta]
+"""Build the delta for one base layer: (view of the layer, config, module name, the adapter's
+model-level part if the method has one) -> Delta."""
+
+MakeModelDelta = Callable[[nn.Module, DeltaConfig, Mapping[str, BaseLayer]], ModelDelta]
+"""Build an adapter's model-level part: (model, config, the layers its deltas will adapt) -> ModelDelta."""
 
 Finalize = Callable[[DeltaConfig, Mapping[str, BaseLayer]], DeltaConfig]
 """Settle config fields that depend on the layers found (e.g. peft's fan_in_fan_out for Conv1D)."""
@@ -25,14 +31,25 @@ def _keep(config: DeltaConfig, views: Mapping[str, BaseLayer]) -> DeltaConfig:
     return config
 
 
+def last_fan_in_fan_out(config: DeltaConfig, views: Mapping[str, BaseLayer]) -> DeltaConfig:
+    """A ``Finalize`` for configs with a ``fan_in_fan_out`` field: peft rewrites it for every Linear
+    (False) or Conv1D (True) it wraps, in module order, so the stored value is the last one's;
+    other layer kinds leave it alone."""
+    linear = [v for v in views.values() if v.kind == "linear"]
+    return config.replace(fan_in_fan_out=linear[-1].fan_in_fan_out) if linear else config
+
+
 @dataclass(frozen=True)
 class Method:
     """What the generic machinery needs to know about one method."""
 
     peft_type: str
     config_class: type[DeltaConfig]
-    make_delta: MakeDelta
+    make_delta: MakeDelta | None
+    """None for a method that changes no layer itself (only its model-level part)."""
     finalize: Finalize = _keep
+    make_model_delta: MakeModelDelta | None = None
+    """For a method with tensors shared by all its layer deltas, or a change with no layer of its own."""
 
 
 _METHODS: dict[str, Method] = {}

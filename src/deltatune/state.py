@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import DeltaConfig
 from .errors import AdapterError
-from .layer import DeltaLayer, SavedModule
+from .layer import DeltaLayer, ModelDelta, SavedModule
 
 STATE_ATTR = "deltatune_state"
 
@@ -25,6 +25,17 @@ class ModelState:
 
     configs: dict[str, DeltaConfig] = field(default_factory=dict)
     active: tuple[str, ...] = ()
+    model_deltas: dict[str, ModelDelta] = field(default_factory=dict)
+    """The model-level part of the adapters whose method has one, by adapter name."""
+
+    def switch_model_deltas(self, model: nn.Module, active: tuple[str, ...]) -> None:
+        """Switch off the model-level parts of inactive adapters, then on those of ``active`` in order."""
+        for name, part in self.model_deltas.items():
+            if name not in active:
+                part.switch(model, False)
+        for name in active:
+            if name in self.model_deltas:
+                self.model_deltas[name].switch(model, True)
 
     def require(self, name: str) -> DeltaConfig:
         if name not in self.configs:
@@ -107,4 +118,5 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
         layer.active = active
     for _, module in saved_modules(model):
         module.active = active
+    state.switch_model_deltas(model, active)
     state.active = active

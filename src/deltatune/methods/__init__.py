@@ -1,6 +1,5 @@
 """One file per method; importing this package registers them all."""
 
-from . import ia3
-from . import lora
+from . import adalora, bitfit, ia3, lora, vera
 
-__all__ = ["ia3", "lora"]
+__all__ = ["adalora", "bitfit", "ia3", "lora", "vera"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -30,8 +29,8 @@ from torch import Tensor, nn
 from ..bases import BaseLayer
 from ..config import DeltaConfig, TargetedConfig
 from ..errors import TargetError
-from ..layer import Delta
-from ..registry import Method, register
+from ..layer import Delta, ModelDelta
+from ..registry import Method, last_fan_in_fan_out, register
 
 _NOT_IN_PEFT = ("layers_to_transform", "layers_pattern")
 """TargetedConfig fields that peft's IA3Config lacks: kept unset, and never written."""
@@ -143,7 +142,7 @@ class IA3FeedForwardDelta(IA3Delta):
     unmerge_bias = Delta.unmerge_bias
 
 
-def make_ia3(base: BaseLayer, config: DeltaConfig, key: str) -> IA3Delta:
+def make_ia3(base: BaseLayer, config: DeltaConfig, key: str, shared: ModelDelta | None = None) -> IA3Delta:
     assert isinstance(config, IA3Config)
     if base.kind not in ("linear", "conv") or len(base.kernel_size) == 1:
         raise TargetError(
@@ -163,12 +162,4 @@ def make_ia3(base: BaseLayer, config: DeltaConfig, key: str) -> IA3Delta:
     return delta
 
 
-def finalize_ia3(config: DeltaConfig, views: Mapping[str, BaseLayer]) -> DeltaConfig:
-    """peft rewrites fan_in_fan_out for each Linear (False) or Conv1D (True) it wraps, in module
-    order, so the stored value is that of the last one; convolutions leave it alone."""
-    assert isinstance(config, IA3Config)
-    linear = [v for v in views.values() if v.kind == "linear"]
-    return config.replace(fan_in_fan_out=linear[-1].fan_in_fan_out) if linear else config
-
-
-IA3 = register(Method("IA3", IA3Config, make_ia3, finalize_ia3))
+IA3 = register(Method("IA3", IA3Config, make_ia3, last_fan_in_fan_out))

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..bases import BaseLayer
 from ..config import DeltaConfig, TargetedConfig
 from ..errors import TargetError
-from ..layer import Delta
+from ..layer import Delta, ModelDelta
 from ..registry import Method, register
 
 _INITS = (True, False, "gaussian", "pissa", "olora")
@@ -72,19 +72,23 @@ class LoraConfig(TargetedConfig):
                    "pass bias='none' unless you also want to train biases")
         for flag in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias"):
             self.check(isinstance(getattr(self, flag), bool), flag, f"{flag} must be a bool", "pass True or False")
-        for field in ("rank_pattern", "alpha_pattern"):
-            self.check(isinstance(getattr(self, field), Mapping), field, "it must map module names to values",
-                       "pass a dict, e.g. {'q_proj': 16}")
         init = self.init_lora_weights
         self.check(init in _INITS or (isinstance(init, str) and _PISSA_NITER.fullmatch(init) is not None),
                    "init_lora_weights", f"supported inits are {_INITS} and 'pissa_niter_<K>'",
                    "pass True (the standard zero-B init) or one of those")
+        self.check(not self.lora_bias, "lora_bias", "a bias on lora_B is not implemented in this version yet",
+                   "use lora_bias=False")
+        self.check_patterns()
+
+    def check_patterns(self) -> None:
+        """rank_pattern and alpha_pattern: regular expressions mapped to ranks and alphas."""
+        for field in ("rank_pattern", "alpha_pattern"):
+            self.check(isinstance(getattr(self, field), Mapping), field, "it must map module names to values",
+                       "pass a dict, e.g. {'q_proj': 16}")
         self.check(all(_is_int(v) and v >= 1 for v in self.rank_pattern.values()), "rank_pattern",
                    "every rank in the pattern must be a positive integer", "pass e.g. {'q_proj': 16}")
         self.check(all(_is_number(v) for v in self.alpha_pattern.values()), "alpha_pattern",
                    "every alpha in the pattern must be a number", "pass e.g. {'q_proj': 32}")
-        self.check(not self.lora_bias, "lora_bias", "a bias on lora_B is not implemented in this version yet",
-                   "use lora_bias=False")
         for key in (*self.rank_pattern, *self.alpha_pattern):
             _check_regex(self, key)
 
@@ -192,7 +196,7 @@ class LoraDelta(Delta):
         self.moves_base = True
 
 
-def make_lora(base: BaseLayer, config: DeltaConfig, key: str) -> LoraDelta:
+def make_lora(base: BaseLayer, config: DeltaConfig, key: str, shared: ModelDelta | None = None) -> LoraDelta:
     assert isinstance(config, LoraConfig)
     r, alpha = config.rank_and_alpha(key)
     scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r

@@ -208,3 +208,25 @@ def test_qlora_run_trains_on_a_4bit_base_and_merges_dense(tmp_path: Path, tiny_b
     assert main(["merge", str(out), "--output", str(tmp_path / "merged")]) == 0
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
     assert not any(isinstance(m, Linear4bit) for m in merged.modules())
+
+
+@pytest.mark.parametrize("method,peft_type,extra", [
+    ("dora", "LORA", ("--target-modules", "word_embeddings", "query", "value")),
+    ("vera", "VERA", ("--r", "16")),  # no targets: the architecture's attention projections
+    ("adalora", "ADALORA", ()),
+    ("bitfit", "BITFIT", ()),  # no targets: every bias
+    ("ia3", "IA3", ("--target-modules", "key", "value", "output.dense", "--feedforward-modules", "output.dense")),
+])
+def test_every_method_trains_from_the_command_line(method: str, peft_type: str, extra: tuple[str, ...],
+                                                   tmp_path: Path, tiny_bert_dir: Path, sentiment_file: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    args = train_args(tiny_bert_dir, sentiment_file, tmp_path)
+    args = args[:args.index("--target-modules")] + [*extra, "--method", method, "--max-steps", "12"]
+    assert main(args) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == peft_type and config.get("use_dora", False) == (method == "dora")
+    if method == "adalora":
+        assert config["total_step"] == 12 and config["rank_pattern"]  # the allocator ran and its ranks were saved
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path)]) == 0
+    assert 0.0 <= json.loads(capsys.readouterr().out)["accuracy"] <= 1.0

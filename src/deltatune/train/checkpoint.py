@@ -1,7 +1,8 @@
 """Checkpoints written atomically, and the state that makes a resumed run equal a straight one.
 
 A checkpoint is a folder ``checkpoints/step-NNNNNNN`` holding the adapter (peft format,
-``adapter/``), ``trainer_state.pt`` (optimizer, scheduler, random-generator states, data
+``adapter/``, to evaluate or ship), the adapters' tensors exactly as in memory
+(``adapter_state.safetensors``, what resume restores), ``trainer_state.pt`` (optimizer, scheduler, random-generator states, data
 position, early-stopping counters; read back with ``weights_only=True``, so nothing is
 unpickled) and a readable ``checkpoint.json``. It is assembled in a hidden temporary folder
 and renamed into place; only then does ``checkpoints/latest`` (itself replaced atomically)
@@ -18,12 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 
+from ..adapters import adapter_names
 from ..errors import TrainingError
-from ..io import save
+from ..io import adapter_tensors, save
 
 STATE_FILE = "trainer_state.pt"
+LIVE_FILE = "adapter_state.safetensors"
 ADAPTER_DIR = "adapter"
 LATEST = "latest"
 
@@ -73,6 +77,7 @@ def write_checkpoint(root: Path, model: nn.Module, trainer_state: dict[str, Any]
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     save(model, staging / ADAPTER_DIR)
+    save_file(live_tensors(model), staging / LIVE_FILE)
     torch.save(trainer_state, staging / STATE_FILE)
     (staging / "checkpoint.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     _fsync_tree(staging)
@@ -107,28 +112,32 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
     return state
 
 
+def live_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Every adapter's tensors as they are in memory, keyed ``<adapter>/<file key>``.
+
+    Not the saved-file form: a method may prune what it saves (AdaLoRA drops masked ranks),
+    while resuming needs the exact training state.
+    """
+    return {f"{name}/{key}": t.detach().to("cpu").contiguous().clone()
+            for name in adapter_names(model) for key, t in adapter_tensors(model, name).items()}
+
+
 def restore_adapters(model: nn.Module, folder: Path) -> None:
     """Copy a checkpoint's adapter tensors into the model's adapters of the same names, in place.
 
     In place, so the optimizer keeps pointing at the same parameters. Every key and shape is
     checked before anything is copied: on a mismatch the model is left as it was.
     """
-    from ..adapters import adapter_names
-    from ..io import adapter_folder, adapter_tensors, read_tensors
-
-    pairs = []
-    for name in adapter_names(model):
-        live = adapter_tensors(model, name)
-        stored = read_tensors(adapter_folder(folder / ADAPTER_DIR, name))
-        if set(live) != set(stored):
-            extra, missing = sorted(set(stored) - set(live)), sorted(set(live) - set(stored))
-            raise TrainingError(f"{folder}: adapter {name!r} does not fit this model (unexpected keys {extra[:3]}, "
-                                f"missing keys {missing[:3]}); resume with the same model and adapter options")
-        for key, tensor in live.items():
-            if tensor.shape != stored[key].shape:
-                raise TrainingError(f"{folder}: {key} has shape {tuple(stored[key].shape)} in the checkpoint but "
-                                    f"{tuple(tensor.shape)} in the model; resume with the same adapter options")
-            pairs.append((tensor, stored[key]))
+    stored = load_file(folder / LIVE_FILE)
+    live = {f"{name}/{key}": t for name in adapter_names(model) for key, t in adapter_tensors(model, name).items()}
+    if set(live) != set(stored):
+        extra, missing = sorted(set(stored) - set(live)), sorted(set(live) - set(stored))
+        raise TrainingError(f"{folder}: the adapters do not fit this model (unexpected keys {extra[:3]}, "
+                            f"missing keys {missing[:3]}); resume with the same model and adapter options")
+    for key, tensor in live.items():
+        if tensor.shape != stored[key].shape:
+            raise TrainingError(f"{folder}: {key} has shape {tuple(stored[key].shape)} in the checkpoint but "
+                                f"{tuple(tensor.shape)} in the model; resume with the same adapter options")
     with torch.no_grad():
-        for tensor, value in pairs:
-            tensor.copy_(value)
+        for key, tensor in live.items():
+            tensor.copy_(stored[key])

@@ -94,3 +94,22 @@ def auto_mapping(model: nn.Module, task_type: str | None) -> dict[str, str] | No
     if task_type is not None or not type(model).__module__.startswith("transformers."):
         return None
     return {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+
+
+def transformers_class(name: str) -> Any:
+    """A public transformers class by name (``"AutoModelForCausalLM"``), imported on first use.
+
+    Training code loads models and tokenizers through this, so this module stays the only one
+    that imports transformers and the library still imports without it.
+    """
+    import transformers
+
+    return getattr(transformers, name)
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' progress bars and load reports (a new head is reported "MISSING")."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()

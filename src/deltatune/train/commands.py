@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from .. import hf
 from ..adapters import adapter_names
 from ..analysis import LayerDelta, layer_deltas
 from ..errors import DataError
@@ -69,9 +70,7 @@ def model_for_adapter(folder: Path, model_path: str = "") -> tuple[nn.Module, An
     if config.task_type in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"):
         raise DataError(f"{folder} is a {config.task_type} adapter outside a run folder: its head size is unknown. "
                         "Pass the run folder that `deltatune train` wrote (it holds run.json)")
-    import transformers
-
-    model = getattr(transformers, class_name).from_pretrained(path, local_files_only=True)
+    model = hf.transformers_class(class_name).from_pretrained(path, local_files_only=True)
     load(model, folder)
     try:
         tokenizer = load_tokenizer(path)

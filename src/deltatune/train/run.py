@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import hf
 from ..adapters import summary
 from ..config import DeltaConfig
 from ..errors import DataError
@@ -36,12 +37,8 @@ Print = Callable[[str], None]
 def load_tokenizer(model_path: str) -> Any:
     """The model's tokenizer, offline."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()  # the load report lists the new head as "MISSING": expected here
-    return AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    hf.quiet_transformers()  # the load report lists the new head as "MISSING": expected here
+    return hf.transformers_class("AutoTokenizer").from_pretrained(model_path, local_files_only=True)
 
 
 def spread(rows: Rows, limit: int) -> Rows:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ... import hf
 from ..data import Row, Rows
 from ..labels import LabelSet
 from ..metrics import accuracy, macro_f1
@@ -35,10 +36,8 @@ class SequenceClassification(Task):
         self.labels = LabelSet(state.get("labels", ()))
 
     def load_model(self, model_path: str, dtype: torch.dtype | None = None) -> nn.Module:
-        from transformers import AutoModelForSequenceClassification
-
         names = self.labels.names
-        return AutoModelForSequenceClassification.from_pretrained(
+        return hf.transformers_class("AutoModelForSequenceClassification").from_pretrained(
             model_path, num_labels=len(names), id2label=dict(enumerate(names)),
             label2id={n: i for i, n in enumerate(names)}, local_files_only=True, dtype=dtype)
 

@@ -125,3 +125,170 @@ def test_feature_extraction_learns_pairs(tmp_path: Path, scored: bool) -> None:
     assert after[metric] > before[metric] + 0.3
     vectors = task.predict(model.eval(), [{"text": "a1 a2"}, {"text": "b1 b2"}])
     assert len(vectors) == 2 and len(vectors[0]) == 32
+
+
+# -- metrics against hand-computed values ------------------------------------------------------
+
+
+def test_entity_spans_read_bio_like_conlleval() -> None:
+    assert entity_spans(["B-PER", "I-PER", "O", "B-LOC", "I-LOC", "I-PER"]) == [(0, 1, "PER"), (3, 4, "LOC"),
+                                                                              (5, 5, "PER")]
+    assert entity_spans(["O", "I-PER", "I-PER"]) == [(1, 2, "PER")]  # a stray I- starts an entity
+    assert entity_spans(["B-PER", "B-PER", "I-PER"]) == [(0, 0, "PER"), (1, 2, "PER")]
+    assert entity_spans(["O", "O"]) == []
+
+
+def test_entity_scores_count_only_exact_spans() -> None:
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG", "I-ORG"], ["O", "O"]]
+    predicted = [["B-PER", "O", "O", "B-LOC"],  # PER cut short (a miss and a false alarm), LOC right
+                 ["B-ORG", "I-ORG"],  # right
+                 ["B-PER", "O"]]  # false alarm
+    # tp 2 (LOC, ORG), fp 2 (short PER, stray PER), fn 1 (the full PER)
+    scores = entity_scores(predicted, gold)
+    assert scores == pytest.approx({"precision": 2 / 4, "recall": 2 / 3, "f1": 4 / 7})
+    assert entity_scores([["B-LOC"]], [["B-ORG"]])["f1"] == 0.0  # right span, wrong type
+
+
+def test_squad_normalisation_and_scores() -> None:
+    assert squad_normalize("The  Quick, brown fox!") == "quick brown fox"
+    assert squad_normalize("an apple a day") == "apple day"
+    assert squad_exact("Paris.", "paris") == 1.0
+    assert squad_exact("in Paris", "Paris") == 0.0
+    assert squad_f1("the cat sat", "a cat sat down") == pytest.approx(0.8)  # P 2/2, R 2/3
+    assert squad_f1("dog", "cat") == 0.0
+    assert squad_f1("", "") == 1.0 and squad_f1("cat", "") == 0.0  # "no answer" matches only itself
+
+
+def test_spearman_averages_tied_ranks() -> None:
+    assert average_ranks([5, 1, 5, 3]) == [3.5, 1.0, 3.5, 2.0]
+    # ranks x = [1, 2.5, 2.5, 4], y = [1, 2, 3, 4]: cov 4.5, var 4.5 and 5 -> sqrt(0.9)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(math.sqrt(0.9))
+    assert spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 1], [1, 2, 3]) == 0.0  # nothing to correlate
+
+
+# -- encoding details --------------------------------------------------------------------------
+
+
+def test_causal_lm_labels_only_the_completion(tmp_path: Path) -> None:
+    word_tokenizer(tmp_path, "decoder")
+    task = task_for("causal-lm", tmp_path)
+    tok = task.tokenizer
+    features = task.encode(rows_from([{"prompt": "a1 a2 =>", "completion": "b1 b2"},
+                                      {"prompt": "a3 =>", "completion": "b3"}]))
+    assert features[0]["labels"] == [-100, -100, -100, *tok.convert_tokens_to_ids(["b1", "b2"]), tok.eos_token_id]
+    batch = task.collate(features)
+    assert batch["labels"][1].tolist() == [-100, -100, *tok.convert_tokens_to_ids(["b3"]), tok.eos_token_id, -100, -100]
+    assert batch["attention_mask"][1].tolist() == [1, 1, 1, 1, 0, 0]
+
+
+def test_causal_lm_chat_without_template_labels_assistant_turns(tmp_path: Path) -> None:
+    word_tokenizer(tmp_path, "decoder")
+    task = task_for("causal-lm", tmp_path)
+    chat = [{"role": "user", "content": "a1"}, {"role": "assistant", "content": "b1"},
+            {"role": "user", "content": "a2"}, {"role": "assistant", "content": "b2 b3"}]
+    feature = task.encode(rows_from([{"messages": chat}]))[0]
+    tok = task.tokenizer
+    assert tok.decode(feature["input_ids"]) == "user: a1 assistant: b1 </s> user: a2 assistant: b2 b3 </s>"
+    learned = [t for t in feature["labels"] if t != -100]
+    assert tok.decode(learned) == "b1 </s> b2 b3 </s>"
+
+
+def test_causal_lm_chat_template_labels_assistant_turns(tmp_path: Path) -> None:
+    word_tokenizer(tmp_path, "decoder")
+    task = task_for("causal-lm", tmp_path)
+    task.tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} </s> {% endfor %}"
+                                    "{% if add_generation_prompt %}assistant: {% endif %}")
+    chat = [{"role": "user", "content": "a1"}, {"role": "assistant", "content": "b1"},
+            {"role": "user", "content": "a2"}, {"role": "assistant", "content": "b2"}]
+    feature = task.encode(rows_from([{"messages": chat}]))[0]
+    tok = task.tokenizer
+    learned = [t for t, label in zip(feature["input_ids"], feature["labels"], strict=True) if label != -100]
+    assert tok.decode(learned) == "b1 </s> b2 </s>"  # the turns and the template's end-of-turn marker
+    assert task._context({"messages": chat[:1]}, "row 1") == tok.convert_tokens_to_ids(["user:", "a1", "</s>",
+                                                                                          "assistant:"])
+
+
+def test_seq2seq_pads_labels_with_ignore(tmp_path: Path) -> None:
+    word_tokenizer(tmp_path, "t5")
+    task = task_for("seq2seq", tmp_path)
+    batch = task.collate(task.encode(rows_from([{"source": "a1", "target": "b1 b2"}, {"source": "a2", "target": "b2"}])))
+    b1, b2 = task.tokenizer.convert_tokens_to_ids(["b1", "b2"])
+    assert batch["labels"].tolist() == [[b1, b2, 1], [b2, 1, -100]]
+
+
+def test_token_cls_labels_the_first_sub_token_of_each_word(tmp_path: Path) -> None:
+    minilm_tokenizer(tmp_path)
+    task = task_for("token-cls", tmp_path)
+    rows = rows_from([{"tokens": ["zorblax", "visited", "ulaanbaatar"], "tags": ["B-PER", "O", "B-LOC"]}])
+    task.fit(rows)
+    feature = task.encode(rows)[0]
+    pieces = task.tokenizer.convert_ids_to_tokens(feature["input_ids"])
+    labelled = [(piece, task.labels.names[label]) for piece, label in zip(pieces, feature["labels"], strict=True)
+                if label != -100]
+    assert [tag for _, tag in labelled] == ["B-PER", "O", "B-LOC"]
+    assert len(pieces) > 5 and not any(p.startswith("##") for p, _ in labelled)  # words did split; pieces unlabelled
+
+
+def test_qa_maps_answers_to_tokens_and_truncated_answers_to_cls(tmp_path: Path) -> None:
+    minilm_tokenizer(tmp_path)
+    task = TASKS["qa"](load_tokenizer(str(tmp_path)), 24)
+    context = "today, the boat was dark red; and then " + "the friend went to lima " * 5 + "with the blue kite."
+    rows = rows_from([{"question": "What color is the boat?", "context": context, "answers": {"text": ["dark red"],
+                       "answer_start": [context.index("dark red")]}},
+                      {"question": "What color is the kite?", "context": context, "answers": [{"text": "blue"}]}])
+    first, second = task.encode(rows)
+    span = first["input_ids"][first["start_positions"]:first["end_positions"] + 1]
+    assert task.tokenizer.decode(span) == "dark red"
+    assert (second["start_positions"], second["end_positions"]) == (0, 0)  # "blue" was truncated away
+
+
+# -- bad data ----------------------------------------------------------------------------------
+
+
+def test_missing_column_names_the_columns_found(tmp_path: Path) -> None:
+    minilm_tokenizer(tmp_path)
+    task = task_for("token-cls", tmp_path)
+    with pytest.raises(DataError, match=r"row 2 has no column 'tags'; columns found: \['labels', 'tokens'\]"):
+        task.check(rows_from([{"tokens": ["a"], "tags": ["O"]}, {"tokens": ["a"], "labels": ["O"]}], "ner.jsonl"))
+
+
+def test_causal_lm_row_needs_prompt_and_completion_or_messages(tmp_path: Path) -> None:
+    word_tokenizer(tmp_path, "decoder")
+    task = task_for("causal-lm", tmp_path)
+    with pytest.raises(DataError, match=r"row 1 has neither 'prompt' \+ 'completion' nor 'messages'.*\['prompt'\]"):
+        task.check(rows_from([{"prompt": "a1"}], "chat.jsonl"))
+    with pytest.raises(DataError, match="list of"):
+        task.encode(rows_from([{"messages": [{"role": "user"}]}]))
+    with pytest.raises(DataError, match="nothing to learn"):
+        task.encode(rows_from([{"messages": [{"role": "user", "content": "a1"}]}]))
+
+
+def test_unseen_tag_and_tag_count_are_errors(tmp_path: Path) -> None:
+    minilm_tokenizer(tmp_path)
+    task = task_for("token-cls", tmp_path)
+    task.fit(rows_from([{"tokens": ["bob", "ran"], "tags": ["B-PER", "O"]}], "train.jsonl"))
+    with pytest.raises(DataError, match=r"eval.jsonl, row 1: label 'B-LOC' was not seen.*\['B-PER', 'O'\]"):
+        task.encode(rows_from([{"tokens": ["lima"], "tags": ["B-LOC"]}], "eval.jsonl"))
+    with pytest.raises(DataError, match="row 1: 2 tokens but 1 tags"):
+        task.encode(rows_from([{"tokens": "bob ran", "tags": ["O"]}], "eval.jsonl"))
+
+
+def test_qa_answer_start_must_point_at_the_answer(tmp_path: Path) -> None:
+    minilm_tokenizer(tmp_path)
+    task = task_for("qa", tmp_path)
+    row = {"question": "q?", "context": "the sky is blue", "answers": {"text": ["blue"], "answer_start": [3]}}
+    with pytest.raises(DataError, match=r"qa.jsonl, row 1: the context at answer_start 3 reads ' sky'"):
+        task.encode(rows_from([row], "qa.jsonl"))
+    plain = task.encode(rows_from([{**row, "answers": "blue", "answer_start": 11}]))[0]
+    assert plain["answers"] == ["blue"]
+    with pytest.raises(DataError, match="does not occur in the context"):
+        task.encode(rows_from([{**row, "answers": "green"}]))
+
+
+def test_scored_pairs_need_a_score_on_every_row(tmp_path: Path) -> None:
+    word_tokenizer(tmp_path, "encoder")
+    task = task_for("feature-extraction", tmp_path)
+    task.fit(rows_from(scored_pair_rows(4, seed=0)))
+    with pytest.raises(DataError, match=r"eval.jsonl, row 2: no 'score' column"):
+        task.encode(rows_from([scored_pair_rows(1, 1)[0], pair_rows(1, 1)[0]], "eval.jsonl"))

@@ -292,3 +292,50 @@ def test_scored_pairs_need_a_score_on_every_row(tmp_path: Path) -> None:
     task.fit(rows_from(scored_pair_rows(4, seed=0)))
     with pytest.raises(DataError, match=r"eval.jsonl, row 2: no 'score' column"):
         task.encode(rows_from([scored_pair_rows(1, 1)[0], pair_rows(1, 1)[0]], "eval.jsonl"))
+
+
+# -- the command line, end to end --------------------------------------------------------------
+
+
+def _cli_setup(name: str, folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Save a tiny model for ``name`` into ``folder``; return (training rows, evaluation rows)."""
+    if name in ("causal-lm", "seq2seq"):
+        tokenizer = word_tokenizer(folder, "decoder" if name == "causal-lm" else "t5")
+        if name == "causal-lm":
+            llama_folder(folder, len(tokenizer), tokenizer.eos_token_id)
+            return [{"prompt": a, "completion": b} for a, b in translation_rows(12, 1)], \
+                [{"messages": [{"role": "user", "content": a}, {"role": "assistant", "content": b}]}
+                 for a, b in translation_rows(4, 2)]
+        t5_folder(folder, len(tokenizer))
+        return [{"source": a, "target": b} for a, b in translation_rows(12, 1)], \
+            [{"source": a, "target": b} for a, b in translation_rows(4, 2)]
+    if name == "feature-extraction":
+        bert_folder(folder, len(word_tokenizer(folder, "encoder")))
+        return scored_pair_rows(12, 1), scored_pair_rows(4, 2)
+    bert_folder(folder, len(minilm_tokenizer(folder)))
+    return (ner_rows(12, 1), ner_rows(4, 2)) if name == "token-cls" else (qa_rows(12, 1), qa_rows(4, 2))
+
+
+def _write(path: Path, rows: list[dict[str, Any]]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["causal-lm", "seq2seq", "token-cls", "qa", "feature-extraction"])
+def test_cli_trains_evaluates_and_predicts(tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from deltatune.cli import main
+
+    model = tmp_path / "model"
+    train_rows, eval_rows = _cli_setup(name, model)
+    out = tmp_path / "run"
+    eval_file = _write(tmp_path / "eval.jsonl", eval_rows)
+    assert main(["train", "--task", name, "--model", str(model), "--train-file", _write(tmp_path / "train.jsonl",
+                 train_rows), "--eval-file", eval_file, "--max-steps", "2", "--batch-size", "4", "--output-dir",
+                 str(out), "--threads", "1", "--no-progress"]) == 0
+    assert "after training:" in capsys.readouterr().out
+    assert main(["eval", str(out)]) == 0
+    task = TASKS[name](load_tokenizer(str(model)), state=json.loads((out / "run.json").read_text())["task_state"])
+    assert task.metric in json.loads(capsys.readouterr().out)
+    assert main(["predict", str(out), "--file", eval_file]) == 0
+    predictions = [json.loads(line)["prediction"] for line in capsys.readouterr().out.splitlines()]
+    assert len(predictions) == len(eval_rows)

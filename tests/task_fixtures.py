@@ -98,12 +98,12 @@ def t5_folder(folder: Path, vocab_size: int, seed: int = 0) -> Path:
 
 # -- data ----------------------------------------------------------------------------------
 
-def translation_rows(n: int, seed: int) -> list[tuple[str, str]]:
-    """(a-words, their b-word partners): e.g. ("a3 a7 a1", "b3 b7 b1")."""
+def translation_rows(n: int, seed: int, lengths: tuple[int, int] = (2, 4)) -> list[tuple[str, str]]:
+    """(a-words, their b-word partners): e.g. ("a3 a7 a1", "b3 b7 b1"); ``lengths`` bounds the words."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        picked = [rng.randrange(16) for _ in range(rng.randint(2, 4))]
+        picked = [rng.randrange(16) for _ in range(rng.randint(*lengths))]
         rows.append((" ".join(A_WORDS[i] for i in picked), " ".join(B_WORDS[i] for i in picked)))
     return rows
 

@@ -30,6 +30,11 @@ Piece = tuple[list[int], bool]
 """Token ids and whether they are labelled (the model learns to write them)."""
 
 
+def _has(row: Row, column: str) -> bool:
+    """A present, non-null cell (Parquet and CSV files with both row styles hold nulls for the other)."""
+    return row.get(column) is not None
+
+
 class CausalLM(Task):
     """Prompt -> completion, or a chat -> its assistant turns, with a decoder-only LM."""
 
@@ -51,7 +56,7 @@ class CausalLM(Task):
         """Every row needs prompt + completion, or messages."""
         prompt, completion, messages = self.column("prompt"), self.column("completion"), self.column("messages")
         for number, row in enumerate(rows.rows, start=1):
-            if messages not in row and not (prompt in row and completion in row):
+            if not _has(row, messages) and not (_has(row, prompt) and _has(row, completion)):
                 raise DataError(f"{rows.source}: row {number} has neither {prompt!r} + {completion!r} nor "
                                 f"{messages!r}; columns found: {sorted(row)}. Rename the columns, or map them "
                                 "with --columns prompt=... completion=... (or messages=...)")
@@ -59,7 +64,7 @@ class CausalLM(Task):
     def _check_inputs(self, rows: Sequence[Row]) -> None:
         prompt, messages = self.column("prompt"), self.column("messages")
         for number, row in enumerate(rows, start=1):
-            if prompt not in row and messages not in row:
+            if not _has(row, prompt) and not _has(row, messages):
                 raise DataError(f"input row {number} has neither {prompt!r} nor {messages!r}; columns found: "
                                 f"{sorted(row)}")
 
@@ -116,7 +121,7 @@ class CausalLM(Task):
         return pieces
 
     def _pieces(self, row: Row, where: str) -> list[Piece]:
-        if self.column("messages") in row:
+        if _has(row, self.column("messages")):
             messages = self._messages(row, where)
             has_template = getattr(self.tokenizer, "chat_template", None)
             return self._template_pieces(messages, where) if has_template else self._plain_pieces(messages)
@@ -125,9 +130,13 @@ class CausalLM(Task):
         return [(self._ids(prompt, True), False), (self._ids(completion, False) + [self.tokenizer.eos_token_id], True)]
 
     def _context(self, row: Row, where: str) -> list[int]:
-        """The tokens generation starts from: the prompt, or the chat with the assistant's turn opened."""
-        if self.column("messages") in row:
+        """The tokens generation starts from: the prompt, or the chat with the assistant's turn opened.
+
+        A chat that ends with an assistant turn (an evaluation row) has that turn written anew."""
+        if _has(row, self.column("messages")):
             messages = self._messages(row, where)
+            if messages and messages[-1]["role"] == "assistant":
+                messages = messages[:-1]
             if getattr(self.tokenizer, "chat_template", None):
                 ids = self._ids(self._render(messages, True), False)
             else:

@@ -65,7 +65,7 @@ class FeatureExtraction(Task):
     scored: bool = False
 
     def fit(self, rows: Rows) -> None:
-        self.load_state({"scored": any(self.column("score") in row for row in rows.rows)})
+        self.load_state({"scored": any(row.get(self.column("score")) is not None for row in rows.rows)})
 
     def state(self) -> dict[str, Any]:
         return {"scored": self.scored}
@@ -88,8 +88,8 @@ class FeatureExtraction(Task):
 
     def _score(self, row: Row, where: str) -> float:
         column = self.column("score")
-        if column not in row:
-            raise DataError(f"{where}: no {column!r} column, but the training rows have scores; give every row "
+        if row.get(column) is None:
+            raise DataError(f"{where}: no {column!r} value, but the training rows have scores; give every row "
                             "a score, or train without them (the contrastive objective)")
         try:
             return float(row[column])

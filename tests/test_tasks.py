@@ -247,6 +247,8 @@ def test_qa_maps_answers_to_tokens_and_truncated_answers_to_cls(tmp_path: Path) 
     span = first["input_ids"][first["start_positions"]:first["end_positions"] + 1]
     assert task.tokenizer.decode(span) == "dark red"
     assert (second["start_positions"], second["end_positions"]) == (0, 0)  # "blue" was truncated away
+    segments = task.collate([first, second])["token_type_ids"][0].tolist()
+    assert segments[first["start_positions"]] == 1 and segments[1] == 0  # context segment 1, question 0
 
 
 # -- bad data ----------------------------------------------------------------------------------

@@ -76,9 +76,13 @@ class QuestionAnswering(Task):
         contexts = [text(r[c], c, f"{source}, row {n}") for n, r in enumerate(rows, start=1)]
         encoded = self.tokenizer(questions, contexts, truncation="only_second", max_length=self.max_length,
                                  return_offsets_mapping=True)
-        return [{"input_ids": encoded["input_ids"][i], "context": contexts[i],
-                 "offsets": context_offsets(encoded["offset_mapping"][i], encoded.sequence_ids(i))}
-                for i in range(len(rows))]
+        features: list[Features] = [{"input_ids": encoded["input_ids"][i], "context": contexts[i],
+                                     "offsets": context_offsets(encoded["offset_mapping"][i], encoded.sequence_ids(i))}
+                                    for i in range(len(rows))]
+        if "token_type_ids" in encoded:  # BERT-style models tell question from context by segment
+            for feature, types in zip(features, encoded["token_type_ids"], strict=True):
+                feature["token_type_ids"] = types
+        return features
 
     def encode(self, rows: Rows) -> list[Features]:
         features = self._features(rows.rows, rows.source)
@@ -92,6 +96,8 @@ class QuestionAnswering(Task):
     def collate(self, features: Sequence[Features]) -> Batch:
         ids = [f["input_ids"] for f in features]
         batch = {"input_ids": pad(ids, self.tokenizer.pad_token_id or 0), "attention_mask": mask(ids)}
+        if features and "token_type_ids" in features[0]:
+            batch["token_type_ids"] = pad([f["token_type_ids"] for f in features], 0)
         if features and "start_positions" in features[0]:
             for key in ("start_positions", "end_positions"):
                 batch[key] = torch.tensor([f[key] for f in features], dtype=torch.long)
@@ -108,8 +114,8 @@ class QuestionAnswering(Task):
     def _predicted(self, model: nn.Module, features: Sequence[Features], batch_size: int) -> list[str]:
         predicted = [""] * len(features)
         for chunk in batches(by_length(features), batch_size):
-            batch = to_device(self.collate([{"input_ids": features[i]["input_ids"]} for i in chunk]), device_of(model))
-            output = model(**batch)
+            inputs = [{k: v for k, v in features[i].items() if k in ("input_ids", "token_type_ids")} for i in chunk]
+            output = model(**to_device(self.collate(inputs), device_of(model)))
             for row, i in enumerate(chunk):
                 predicted[i] = self._answer(output.start_logits[row], output.end_logits[row], features[i])
         return predicted

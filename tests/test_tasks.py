@@ -347,3 +347,30 @@ def test_cli_trains_evaluates_and_predicts(tmp_path: Path, name: str, capsys: py
     assert main(["predict", str(out), "--file", eval_file]) == 0
     predictions = [json.loads(line)["prediction"] for line in capsys.readouterr().out.splitlines()]
     assert len(predictions) == len(eval_rows)
+
+
+def test_qa_best_span_respects_order_length_and_context() -> None:
+    from deltatune.train.tasks.qa_spans import best_span
+
+    offsets = [None, None, (0, 3), (4, 7), (8, 11), None]  # [CLS] question context context context [SEP]
+    start = torch.tensor([9.0, 9.0, 0.0, 1.0, 3.0, 9.0])
+    end = torch.tensor([9.0, 9.0, 5.0, 0.0, 0.0, 9.0])
+    # start 4 + end 2 = 8 would be highest, but that end lies before its start; [CLS]/question never count
+    assert best_span(start, end, offsets, max_tokens=30) == (2, 2, 5.0)
+    start, end = torch.tensor([0.0, 0, 5, 0, 0, 0]), torch.tensor([0.0, 0, 0, 1, 5, 0])
+    assert best_span(start, end, offsets, max_tokens=3)[:2] == (2, 4)  # 5 + 5
+    assert best_span(start, end, offsets, max_tokens=2)[:2] == (2, 3)  # 5 + 1: three tokens are too long
+    assert best_span(start, end, [None] * 6, max_tokens=30)[:2] == (0, 0)  # no context left
+
+
+def test_qa_unanswerable_questions_point_at_cls(tmp_path: Path) -> None:
+    minilm_tokenizer(tmp_path)
+    task = task_for("qa", tmp_path)
+    rows = rows_from([{"question": "Who?", "context": "the sky is blue", "answers": {"text": [], "answer_start": []}},
+                      {"question": "What?", "context": "the sky is blue", "answers": {"text": ["blue", "sky is blue"],
+                                                                                       "answer_start": [11, 4]}}])
+    task.fit(rows)
+    assert task.state() == {"unanswerable": True}
+    empty, two = task.encode(rows)
+    assert (empty["start_positions"], empty["end_positions"], empty["answers"]) == (0, 0, [""])
+    assert two["answers"] == ["blue", "sky is blue"]

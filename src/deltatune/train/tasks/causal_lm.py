@@ -3,7 +3,8 @@
 A row is either ``prompt`` + ``completion`` or a chat ``messages`` list of ``{"role", "content"}``.
 Only the completion / assistant tokens carry labels; the prompt, the other turns and padding
 are -100, so the loss is the model's cross-entropy on what it should write. The completion is
-followed by the end-of-sequence token so the model learns to stop.
+followed by the end-of-sequence token so the model learns to stop. Prompt and completion are
+tokenized on their own and joined as they are, so a prompt should end with its separator.
 
 Chats use the tokenizer's chat template when it has one. Without one they are written as
 plain text: each turn ``"{role}: {content}\\n"``, except that an assistant turn ends with the

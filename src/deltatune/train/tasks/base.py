@@ -34,8 +34,9 @@ class Task(ABC):
     """The name on the command line, e.g. ``seq-cls``."""
     task_type: ClassVar[str]
     """peft's task type, written to adapter_config.json."""
-    metric: ClassVar[str]
-    """The main metric (higher is better) that evaluation, early stopping and 'best' use."""
+    metric: str
+    """The main metric (higher is better) that evaluation, early stopping and 'best' use. A class
+    default; a task whose metric depends on its data (feature-extraction) sets it per instance."""
     columns: ClassVar[Mapping[str, str]]
     """Role -> default column name of the columns every row must have."""
     optional_columns: ClassVar[Mapping[str, str]] = {}

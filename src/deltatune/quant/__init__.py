@@ -8,6 +8,7 @@
 - ``checkpoint``: ``save_quantized`` / ``load_quantized`` in transformers + bitsandbytes' layout.
 - ``merge``: what a 4-bit layer becomes when adapters are merged into it.
 - ``optim``: ``AdamW8bit``, AdamW with blockwise 8-bit states.
+- ``paged``: ``paged_adamw``, bitsandbytes' paged AdamW (CUDA + bitsandbytes only).
 """
 
 from .blockwise import NestedState, QuantState, dequantize_4bit, quantize_4bit
@@ -15,8 +16,11 @@ from .checkpoint import load_quantized, save_quantized
 from .config import QuantConfig
 from .linear import Linear4bit
 from .model import dequantize, quantize
+from .optim import AdamW8bit
+from .paged import paged_adamw
 
 __all__ = [
+    "AdamW8bit",
     "Linear4bit",
     "NestedState",
     "QuantConfig",
@@ -24,6 +28,7 @@ __all__ = [
     "dequantize",
     "dequantize_4bit",
     "load_quantized",
+    "paged_adamw",
     "quantize",
     "quantize_4bit",
     "save_quantized",

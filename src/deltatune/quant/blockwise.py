@@ -149,27 +149,51 @@ def scales(state: QuantState) -> Tensor:
     return dequantize_8bit(state.absmax, nested.absmax, nested.code, nested.blocksize) + nested.offset
 
 
+DEQUANT_CHUNK_BYTES = 1 << 18
+"""Packed bytes decoded per chunk: the int32 indices (1 MiB) and fp32 values (2 MiB) of a chunk stay
+in cache and are reused, so a call touches fresh memory only for its output (page faults on fresh
+intermediates cost more than the arithmetic)."""
+
+
 def dequantize_4bit(packed: Tensor, state: QuantState, dtype: torch.dtype | None = None) -> Tensor:
     """The dense weight: ``code[nibble] * absmax[block]`` in fp32, cast to ``state.dtype`` (or ``dtype``).
 
     Each packed byte is looked up once in a 256-entry table of its two code values (one gather of
     8-byte pairs instead of two nibble unpacks and a gather per value), then scaled by its block's
-    absmax. The product is rounded to fp32 and then to the output dtype, as in bitsandbytes.
+    absmax. The product is rounded to fp32 and then to the output dtype, as in bitsandbytes. The
+    work goes chunk by chunk through small reused buffers (see ``DEQUANT_CHUNK_BYTES``).
     """
     n, blocksize = state.numel, state.blocksize
     absmax = scales(state)
-    pairs = torch.index_select(pair_table(state.code), 0, packed.reshape(-1).view(torch.uint8).int())
-    values = pairs.view(torch.float32).view(-1)
+    table = pair_table(state.code)
+    source = packed.reshape(-1).view(torch.uint8)
     dtype = dtype or state.dtype
-    # fp32 is scaled in place; multiplying into a lower-precision ``out`` computes the fp32 product
-    # and rounds it once more, which saves a full pass over the weight compared with a separate cast
-    out = values if dtype == torch.float32 else torch.empty(n, dtype=dtype, device=values.device)
-    full = n - n % blocksize
-    torch.mul(values[:full].view(-1, blocksize), absmax[:full // blocksize].unsqueeze(1),
-              out=out[:full].view(-1, blocksize))
-    if full < n:
-        torch.mul(values[full:n], absmax[-1], out=out[full:n])
+    out = torch.empty(2 * source.numel(), dtype=dtype, device=source.device)
+    # a chunk holds whole blocks (blocksize / 2 bytes each), so its absmax are a contiguous slice;
+    # on a GPU one chunk does it all (the CPU cache argument does not apply, kernel launches do)
+    step = max(DEQUANT_CHUNK_BYTES // (blocksize // 2), 1) * (blocksize // 2)
+    step = step if source.device.type == "cpu" else max(source.numel(), 1)
+    indices = torch.empty(min(step, source.numel()), dtype=torch.int32, device=source.device)
+    # values are gathered and scaled in a cached fp32 buffer and streamed to the output once:
+    # gathering straight into the fresh output measured slower, even for fp32 (58 vs 50 ms at 4096^2)
+    scratch = torch.empty(2 * indices.numel(), device=source.device)
+    for start in range(0, source.numel(), step):
+        stop = min(start + step, source.numel())
+        index = indices[:stop - start]
+        index.copy_(source[start:stop])
+        values = scratch[:2 * (stop - start)]
+        torch.index_select(table, 0, index, out=values.view(torch.int64))
+        scale_blocks(values, absmax, 2 * start // blocksize, blocksize)
+        out[2 * start:2 * stop].copy_(values)
     return out[:n].view(state.shape)
+
+
+def scale_blocks(values: Tensor, absmax: Tensor, first: int, blocksize: int) -> None:
+    """Multiply fp32 ``values`` in place by the absmax of their blocks, ``first`` being the first block."""
+    full = values.numel() // blocksize
+    values[:full * blocksize].view(full, blocksize).mul_(absmax[first:first + full].unsqueeze(1))
+    if full * blocksize < values.numel():  # the short last block (its padding value is discarded)
+        values[full * blocksize:].mul_(absmax[first + full])
 
 
 def pair_table(code: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 from ..errors import ConfigError
 
 SCHEDULES = ("linear", "cosine", "constant")
-OPTIMIZERS = ("adamw",)
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 def _help(text: str, **extra: Any) -> Any:
@@ -32,7 +32,8 @@ class TrainConfig:
                             default=1)
     lr: float = _help("peak learning rate", default=5e-4)
     weight_decay: float = _help("AdamW weight decay", default=0.01)
-    optimizer: str = _help("the optimizer", default="adamw", choices=OPTIMIZERS)
+    optimizer: str = _help("adamw (fp32 states, 8 bytes per parameter) or adamw8bit (blockwise 8-bit states, "
+                            "about 2 bytes per parameter)", default="adamw", choices=OPTIMIZERS)
     schedule: str = _help("learning-rate schedule after warm-up", default="linear", choices=SCHEDULES)
     warmup_ratio: float = _help("fraction of the steps spent warming up linearly from 0", default=0.1)
     max_grad_norm: float = _help("clip the gradient norm to this; 0 = no clipping", default=1.0)

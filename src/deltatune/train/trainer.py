@@ -86,10 +86,14 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters."""
+    """AdamW (fp32 or blockwise 8-bit states, ``config.optimizer``) over the trainable parameters."""
     params = trainable(model)
     if not params:
         raise TrainingError("the model has no trainable parameters: attach an adapter first (dt.attach)")
+    if config.optimizer == "adamw8bit":
+        from ..quant.optim import AdamW8bit
+
+        return AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 

@@ -30,7 +30,7 @@ class TrainConfig:
     batch_size: int = _help("examples per micro-batch", default=16)
     grad_accum: int = _help("micro-batches per optimizer step (effective batch = batch_size x grad_accum)",
                             default=1)
-    lr: float = _help("peak learning rate", default=5e-4)
+    lr: float = _help("peak learning rate", default=2e-3)
     weight_decay: float = _help("AdamW weight decay", default=0.01)
     optimizer: str = _help("adamw (fp32 states, 8 bytes per parameter) or adamw8bit (blockwise 8-bit states, "
                             "about 2 bytes per parameter)", default="adamw", choices=OPTIMIZERS)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,19 +18,6 @@ from deltatune.quant import Linear4bit
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Run this module's tiny models on one intra-op thread.
-
-    They gain nothing from a second thread, and on a busy machine every parallel region waits for
-    a descheduled thread: measured under load, a 32-wide LoRA-LLaMA forward took 0.29 s with two
-    threads and 0.007 s with one.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def qlora(seed: int = 0, dtype: torch.dtype = torch.float32, init: bool | str = False) -> nn.Module:

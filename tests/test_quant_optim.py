@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,19 +19,6 @@ from conftest import close
 
 HYPER = {"lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Run this module's tiny models on one intra-op thread.
-
-    They gain nothing from a second thread, and on a busy machine every parallel region waits for
-    a descheduled thread: measured under load, a 32-wide LoRA-LLaMA forward took 0.29 s with two
-    threads and 0.007 s with one.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def grads(shape: tuple[int, ...], steps: int, seed: int = 0) -> list[Tensor]:

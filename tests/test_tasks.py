@@ -21,15 +21,6 @@ from deltatune.train.metrics import average_ranks, entity_scores, entity_spans, 
 from deltatune.train.run import load_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """One torch thread: these models are tiny, and on a shared 2-core machine two threads that
-    wait on each other make a step ten times slower, not faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # -- training improves the main metric ------------------------------------------------------
 

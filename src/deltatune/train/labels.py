@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
 
 from ..errors import DataError
+from ..hf import from_pretrained
 
 
 def _order(values: set[str]) -> list[str]:
@@ -40,3 +45,27 @@ class LabelSet:
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+class LabelledTask:
+    """For task types whose learned state is a label set (mix in before ``Task``).
+
+    ``fit`` sets ``self.labels``; the run file keeps the names, and ``load_model`` builds a head
+    of the right size whose config maps ids to those names (so a merged model folder says them).
+    """
+
+    labels: LabelSet
+
+    def state(self) -> dict[str, Any]:
+        return {"labels": self.labels.names}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.labels = LabelSet(state.get("labels", ()))
+
+    def labelled_model(self, class_name: str, model_path: str, dtype: torch.dtype | None) -> nn.Module:
+        """``class_name`` (a transformers Auto class) with a head for these labels, offline."""
+        names = self.labels.names
+        model: nn.Module = from_pretrained(class_name, model_path, num_labels=len(names), dtype=dtype,
+                                           id2label=dict(enumerate(names)),
+                                           label2id={n: i for i, n in enumerate(names)})
+        return model

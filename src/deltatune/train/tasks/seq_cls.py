@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ...hf import from_pretrained
 from ..data import Row, Rows
-from ..labels import LabelSet
+from ..labels import LabelledTask, LabelSet
 from ..metrics import accuracy, macro_f1
 from .base import Batch, Features, Task, batches
 
 
-class SequenceClassification(Task):
+class SequenceClassification(LabelledTask, Task):
     """Text (and optional second text) -> one of the labels seen in training."""
 
     name = "seq-cls"
@@ -24,23 +23,12 @@ class SequenceClassification(Task):
     columns = {"text": "text", "label": "label"}
     optional_columns = {"text_pair": "text_pair"}
 
-    labels: LabelSet
 
     def fit(self, rows: Rows) -> None:
         self.labels = LabelSet.learn((r[self.column("label")] for r in rows.rows), rows.source)
 
-    def state(self) -> dict[str, Any]:
-        return {"labels": self.labels.names}
-
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        self.labels = LabelSet(state.get("labels", ()))
-
     def load_model(self, model_path: str, dtype: torch.dtype | None = None) -> nn.Module:
-        names = self.labels.names
-        model: nn.Module = from_pretrained(
-            "AutoModelForSequenceClassification", model_path, num_labels=len(names), dtype=dtype,
-            id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
-        return model
+        return self.labelled_model("AutoModelForSequenceClassification", model_path, dtype)
 
     def saved_modules(self, model: nn.Module) -> list[str]:
         """BERT-style models classify from a pooler (dense + tanh on [CLS]) that some checkpoints never

@@ -16,15 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ... import hf
 from ...errors import DataError
 from ..data import Row, Rows
-from ..labels import LabelSet
+from ..labels import LabelledTask, LabelSet
 from ..metrics import accuracy, entity_scores
 from .base import Batch, Features, Task, batches
 from .common import IGNORE, by_length, device_of, mask, pad, require_fast, require_inputs, to_device, words
 
-class TokenClassification(Task):
+class TokenClassification(LabelledTask, Task):
     """Words -> one tag each, with a linear head on the encoder's token outputs."""
 
     name = "token-cls"
@@ -32,7 +31,6 @@ class TokenClassification(Task):
     metric = "entity_f1"
     columns = {"tokens": "tokens", "tags": "tags"}
 
-    labels: LabelSet
 
     def __init__(self, tokenizer: Any, max_length: int = 128, column_map: Mapping[str, str] | None = None,
                  state: Mapping[str, Any] | None = None) -> None:
@@ -44,18 +42,8 @@ class TokenClassification(Task):
         tags = (t for n, r in enumerate(rows.rows, 1) for t in words(r[column], column, f"{rows.source}, row {n}"))
         self.labels = LabelSet.learn(tags, rows.source)
 
-    def state(self) -> dict[str, Any]:
-        return {"labels": self.labels.names}
-
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        self.labels = LabelSet(state.get("labels", ()))
-
     def load_model(self, model_path: str, dtype: torch.dtype | None = None) -> nn.Module:
-        names = self.labels.names
-        model: nn.Module = hf.from_pretrained(
-            "AutoModelForTokenClassification", model_path, num_labels=len(names), dtype=dtype,
-            id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
-        return model
+        return self.labelled_model("AutoModelForTokenClassification", model_path, dtype)
 
     def saved_modules(self, model: nn.Module) -> list[str]:
         """The new tag head (``classifier`` in BERT-like models, ``score`` in some decoders)."""

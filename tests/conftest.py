@@ -36,6 +36,16 @@ def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32) 
     return torch.allclose(a.float(), b.float(), **TOLERANCES[dtype])
 
 
+def perturb(model: nn.Module, seed: int = 0) -> None:
+    """Seeded noise (scale 0.3) on every trainable parameter, in name order, so that no adapter
+    tensor is at its identity init and a parity check compares real values."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                param.add_(0.3 * torch.randn(param.shape, generator=generator).to(param))
+
+
 def state_hash(model: nn.Module) -> str:
     """A hash of every tensor in the state dict, with names: equal hashes mean an unchanged model."""
     digest = hashlib.sha256()

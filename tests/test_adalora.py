@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
-from conftest import conv_net, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5, token_ids
+from conftest import conv_net, perturb, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5, token_ids
 from deltatune.errors import AdapterError, ConfigError, TargetError
 from test_peft_parity import _one_thread, assert_parity, config_json, inputs_for, output, tensor_shapes  # noqa: F401
 
@@ -39,13 +39,6 @@ PARITY = [
                              "layers_pattern": "layer", "bias": "all"}, id="bert-seq-cls-layers-bias-all"),
 ]
 
-
-def perturb(model: nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            if param.requires_grad:
-                param.add_(0.3 * torch.randn(param.shape, generator=generator).to(param))
 
 
 def configs(kwargs: dict[str, Any]) -> tuple[Any, dt.AdaLoraConfig]:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
-from conftest import TOLERANCES, close, conv_net, state_hash, tiny_bert, tiny_gpt2, tiny_llama, token_ids
+from conftest import TOLERANCES, close, conv_net, perturb, state_hash, tiny_bert, tiny_gpt2, tiny_llama, token_ids
 from deltatune.layer import DeltaLayer
 from test_battery import Single
 
@@ -67,14 +67,6 @@ def output(model: nn.Module, x: Tensor) -> Tensor:
         out = model(x)
     return getattr(out, "logits", out).float()
 
-
-def perturb(model: nn.Module, seed: int = 0) -> None:
-    """Seeded noise on every trainable parameter (the ia3_l vectors and saved copies)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            if param.requires_grad:
-                param.add_(0.3 * torch.randn(param.shape, generator=generator).to(param))
 
 
 def max_diff(a: Tensor, b: Tensor) -> float:

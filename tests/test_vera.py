@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
-from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_opt, tiny_t5, token_ids
+from conftest import perturb, tiny_bert, tiny_gpt2, tiny_llama, tiny_opt, tiny_t5, token_ids
 from deltatune.errors import ConfigError, TargetError
 from deltatune.io import adapter_tensors
 from test_peft_parity import (_one_thread, assert_parity, config_json, inputs_for, output,  # noqa: F401
@@ -42,13 +42,6 @@ PARITY = [
     pytest.param(tiny_t5, {"r": 8, "target_modules": ["q", "v", "wo"], "vera_dropout": 0.1}, id="t5-dropout"),
 ]
 
-
-def perturb(model: nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            if param.requires_grad:
-                param.add_(0.3 * torch.randn(param.shape, generator=generator).to(param))
 
 
 @pytest.mark.parametrize(("factory", "kwargs"), PARITY)

@@ -17,6 +17,12 @@ What
     deltatune-lora  deltatune with plain LoRA (only with --dora), so that one run gives
                     "deltatune DoRA / deltatune LoRA" next to "deltatune DoRA / peft DoRA".
 
+    And, with or without ``--dora``, a QLoRA variant:
+
+    deltatune-qlora ``dt.quantize(model, dt.QuantConfig(quant_type="nf4", double_quant=True))``
+                    then the same plain LoRA: "deltatune-qlora / deltatune" is QLoRA's cost
+                    over LoRA on the unquantized base (its first-step loss differs: 4-bit base).
+
 Why
     deltatune claims to be a drop-in for peft's LoRA. This shows whether it costs more
     time or memory per step, and how much of each library's overhead is its own (the
@@ -39,6 +45,7 @@ How
     python bench/lora_step.py --variant peft        # one child, human-readable
     python bench/lora_step.py --dora --variants peft deltatune deltatune-lora
     python bench/lora_step.py --quick --dora        # DoRA smoke test
+    python bench/lora_step.py --variants floor deltatune deltatune-qlora   # QLoRA vs LoRA
 
 The markdown table goes to stdout, the full result (all step times, machine facts,
 the command line) to ``--out`` as JSON (default bench/results/lora_step.json, or
@@ -68,12 +75,14 @@ from types import ModuleType
 from typing import Any
 
 DEFAULT_VARIANTS: tuple[str, ...] = ("floor", "peft", "deltatune")
-VARIANTS: tuple[str, ...] = (*DEFAULT_VARIANTS, "deltatune-lora")
+VARIANTS: tuple[str, ...] = (*DEFAULT_VARIANTS, "deltatune-lora", "deltatune-qlora")
 # The adapter library behind each variant (None: no adapter).
 LIBRARY: dict[str, str | None] = {
-    "floor": None, "peft": "peft", "deltatune": "deltatune", "deltatune-lora": "deltatune"
+    "floor": None, "peft": "peft", "deltatune": "deltatune", "deltatune-lora": "deltatune",
+    "deltatune-qlora": "deltatune",
 }
-PLAIN_LORA_VARIANTS = frozenset({"deltatune-lora"})  # stay LoRA under --dora
+PLAIN_LORA_VARIANTS = frozenset({"deltatune-lora", "deltatune-qlora"})  # stay LoRA under --dora
+QUANTIZED_VARIANTS = frozenset({"deltatune-qlora"})  # base linear layers in NF4 (double quant) first
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 
@@ -232,6 +241,8 @@ def prepare(variant: str, lib: ModuleType | None, model: Any,
         facts.update(lib_trainable=trainable, lib_total=total, lib_version=peft.__version__)
     elif LIBRARY[variant] == "deltatune":
         dt = lib
+        if variant in QUANTIZED_VARIANTS:  # QLoRA: same LoRA, on a 4-bit base (lm_head stays dense)
+            dt.quantize(model, dt.QuantConfig(quant_type="nf4", double_quant=True))
         model = dt.attach(model, dt.LoraConfig(**kwargs), name="default")
         trainable, total = dt.trainable_parameters(model)
         facts.update(
@@ -470,6 +481,8 @@ def compute_ratios(summary: dict[str, dict[str, Any]],
     ratios = pair_ratios(summary, "deltatune", "peft", dora)
     if "deltatune-lora" in summary:
         ratios.update(pair_ratios(summary, "deltatune", "deltatune-lora", dora))
+    if "deltatune-qlora" in summary:
+        ratios.update(pair_ratios(summary, "deltatune-qlora", "deltatune-lora" if dora else "deltatune", dora))
     for v in (v for v in VARIANTS if LIBRARY[v] is not None and v in summary):
         ratios[f"{label(v, dora)}/floor step"] = ratio(get(v, "step_s"), get("floor", "step_s"))
         ratios[f"{label(v, dora)}/floor peak RSS"] = ratio(get(v, "peak_rss_mb"),
@@ -583,7 +596,7 @@ def run_parent(args: argparse.Namespace) -> int:
     print(markdown(summary, ratios, args.dora))
     print()
     print(match_msg)
-    print("first-step loss (must agree: LoRA B starts at zero): "
+    print("first-step loss (must agree, but for the 4-bit base of deltatune-qlora: LoRA B starts at zero): "
           + ", ".join(f"{label(v, args.dora)} {x:.6f}" for v, x in losses.items()))
     for v, s in summary.items():
         if s["status"] != "ok":

@@ -23,7 +23,7 @@ from torch import nn
 import deltatune as dt
 from conftest import conv_net, perturb, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5, token_ids
 from deltatune.errors import AdapterError, ConfigError, TargetError
-from test_peft_parity import _one_thread, assert_parity, config_json, inputs_for, output, tensor_shapes  # noqa: F401
+from test_peft_parity import assert_parity, config_json, inputs_for, output, tensor_shapes
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -18,7 +18,6 @@ import deltatune as dt
 from conftest import state_hash, tiny_bert, tiny_gpt2, tiny_llama, token_ids
 from deltatune.errors import AdapterFileError, TargetError
 from deltatune.state import state_of
-from test_peft_parity import _one_thread  # noqa: F401  (one intra-op thread: tiny models, busy machine)
 
 
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

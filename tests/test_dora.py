@@ -30,7 +30,7 @@ from deltatune.io import adapter_tensors
 from deltatune.methods.dora import DoraDelta
 from test_battery import ALPHA, DTYPES, KINDS, R, Kind, Single, assert_close, bf16_ulp, build, make_input, run, \
     stored_weight, wrapper
-from test_peft_parity import (Case, Saved, _one_thread, assert_parity, case_params, comparable, config_json,  # noqa: F401
+from test_peft_parity import (Case, Saved, assert_parity, case_params, comparable, config_json,
                               inputs_for, max_diff, output, saved, tensor_shapes)
 
 peft = pytest.importorskip("peft")

@@ -33,7 +33,6 @@ from conftest import close
 from deltatune.layer import DeltaLayer
 from deltatune.state import state_of
 from test_battery import KINDS, Kind, Single, assert_close, assert_restored, build, make_input, run, stored_weight
-from test_peft_parity import _one_thread  # noqa: F401  (one intra-op thread: tiny layers, busy machine)
 
 DTYPES = [torch.float32, torch.bfloat16]
 R = 4

@@ -23,7 +23,7 @@ import deltatune as dt
 from conftest import perturb, tiny_bert, tiny_gpt2, tiny_llama, tiny_opt, tiny_t5, token_ids
 from deltatune.errors import ConfigError, TargetError
 from deltatune.io import adapter_tensors
-from test_peft_parity import (_one_thread, assert_parity, config_json, inputs_for, output,  # noqa: F401
+from test_peft_parity import (assert_parity, config_json, inputs_for, output,
                               peft_extra, tensor_shapes)
 
 peft = pytest.importorskip("peft")

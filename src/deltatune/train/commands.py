@@ -14,9 +14,11 @@ from ..analysis import LayerDelta, layer_deltas
 from ..errors import DataError
 from ..io import CONFIG_NAME, load, read_config, read_tensors
 from ..merge import unload
-from .data import Row, read_rows, split_rows
 from ..hf import from_pretrained, load_tokenizer
-from .run import RUN_FILE, load_data, rebuild, spread
+from .data import Row, read_rows, split_rows
+from .options import split_options
+from .run import RUN_FILE, load_data, read_run_file, rebuild, spread
+from .tasks import task_class
 
 AUTO_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM"}
 """Model classes for adapters without a run folder (heads of other task types need its label set)."""
@@ -44,9 +46,12 @@ def predict_run(run_dir: Path, rows: list[Row], adapter: str = "adapter") -> lis
 
 
 def first_role_column(run_dir: Path) -> str:
-    """The column a bare ``--text`` fills (the task's first input role)."""
-    _, task, _ = rebuild(run_dir)
-    return task.column(next(iter(task.columns)))
+    """The column a bare ``--text`` fills (the task's first input role), read from run.json alone:
+    building the model here would load it twice, since ``predict_run`` builds it again."""
+    run, _ = split_options(read_run_file(run_dir)["options"])
+    roles = task_class(run.task).columns
+    role = next(iter(roles))
+    return run.column_map().get(role, roles[role])
 
 
 def is_run(folder: Path) -> bool:

@@ -28,6 +28,7 @@ from .methods.loraplus import loraplus_optimizer
 from .methods.vera import VeraConfig
 from . import quant
 from .errors import QuantError
+from .fast import accelerate, restore
 from .quant import QuantConfig, quantize
 
 __version__ = "0.1.0"
@@ -48,6 +49,7 @@ __all__ = [
     "TargetError",
     "TargetedConfig",
     "VeraConfig",
+    "accelerate",
     "active_adapters",
     "adapter_names",
     "adapter_parameters",
@@ -59,6 +61,7 @@ __all__ = [
     "merge",
     "quant",
     "quantize",
+    "restore",
     "save",
     "set_active",
     "summary",

@@ -33,6 +33,9 @@ class BaseLayer(ABC):
     """"linear" (also Conv1D and later 4-bit linear), "embedding" or "conv"."""
     fan_in_fan_out: ClassVar[bool] = False
     """Whether the stored weight is ``(in, out)``; peft records this in adapter_config.json."""
+    dense_linear: ClassVar[bool] = False
+    """Whether forward is exactly ``F.linear(x, read_weight(), bias)`` with a stored dense weight,
+    so a method may compute the whole layer in one fused function (see ``Delta.forward_with_base``)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -120,6 +123,7 @@ class BaseLayer(ABC):
 
 class LinearBase(BaseLayer):
     kind = "linear"
+    dense_linear = True
 
     @staticmethod
     def accepts(module: nn.Module) -> bool:
@@ -157,6 +161,7 @@ class Conv1DBase(_StoredTransposed):
 
     kind = "linear"
     fan_in_fan_out = True
+    dense_linear = True
 
     @staticmethod
     def accepts(module: nn.Module) -> bool:

@@ -140,3 +140,10 @@ def quiet_loading() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+def causal_lm_output(**fields: Any) -> Any:
+    """A ``transformers.modeling_outputs.CausalLMOutputWithPast`` with these fields."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return CausalLMOutputWithPast(**fields)

@@ -44,6 +44,11 @@ class Delta(nn.Module, ABC):
     def tensors(self) -> dict[str, Tensor]:
         """This delta's saved tensors, keyed by peft's names relative to the layer."""
 
+    def forward_with_base(self, x: Tensor) -> Tensor | None:
+        """The whole layer's output (base and this change) in one fused computation, or None when
+        the method has none for this input; only asked when this is the layer's one running delta."""
+        return None
+
     def before(self, x: Tensor) -> Tensor:
         """The input the base layer should see; only called when ``changes_input``."""
         return x
@@ -119,6 +124,10 @@ class DeltaLayer(_Forwarding):
         if not self.enabled:
             return self.base_layer(x, *args, **kwargs)
         running = [self.delta(n) for n in self.active if n in self.deltas and n not in self.merged]
+        if len(running) == 1 and not args and not kwargs:
+            fused = running[0].forward_with_base(x)
+            if fused is not None:
+                return fused
         base_input = x
         for delta in running:
             if delta.changes_input:

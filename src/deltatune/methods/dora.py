@@ -59,6 +59,9 @@ class DoraDelta(LoraDelta):
         norm = torch.linalg.vector_norm(weight.flatten(1), dim=1) if self.moves_base else self.weight_norm(weight)
         self.magnitude.copy_(norm.view(self.magnitude.shape))
 
+    def forward_with_base(self, x: Tensor) -> Tensor | None:
+        return None  # the magnitude rescales the base output too: no fused LoRA path
+
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         g = self.magnitude.flatten() / self.weight_norm()
         out = y.to(g.dtype)

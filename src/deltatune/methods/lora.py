@@ -29,6 +29,7 @@ from ..config import DeltaConfig, TargetedConfig
 from ..errors import TargetError
 from ..layer import Delta, ModelDelta
 from ..registry import Method, register
+from . import lora_kernel
 
 _INITS = (True, False, "gaussian", "pissa", "olora")
 _PISSA_NITER = re.compile(r"pissa_niter_\d+")
@@ -139,6 +140,15 @@ class LoraDelta(Delta):
         if x.is_floating_point():
             x = self.dropout(x).to(self.A.dtype)
         return self.base.expand(y, self.base.project(x, self.A), self.B, self.scaling)
+
+    def forward_with_base(self, x: Tensor) -> Tensor | None:
+        """Base + LoRA in one autograd function on a dense linear base (``lora_kernel``)."""
+        if not self.base.dense_linear or (self.training and isinstance(self.dropout, nn.Dropout)):
+            return None
+        weight = self.base.read_weight()
+        if not lora_kernel.applies(x, weight, self.A, self.B):
+            return None
+        return lora_kernel.LoraLinear.apply(x, weight, self.base.bias, self.A, self.B, self.scaling)
 
     def delta_weight(self) -> Tensor:
         """``s * B @ A`` in the canonical ``(out, in, *kernel)`` layout, in fp32."""

@@ -1,0 +1,116 @@
+"""``dt.accelerate``: the fused frozen-base kernels give the stock model's loss and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import deltatune as dt
+from deltatune.fast import cross_entropy
+from deltatune.fast.cross_entropy import LinearCrossEntropy
+
+from conftest import perturb, state_hash, tiny_gpt2, tiny_llama, token_ids
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of a few rows, so every test crosses chunk boundaries (and a ragged last chunk)."""
+    monkeypatch.setattr(cross_entropy, "CHUNK_ELEMENTS", 3 * 128)
+
+
+def with_ignored(labels: torch.Tensor) -> torch.Tensor:
+    """Some rows without a label, as padding and prompt tokens have."""
+    labels = labels.clone()
+    labels[::4] = cross_entropy.IGNORE_INDEX
+    return labels
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gradcheck_hidden_weight_bias(with_bias: bool) -> None:
+    """Gradients for the hidden states, a trained head weight and bias agree with finite differences."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(128, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(128, generator=gen, dtype=torch.float64, requires_grad=True) if with_bias else None
+    labels = with_ignored(torch.randint(0, 128, (7,), generator=gen))
+    assert torch.autograd.gradcheck(LinearCrossEntropy.apply, (hidden, weight, bias, labels, 3.0))
+
+
+@pytest.mark.parametrize("divisor", [None, 5.0])
+def test_loss_and_grad_equal_cross_entropy(divisor: float | None) -> None:
+    """fp32: the value and the hidden-state gradient of F.cross_entropy over the full logits."""
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(10, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(128, 16, generator=gen)
+    labels = with_ignored(torch.randint(0, 128, (10,), generator=gen))
+    count = float((labels != cross_entropy.IGNORE_INDEX).sum())
+    got = LinearCrossEntropy.apply(hidden, weight, None, labels, divisor or count)
+    reduction = "mean" if divisor is None else "sum"
+    want = F.cross_entropy(F.linear(hidden, weight), labels, reduction=reduction) / (divisor or 1.0)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    (grad,) = torch.autograd.grad(got, hidden)
+    (want_grad,) = torch.autograd.grad(want, hidden)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-7)
+
+
+def lora_llama() -> nn.Module:
+    model = tiny_llama()
+    dt.attach(model, dt.LoraConfig(r=4, target_modules="all-linear"))
+    perturb(model)
+    return model.train()
+
+
+def loss_and_grads(model: nn.Module, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs).loss
+    loss.backward()
+    found = {"loss": loss.detach()}
+    found.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    return found
+
+
+@pytest.mark.parametrize("items", [None, 11])
+def test_accelerated_llama_equals_stock(items: int | None) -> None:
+    """LoRA on LLaMA: loss and every adapter gradient equal the stock model's; restore undoes it."""
+    model = lora_llama()
+    ids = token_ids(batch=2, length=12)
+    labels = ids.clone()
+    labels[0, :5] = -100  # a prompt that carries no loss
+    inputs = {"input_ids": ids, "labels": labels}
+    if items is not None:
+        inputs["num_items_in_batch"] = torch.tensor(items)
+    stock = loss_and_grads(model, **inputs)
+    dt.accelerate(model)
+    fast = loss_and_grads(model, **inputs)
+    assert model(**inputs).logits is None, "with labels the logits are never built"
+    assert fast.keys() == stock.keys() and len(stock) > 10
+    for name in stock:
+        torch.testing.assert_close(fast[name], stock[name], rtol=1e-5, atol=1e-6, msg=name)
+    dt.restore(model)
+    assert "forward" not in model.__dict__
+    torch.testing.assert_close(model(**inputs).logits, model.eval()(**inputs).logits)
+
+
+def test_without_labels_and_with_an_adapted_head_it_is_the_stock_path() -> None:
+    """No labels: logits as before. An adapter on lm_head: the loss is the stock one."""
+    model = tiny_llama()
+    ids = token_ids()
+    before = model(input_ids=ids).logits
+    dt.accelerate(model)
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
+    dt.attach(model, dt.LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False))
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits is not None
+    want = F.cross_entropy(out.logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, want)
+
+
+def test_unsupported_model_is_refused_and_untouched() -> None:
+    model = tiny_gpt2()
+    before = state_hash(model)
+    with pytest.raises(dt.TargetError, match="dt.accelerate supports"):
+        dt.accelerate(model)
+    assert state_hash(model) == before
+    assert not any("forward" in m.__dict__ for m in model.modules())

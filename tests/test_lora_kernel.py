@@ -1,0 +1,110 @@
+"""The fused base + LoRA autograd function: gradcheck in fp64, and the layer path it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import deltatune as dt
+from deltatune.methods import lora_kernel
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 7), (2, 3, 7)])
+def test_gradcheck_all_inputs(with_bias: bool, shape: tuple[int, ...]) -> None:
+    """Every gradient (x, W, b, A, B) agrees with finite differences in fp64."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=gen, dtype=torch.float64).requires_grad_()
+
+    x, weight, a, b = rand(*shape), rand(4, 7), rand(3, 7), rand(4, 3)
+    bias = rand(4) if with_bias else None
+    assert torch.autograd.gradcheck(lora_kernel.LoraLinear.apply, (x, weight, bias, a, b, 0.7))
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+              b: torch.Tensor, s: float) -> torch.Tensor:
+    """The naive dense formula: x (W + s B A)ᵀ + b."""
+    return F.linear(x, weight + s * b @ a, bias)
+
+
+def test_matches_dense_reference_and_skips_unneeded_grads() -> None:
+    """fp32 values and gradients equal the dense formula's; frozen W gets no gradient computed."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 16, requires_grad=True)
+    weight, bias = torch.randn(8, 16), torch.randn(8)
+    a, b = torch.randn(4, 16, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    got = lora_kernel.LoraLinear.apply(x, weight, bias, a, b, 2.0)
+    want = reference(x, weight, bias, a, b, 2.0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    seed = torch.randn_like(want)
+    grads = torch.autograd.grad(got, (x, a, b), seed)
+    want_grads = torch.autograd.grad(want, (x, a, b), seed)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def lora_model(fan_in_fan_out: bool) -> nn.Module:
+    """Two stacked linear layers (or GPT-2 Conv1D ones) with biases."""
+    if fan_in_fan_out:
+        from transformers.pytorch_utils import Conv1D
+
+        return nn.Sequential(Conv1D(12, 10), nn.Tanh(), Conv1D(6, 12))
+    return nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 6))
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("bias", ["none", "all"])
+def test_layer_takes_fused_path_with_same_result(fan_in_fan_out: bool, bias: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """An attached layer gives the same output and gradients through the fused function as
+    through the generic delta path (forced by turning the fused path off)."""
+    torch.manual_seed(1)
+    model = lora_model(fan_in_fan_out)
+    dt.attach(model, dt.LoraConfig(r=3, lora_alpha=6, target_modules=["0", "2"], bias=bias,
+                                   init_lora_weights=False))
+    x = torch.randn(4, 5, 10, requires_grad=True)
+    calls: list[int] = []
+    original = lora_kernel.LoraLinear.apply
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(lora_kernel.LoraLinear, "apply", counted)
+    fused = run_and_grads(model, x)
+    assert len(calls) == 2, "both adapted layers should take the fused path"
+    monkeypatch.setattr(lora_kernel, "applies", lambda *args: False)
+    generic = run_and_grads(model, x)
+    assert len(calls) == 2
+    assert fused.keys() == generic.keys() and len(fused) == (8 if bias == "all" else 6)
+    for name in fused:
+        torch.testing.assert_close(fused[name], generic[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def run_and_grads(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The output, the input gradient and every trainable parameter's gradient."""
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    out = model(x)
+    out.pow(2).sum().backward()
+    assert x.grad is not None
+    found = {"out": out.detach(), "x.grad": x.grad.clone()}
+    found.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    return found
+
+
+def test_generic_path_when_dropout_is_active_or_dtypes_differ() -> None:
+    """Dropout in training and a bf16 input on an fp32 layer are left to the generic path."""
+    torch.manual_seed(2)
+    layer = nn.Sequential(nn.Linear(8, 8))
+    dt.attach(layer, dt.LoraConfig(r=2, target_modules=["0"], lora_dropout=0.5))
+    delta = next(m for m in layer.modules() if isinstance(m, dt.methods.lora.LoraDelta))
+    x = torch.randn(3, 8)
+    assert delta.forward_with_base(x) is None  # training with dropout
+    layer.eval()
+    assert delta.forward_with_base(x) is not None
+    assert delta.forward_with_base(x.bfloat16()) is None

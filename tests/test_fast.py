@@ -114,3 +114,23 @@ def test_unsupported_model_is_refused_and_untouched() -> None:
         dt.accelerate(model)
     assert state_hash(model) == before
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_rms_norm_gradcheck(train_weight: bool) -> None:
+    """The fused RMSNorm's input (and weight) gradients agree with finite differences."""
+    from deltatune.fast.rms_norm import RMSNormFunction
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=train_weight)
+    assert torch.autograd.gradcheck(RMSNormFunction.apply, (x, weight, 1e-6))
+
+
+def test_every_llama_norm_is_fused_and_restored() -> None:
+    model = tiny_llama()
+    norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    dt.accelerate(model)
+    assert norms and all("forward" in m.__dict__ for m in norms)
+    dt.restore(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())

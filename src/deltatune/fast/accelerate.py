@@ -3,7 +3,8 @@
 Each patch replaces the ``forward`` of one module instance (never the class), so ``restore``
 only has to delete the instance attribute, and models of the same class elsewhere in the
 process are untouched. Supported: the LLaMA family as transformers implements it (LLaMA,
-Mistral, Qwen2, Qwen3): the causal-LM loss over the vocabulary (``causal_lm``).
+Mistral, Qwen2, Qwen3): the causal-LM loss over the vocabulary (``causal_lm``) and the
+RMSNorm layers (``rms_norm``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from torch import nn
 from .. import hf
 from ..errors import TargetError
 from .causal_lm import fused_loss_forward
+from .rms_norm import fused_rms_norm_forward
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+"""Classes computing exactly ``weight * x * rsqrt(mean(x²) + variance_epsilon)``."""
 _PATCHED = "_deltatune_fast"
 
 
@@ -52,6 +56,7 @@ def _patches(model: nn.Module) -> list[tuple[nn.Module, Callable[..., Any]]]:
     found: list[tuple[nn.Module, Callable[..., Any]]] = []
     if hasattr(model, "lm_head") and hasattr(model, "model") and not _has_softcap(model):
         found.append((model, fused_loss_forward(model)))
+    found += [(m, fused_rms_norm_forward(m)) for m in model.modules() if type(m).__name__ in RMS_NORMS]
     return found
 
 

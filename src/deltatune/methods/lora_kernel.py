@@ -30,6 +30,9 @@ def applies(x: Tensor, weight: Tensor, a: Tensor, b: Tensor) -> bool:
             and not torch.is_autocast_enabled(x.device.type) and x.dim() >= 1)
 
 
+EXACT = True
+
+
 class LoraLinear(torch.autograd.Function):
     """``F.linear(x, weight, bias) + scaling * F.linear(F.linear(x, a), b)``."""
 
@@ -38,7 +41,10 @@ class LoraLinear(torch.autograd.Function):
                 scaling: float) -> Tensor:
         y = F.linear(x, weight, bias)
         hidden = F.linear(x, a)
-        y.view(-1, y.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), b.t(), alpha=scaling)
+        if EXACT:
+            y.add_(F.linear(hidden, b).mul_(scaling))
+        else:
+            y.view(-1, y.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), b.t(), alpha=scaling)
         ctx.save_for_backward(x, hidden, weight, a, b)
         ctx.scaling = scaling
         ctx.has_bias = bias is not None

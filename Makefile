@@ -25,7 +25,7 @@ test: $(BIN)/.deltatune-installed
 	$(BIN)/python -m pytest
 
 bench: $(BIN)/.deltatune-installed
-	$(BIN)/python bench/lora_step.py
+	$(BIN)/python bench/suite.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -47,6 +47,10 @@ How
     python bench/lora_step.py --quick --dora        # DoRA smoke test
     python bench/lora_step.py --variants floor deltatune deltatune-qlora   # QLoRA vs LoRA
 
+The measuring itself (child processes, rounds, medians, machine facts) is shared with
+``suite.py``, which runs every figure of the speed/memory issue in one command: see harness.py,
+models.py and child.py.
+
 The markdown table goes to stdout, the full result (all step times, machine facts,
 the command line) to ``--out`` as JSON (default bench/results/lora_step.json, or
 lora_step_quick.json with --quick; dora_step.json / dora_step_quick.json with
@@ -57,22 +61,17 @@ is 1 if deltatune and peft disagree on the trainable parameter count or a child 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import importlib.metadata
 import json
-import math
-import os
-import platform
-import resource
 import shlex
-import statistics
-import subprocess
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+from child import LORA_KWARGS, LR, NUM_THREADS, Spec, adapter_kwargs as spec_adapter_kwargs, run_spec
+from harness import (BENCH_DIR, NOISY_CPU_FRAC, Summary, display_path, fmt, machine_facts,
+                     paired_ratio, ratio, run_rounds as run_interleaved, spawn_json, summarize)
+from models import FULL, QUICK, SEED, Shape
 
 DEFAULT_VARIANTS: tuple[str, ...] = ("floor", "peft", "deltatune")
 VARIANTS: tuple[str, ...] = (*DEFAULT_VARIANTS, "deltatune-lora", "deltatune-qlora")
@@ -82,34 +81,8 @@ LIBRARY: dict[str, str | None] = {
     "deltatune-qlora": "deltatune",
 }
 PLAIN_LORA_VARIANTS = frozenset({"deltatune-lora", "deltatune-qlora"})  # stay LoRA under --dora
-QUANTIZED_VARIANTS = frozenset({"deltatune-qlora"})  # base linear layers in NF4 (double quant) first
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-
-SEED = 0
-NUM_THREADS = 2
-LR = 1e-4
-NOISY_CPU_FRAC = 0.05  # warn when neighbours take more than this share of the CPU
-LORA_KWARGS: dict[str, Any] = dict(
-    r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"
-)
-
-
-@dataclass(frozen=True)
-class Shape:
-    """Model and batch size of one benchmark setting."""
-
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    vocab_size: int
-    batch: int
-    seq_len: int
-
-
-FULL = Shape(512, 8, 8, 1408, 32000, batch=4, seq_len=256)
-QUICK = Shape(64, 2, 4, 176, 1000, batch=2, seq_len=32)
+# child.py's name for each variant: deltatune-lora is deltatune with use_dora off.
+CHILD_VARIANT: dict[str, str] = {"deltatune-lora": "deltatune"}
 
 
 def benchmark_name(dora: bool) -> str:
@@ -129,7 +102,7 @@ def uses_dora(variant: str, dora: bool) -> bool:
 
 def adapter_kwargs(variant: str, dora: bool) -> dict[str, Any]:
     """The LoraConfig arguments of this variant: LORA_KWARGS, plus use_dora=True if DoRA."""
-    return {**LORA_KWARGS, **({"use_dora": True} if uses_dora(variant, dora) else {})}
+    return spec_adapter_kwargs(child_spec(variant, FULL, dora))
 
 
 def label(variant: str, dora: bool) -> str:
@@ -142,202 +115,19 @@ def label(variant: str, dora: bool) -> str:
 # --------------------------------------------------------------------------- child
 
 
-class SkipVariant(Exception):
-    """The variant cannot run here (e.g. deltatune is not importable yet)."""
-
-
-def rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def system_busy_s() -> float | None:
-    """CPU seconds all processes on the machine have spent busy, from /proc/stat (Linux)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # up to steal, not guest
-
-
-def build_model(shape: Shape) -> Any:
-    """A random-init LlamaForCausalLM in fp32, identical in every child (fixed seed)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=shape.hidden_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_attention_heads,
-        intermediate_size=shape.intermediate_size,
-        vocab_size=shape.vocab_size,
-        use_cache=False,  # training: no KV cache to allocate
-    )
-    torch.manual_seed(SEED)
-    model = LlamaForCausalLM(config).to(torch.float32)
-    model.train()
-    return model
-
-
-def make_batch(shape: Shape) -> Any:
-    """Random token ids, drawn from their own generator so every variant sees the same."""
-    import torch
-
-    gen = torch.Generator().manual_seed(SEED + 1)
-    return torch.randint(0, shape.vocab_size, (shape.batch, shape.seq_len), generator=gen)
-
-
-def import_deltatune() -> ModuleType | str:
-    """deltatune from this checkout's src/ (else the installed one), or why it is unusable."""
-    src = REPO_ROOT / "src"
-    if (src / "deltatune" / "__init__.py").is_file():
-        sys.path.insert(0, str(src))
-    try:
-        import deltatune as dt
-    except Exception as exc:  # ImportError, or any error raised while importing
-        return f"`import deltatune` failed: {type(exc).__name__}: {exc}"
-    missing = [n for n in ("attach", "LoraConfig", "trainable_parameters") if not hasattr(dt, n)]
-    if missing:
-        return f"deltatune ({getattr(dt, '__file__', None)}) lacks {', '.join(missing)}"
-    return dt
-
-
-def import_library(variant: str) -> ModuleType | None:
-    """The adapter library this variant uses (None for floor); raise SkipVariant if unusable."""
-    if variant not in LIBRARY:
-        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
-    if LIBRARY[variant] is None:
-        return None
-    if LIBRARY[variant] == "peft":
-        import peft
-
-        return peft
-    dt = import_deltatune()
-    if isinstance(dt, str):
-        raise SkipVariant(dt)
-    return dt
-
-
-def prepare(variant: str, lib: ModuleType | None, model: Any,
-            dora: bool) -> tuple[Any, dict[str, Any]]:
-    """Apply the variant to ``model``; return the model to train and the library's own facts."""
-    facts: dict[str, Any] = {}
-    kwargs = adapter_kwargs(variant, dora)
-    if LIBRARY[variant] is None:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        # Make the embedding output a leaf that wants grad, so backward runs through
-        # every layer down to the embeddings (what HF's enable_input_require_grads does).
-        model.get_input_embeddings().register_forward_hook(
-            lambda _mod, _inp, out: out.requires_grad_(True)
-        )
-    elif LIBRARY[variant] == "peft":
-        peft = lib
-        model = peft.get_peft_model(model, peft.LoraConfig(**kwargs))
-        trainable, total = model.get_nb_trainable_parameters()
-        facts.update(lib_trainable=trainable, lib_total=total, lib_version=peft.__version__)
-    elif LIBRARY[variant] == "deltatune":
-        dt = lib
-        if variant in QUANTIZED_VARIANTS:  # QLoRA: same LoRA, on a 4-bit base (lm_head stays dense)
-            dt.quantize(model, dt.QuantConfig(quant_type="nf4", double_quant=True))
-        model = dt.attach(model, dt.LoraConfig(**kwargs), name="default")
-        trainable, total = dt.trainable_parameters(model)
-        facts.update(
-            lib_trainable=trainable,
-            lib_total=total,
-            lib_version=getattr(dt, "__version__", None),
-            lib_file=display_path(Path(dt.__file__)) if getattr(dt, "__file__", None) else None,
-        )
-    else:
-        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
-    return model, facts
-
-
-def train_step(model: Any, batch: Any, optimizer: Any | None) -> float:
-    """One step: forward, causal-LM loss (labels = inputs), backward, AdamW, zero_grad."""
-    loss = model(input_ids=batch, labels=batch).loss
-    loss.backward()
-    if optimizer is not None:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
-
-
-def check_grads(model: Any, batch: Any) -> int:
-    """Run forward+backward once; return how many trainable params got no gradient."""
-    model(input_ids=batch, labels=batch).loss.backward()
-    missing = sum(1 for p in model.parameters() if p.requires_grad and p.grad is None)
-    model.zero_grad(set_to_none=True)
-    return missing
+def child_spec(variant: str, shape: Shape, dora: bool) -> Spec:
+    """The child.py measurement behind one of this script's variants."""
+    return Spec(arch="llama", variant=CHILD_VARIANT.get(variant, variant), mode="train",
+                seq_len=shape.seq_len, dora=uses_dora(variant, dora), quick=shape == QUICK)
 
 
 def run_child(variant: str, shape: Shape, steps: int, warmup: int,
               dora: bool = False) -> dict[str, Any]:
     """Build, warm up, and time one variant in this process; return its measurements."""
-    import torch
-
-    torch.set_num_threads(NUM_THREADS)
-    import transformers  # noqa: F401  (every variant pays for it; keep it out of import_s)
-
-    t0 = time.perf_counter()
-    try:
-        lib = import_library(variant)
-    except SkipVariant as exc:
-        return {"variant": variant, "skipped": str(exc)}
-    import_s = time.perf_counter() - t0
-    rss_import = rss_mb()
-    t0 = time.perf_counter()
-    model = build_model(shape)
-    rss_model = rss_mb()
-    model, facts = prepare(variant, lib, model, dora)
-    setup_s = time.perf_counter() - t0
-    rss_setup = rss_mb()
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR) if LIBRARY[variant] is not None else None
-    batch = make_batch(shape)
-    missing_grads = check_grads(model, batch)  # also one more untimed warm-up pass
-
-    losses = [train_step(model, batch, optimizer) for _ in range(warmup)]
-    times: list[float] = []
-    busy0, cpu0, wall0 = system_busy_s(), time.process_time(), time.perf_counter()
-    for _ in range(steps):
-        start = time.perf_counter()
-        losses.append(train_step(model, batch, optimizer))
-        times.append(time.perf_counter() - start)
-    busy1, cpu1, wall1 = system_busy_s(), time.process_time(), time.perf_counter()
-    # Share of the machine's CPU that *other* processes used while we were timing:
-    # anything well above 0 means the numbers are polluted by a neighbour.
-    other_cpu = None
-    if busy0 is not None and busy1 is not None:
-        others = max(0.0, (busy1 - busy0) - (cpu1 - cpu0))
-        other_cpu = others / ((wall1 - wall0) * (os.cpu_count() or 1))
-
-    return {
-        "variant": variant,
-        "use_dora": uses_dora(variant, dora),
-        "step_s_median": statistics.median(times),
-        "step_s": times,
-        "peak_rss_mb": rss_mb(),
-        "rss_after_import_mb": rss_import,
-        "rss_after_model_mb": rss_model,
-        "rss_after_setup_mb": rss_setup,
-        "lib_import_s": import_s,
-        "setup_s": setup_s,
-        "trainable": sum(p.numel() for p in params),
-        "total": sum(p.numel() for p in model.parameters()),
-        "trainable_without_grad": missing_grads,
-        "loss_first": losses[0] if losses else None,
-        "loss_last": losses[-1] if losses else None,
-        "cpu_per_wall": (cpu1 - cpu0) / (wall1 - wall0),
-        "other_cpu_frac": other_cpu,
-        "torch_threads": torch.get_num_threads(),
-        "attn_implementation": getattr(model.config, "_attn_implementation", None),
-        **facts,
-    }
+    if variant not in LIBRARY:
+        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    res = run_spec(child_spec(variant, shape, dora), steps, warmup, shape)
+    return {**res, "variant": variant}
 
 
 # -------------------------------------------------------------------------- parent
@@ -348,110 +138,16 @@ def spawn(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--json"]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     cmd += [flag for flag, on in (("--quick", args.quick), ("--dora", args.dora)) if on]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join(proc.stderr.splitlines()[-20:])
-        return {"variant": variant, "error": f"child exited {proc.returncode}:\n{tail}"}
-    return json.loads(lines[-1])
-
-
-def machine_busy_frac(window_s: float = 2.0) -> float | None:
-    """Share of the machine's CPU in use over the next ``window_s`` seconds (we sleep)."""
-    b0 = system_busy_s()
-    time.sleep(window_s)
-    b1 = system_busy_s()
-    return None if b0 is None or b1 is None else (b1 - b0) / (window_s * (os.cpu_count() or 1))
-
-
-def wait_for_idle(max_wait_s: float) -> None:
-    """Block until the machine is idle (others use < 2x NOISY_CPU_FRAC) or max_wait_s passes."""
-    start = time.monotonic()
-    last_note = -math.inf
-    while True:
-        busy = machine_busy_frac()
-        waited = time.monotonic() - start
-        if busy is None or busy < 2 * NOISY_CPU_FRAC:
-            if waited > 5:
-                print(f"  machine idle after {waited:.0f} s", file=sys.stderr)
-            return
-        if waited >= max_wait_s:
-            print(f"  machine still {busy:.0%} busy after {waited:.0f} s; running anyway",
-                  file=sys.stderr)
-            return
-        if waited - last_note >= 60:
-            print(f"  machine {busy:.0%} busy; waiting for it to go idle", file=sys.stderr)
-            last_note = waited
-        time.sleep(3.0)
+    found = spawn_json(cmd)
+    return {"variant": variant, "error": found} if isinstance(found, str) else found[-1]
 
 
 def run_rounds(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     """Run the children interleaved, round by round; drop variants that skip or fail."""
-    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
-    active = list(args.variants)
-    for rnd in range(1, args.repeats + 1):
-        for variant in list(active):
-            if args.wait_idle > 0:
-                wait_for_idle(args.wait_idle)
-            res = spawn(variant, args)
-            runs[variant].append(res)
-            if "skipped" in res or "error" in res:
-                kind = "SKIPPED" if "skipped" in res else "FAILED"
-                print(f"[round {rnd}] {variant}: {kind}: {res.get('skipped') or res['error']}",
-                      file=sys.stderr)
-                active.remove(variant)
-                continue
-            print(f"[round {rnd}] {variant}: median step {res['step_s_median']:.3f} s, "
-                  f"peak RSS {res['peak_rss_mb']:.0f} MB, trainable {res['trainable']:,}, "
-                  f"other processes' CPU {fmt(res['other_cpu_frac'], '.0%')}", file=sys.stderr)
-    return runs
+    return run_interleaved(args.variants, lambda v: spawn(v, args), args.repeats, args.wait_idle)
 
 
-def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Per variant: median over rounds of the per-child median step time and peak RSS."""
-    out: dict[str, dict[str, Any]] = {}
-    for variant, results in runs.items():
-        ok = [r for r in results if "step_s_median" in r]
-        if not ok:
-            first = results[0]
-            out[variant] = {"status": "skipped" if "skipped" in first else "failed",
-                            "reason": first.get("skipped") or first.get("error")}
-            continue
-        out[variant] = {
-            "status": "ok",
-            "use_dora": ok[0].get("use_dora", False),
-            "rounds": len(ok),
-            "step_s": statistics.median(r["step_s_median"] for r in ok),
-            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in ok),
-            "step_s_per_round": [r["step_s_median"] for r in ok],
-            "peak_rss_mb_per_round": [r["peak_rss_mb"] for r in ok],
-            "trainable": ok[0]["trainable"],
-            "total": ok[0]["total"],
-            "lib_trainable": ok[0].get("lib_trainable"),
-            "loss_first": ok[0]["loss_first"],
-            "other_cpu_frac_max": max((r["other_cpu_frac"] or 0.0) for r in ok),
-        }
-    return out
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    """a / b, or None when either is missing or b is zero."""
-    return None if a is None or b in (None, 0) else a / b
-
-
-def paired_ratio(summary: dict[str, dict[str, Any]], a: str, b: str) -> float | None:
-    """Median over rounds of a's step time / b's in the same round.
-
-    Children of one round run back to back, so a slow spell of the machine hits both sides of
-    a pair: this is steadier than the ratio of the two medians when the machine drifts.
-    """
-    sa, sb = summary.get(a, {}).get("step_s_per_round"), summary.get(b, {}).get("step_s_per_round")
-    if not sa or not sb:
-        return None
-    return statistics.median(x / y for x, y in zip(sa, sb))
-
-
-def pair_ratios(summary: dict[str, dict[str, Any]], a: str, b: str,
+def pair_ratios(summary: Summary, a: str, b: str,
                 dora: bool) -> dict[str, float | None]:
     """a vs b: step time (ratio of medians, and median of per-round ratios), peak RSS, and
     peak RSS above floor; keyed by the variants' labels ('deltatune DoRA/peft DoRA step')."""
@@ -471,7 +167,7 @@ def pair_ratios(summary: dict[str, dict[str, Any]], a: str, b: str,
     }
 
 
-def compute_ratios(summary: dict[str, dict[str, Any]],
+def compute_ratios(summary: Summary,
                    dora: bool = False) -> dict[str, float | None]:
     """deltatune vs peft (time, RSS, RSS above floor), deltatune vs deltatune-lora when that
     ran (our DoRA / our LoRA), and each adapter variant vs floor."""
@@ -490,7 +186,7 @@ def compute_ratios(summary: dict[str, dict[str, Any]],
     return ratios
 
 
-def check_trainable(summary: dict[str, dict[str, Any]]) -> tuple[bool | None, str]:
+def check_trainable(summary: Summary) -> tuple[bool | None, str]:
     """Compare deltatune's trainable parameter count with peft's; None if one is missing."""
     pe, dt = summary.get("peft", {}), summary.get("deltatune", {})
     if pe.get("status") != "ok" or dt.get("status") != "ok":
@@ -502,12 +198,7 @@ def check_trainable(summary: dict[str, dict[str, Any]]) -> tuple[bool | None, st
     return same, msg
 
 
-def fmt(x: float | None, spec: str) -> str:
-    """Format a number, or 'n/a'."""
-    return "n/a" if x is None else format(x, spec)
-
-
-def markdown(summary: dict[str, dict[str, Any]], ratios: dict[str, float | None],
+def markdown(summary: Summary, ratios: dict[str, float | None],
              dora: bool = False) -> str:
     """The result as two markdown tables: per variant (labelled 'peft DoRA' etc. with
     --dora), then the ratios."""
@@ -529,49 +220,6 @@ def markdown(summary: dict[str, dict[str, Any]], ratios: dict[str, float | None]
     rows += [f"| {k} | {fmt(v, '.3f')} |" for k, v in ratios.items()]
     return "\n".join(rows)
 
-
-def machine_facts() -> dict[str, Any]:
-    """Versions and hardware facts worth keeping next to the numbers (no heavy imports)."""
-    try:
-        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError, AttributeError):
-        mem_gib = None
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": dist_version("torch"),
-        "transformers": dist_version("transformers"),
-        "peft": dist_version("peft"),
-        "deltatune": dist_version("deltatune"),
-        "nproc": os.cpu_count(),
-        "nproc_affinity": (len(os.sched_getaffinity(0))
-                           if hasattr(os, "sched_getaffinity") else None),
-        "mem_gib": mem_gib,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or None,
-        "git_commit": git_commit(),
-    }
-
-
-def dist_version(name: str) -> str | None:
-    """Installed version of a distribution, or None."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def git_commit() -> str | None:
-    """HEAD of this checkout (with '+dirty' if modified), or None."""
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=REPO_ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    try:
-        head = git("rev-parse", "--short", "HEAD")
-        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def run_parent(args: argparse.Namespace) -> int:
@@ -630,14 +278,6 @@ def run_parent(args: argparse.Namespace) -> int:
     print(f"wrote {display_path(args.out)}", file=sys.stderr)
     failed = any("error" in r for rs in runs.values() for r in rs)
     return 1 if match is False or failed else 0
-
-
-def display_path(path: Path) -> str:
-    """``path`` relative to the current directory when possible."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 # ---------------------------------------------------------------------------- main

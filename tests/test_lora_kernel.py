@@ -81,6 +81,7 @@ def test_layer_takes_fused_path_with_same_result(fan_in_fan_out: bool, bias: str
     generic = run_and_grads(model, x)
     assert len(calls) == 2
     assert fused.keys() == generic.keys() and len(fused) == (8 if bias == "all" else 6)
+    assert torch.equal(fused["out"], generic["out"]), "forward rounds as the generic path (and peft) does"
     for name in fused:
         torch.testing.assert_close(fused[name], generic[name], rtol=1e-5, atol=1e-6, msg=name)
 

@@ -13,6 +13,10 @@ variant   floor / base      the stock model with every parameter frozen ("floor"
           deltatune-fast    the same, then ``dt.accelerate(model)`` (opt-in fused frozen-base
                             kernels); skipped where deltatune has no ``accelerate``
           deltatune-qlora   NF4 double-quantized base (``dt.quantize``), then the same LoRA
+          peft-qlora        the same base quantized by bitsandbytes the way users do it (saved,
+                            reloaded with ``BitsAndBytesConfig(load_in_4bit=True, nf4, double
+                            quant, fp32 compute)``), ``prepare_model_for_kbit_training``, then
+                            peft's LoRA; skipped where bitsandbytes is not installed
           deltatune-merged  the same LoRA, then ``dt.merge(model)`` (inference only)
 mode      train     forward, loss, backward, AdamW step, zero_grad
           train-gc  the same with gradient checkpointing (non-reentrant), enabled on the base
@@ -31,9 +35,11 @@ does to save interpreter start-ups; their peak RSS is then cumulative, not their
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -53,7 +59,7 @@ LORA_KWARGS: dict[str, Any] = dict(
 )
 # The adapter library behind each variant (None: no adapter).
 LIBRARY: dict[str, str | None] = {
-    "floor": None, "base": None, "peft": "peft", "deltatune": "deltatune",
+    "floor": None, "base": None, "peft": "peft", "peft-qlora": "peft", "deltatune": "deltatune",
     "deltatune-fast": "deltatune", "deltatune-qlora": "deltatune", "deltatune-merged": "deltatune",
 }
 MODES: tuple[str, ...] = ("train", "train-gc", "infer")
@@ -126,6 +132,9 @@ def import_library(variant: str) -> ModuleType | None:
     if LIBRARY[variant] == "peft":
         import peft
 
+        if variant == "peft-qlora" and importlib.util.find_spec("bitsandbytes") is None:
+            raise SkipVariant("peft-qlora needs bitsandbytes (not a dependency of deltatune: "
+                              "run the suite from an environment that has it)")
         return peft
     dt = import_deltatune()
     if isinstance(dt, str):
@@ -158,10 +167,27 @@ def freeze(model: Any, mode: str) -> Any:
 
 
 def attach_peft(peft: Any, model: Any, spec: Spec) -> tuple[Any, dict[str, Any]]:
-    """peft's LoRA (or DoRA) on ``model``."""
+    """peft's LoRA (or DoRA) on ``model``, on a bitsandbytes 4-bit base for peft-qlora."""
+    if spec.variant == "peft-qlora":
+        model = peft.prepare_model_for_kbit_training(bnb_4bit_copy(model),
+                                                     use_gradient_checkpointing=False)
     model = peft.get_peft_model(model, peft.LoraConfig(**adapter_kwargs(spec)))
     trainable, total = model.get_nb_trainable_parameters()
     return model, {"lib_trainable": trainable, "lib_total": total, "lib_version": peft.__version__}
+
+
+def bnb_4bit_copy(model: Any) -> Any:
+    """``model`` saved and reloaded with bitsandbytes NF4 + double quantization, fp32 compute,
+    the output head left dense (transformers' default), as a QLoRA user loads a model."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config,
+                                                    device_map="cpu", dtype=torch.float32)
 
 
 def attach_deltatune(dt: Any, model: Any, spec: Spec) -> tuple[Any, dict[str, Any]]:

@@ -6,7 +6,8 @@ What
     step       one training step (forward + backward) of a small LLaMA with LoRA r=16 on all
                linear layers: deltatune on the fp32 base ("lora") and on the NF4 base ("qlora").
     Each (task, library, dtype) runs in a fresh child process; each child reports the median of
-    its timed repeats; the parent prints medians and the ratio deltatune / bitsandbytes.
+    its timed repeats; rows are interleaved over --rounds rounds; the parent prints the medians
+    over rounds, the ratio deltatune / bitsandbytes and the median of the per-round ratios.
     bitsandbytes is optional: without it only deltatune's numbers are printed.
 
 How
@@ -88,6 +89,8 @@ def _step(library: str, hidden: int, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each child fresh)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--child", nargs=5)
     args = parser.parse_args()
     if args.child:
@@ -107,20 +110,32 @@ def main() -> None:
         rows += [("step", "float32", lib) for lib in ("lora", "qlora")]
     except ImportError:
         print("transformers is not installed: the training-step rows are skipped")
-    results: dict[tuple[str, str, str], float] = {}
-    for task, dtype_name, library in rows:
-        n = step_hidden if task == "step" else size
-        out = subprocess.run([sys.executable, __file__, "--child", task, library, dtype_name, str(n), str(repeats)],
-                             capture_output=True, text=True, check=True)
-        results[(task, dtype_name, library)] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{task:8s} {dtype_name:9s} {library:13s} {results[(task, dtype_name, library)] * 1e3:9.2f} ms")
-    for task, dtype_name in [(t, d) for t in ("dequant", "matmul") for d in ("float32", "bfloat16")]:
-        if others:
-            ratio = results[(task, dtype_name, "deltatune")] / results[(task, dtype_name, "bitsandbytes")]
-            print(f"ratio deltatune/bitsandbytes {task} {dtype_name}: {ratio:.2f}")
-    if ("step", "float32", "lora") in results:
-        ratio = results[("step", "float32", "qlora")] / results[("step", "float32", "lora")]
-        print(f"ratio qlora/lora step: {ratio:.2f}")
+    times: dict[tuple[str, str, str], list[float]] = {row: [] for row in rows}
+    for rnd in range(args.rounds):  # interleaved: a slow spell of the machine hits every row alike
+        for task, dtype_name, library in rows:
+            n = step_hidden if task == "step" else size
+            out = subprocess.run([sys.executable, __file__, "--child", task, library, dtype_name, str(n),
+                                  str(repeats)], capture_output=True, text=True, check=True)
+            times[(task, dtype_name, library)].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"round {rnd + 1} {task:8s} {dtype_name:9s} {library:13s} "
+                  f"{times[(task, dtype_name, library)][-1] * 1e3:9.2f} ms", flush=True)
+    pairs = [(f"deltatune/bitsandbytes {t} {d}", (t, d, "deltatune"), (t, d, "bitsandbytes"))
+             for t in ("dequant", "matmul") for d in ("float32", "bfloat16") if others]
+    if ("step", "float32", "lora") in times:
+        pairs.append(("qlora/lora step", ("step", "float32", "qlora"), ("step", "float32", "lora")))
+    ratios = {name: {"ratio_of_medians": statistics.median(times[a]) / statistics.median(times[b]),
+                     "median_of_round_ratios": statistics.median(x / y for x, y in zip(times[a], times[b]))}
+              for name, a, b in pairs}
+    for (task, dtype_name, library), values in times.items():
+        print(f"{task:8s} {dtype_name:9s} {library:13s} median {statistics.median(values) * 1e3:9.2f} ms")
+    for name, r in ratios.items():
+        print(f"ratio {name}: {r['ratio_of_medians']:.2f} (median of per-round ratios "
+              f"{r['median_of_round_ratios']:.2f})")
+    if args.out:
+        args.out.write_text(json.dumps({
+            "command": "python " + " ".join(sys.argv), "size": size, "repeats": repeats, "rounds": args.rounds,
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "times_s": {" ".join(k): v for k, v in times.items()}, "ratios": ratios}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ What
     llama-infer  forward only: base, deltatune unmerged, deltatune merged, peft unmerged
     gpt2         LoRA training step on a 42M GPT-2 (Conv1D layers): floor, peft, deltatune
     minilm       LoRA training step on the real all-MiniLM-L6-v2 with a 2-label head
+    qlora        QLoRA step (NF4 + double quantization): deltatune on the fp32 base, deltatune
+                 on its 4-bit base, peft on bitsandbytes' 4-bit base (skipped without
+                 bitsandbytes; run the suite from an environment that has it)
     sweep-seq    LLaMA step time vs sequence length (batch 4), per --sweep-variants
     sweep-rank   LLaMA step time vs LoRA rank, per --sweep-variants
 
@@ -55,7 +58,7 @@ from suite_report import render, write_plots
 
 CHILD = BENCH_DIR / "child.py"
 GROUP_NAMES: tuple[str, ...] = ("llama", "llama-gc", "llama-dora", "llama-infer", "gpt2",
-                                "minilm", "sweep-seq", "sweep-rank")
+                                "minilm", "qlora", "sweep-seq", "sweep-rank")
 SWEEP_VARIANTS: tuple[str, ...] = ("deltatune", "peft", "floor")
 SECONDS_PER_CHILD = (30, 40)  # a full-size child on an idle 2-core box, for the estimate
 
@@ -111,6 +114,12 @@ TARGETS: tuple[Target, ...] = (
            "step", 1.01),
     *trio("gpt2"),
     *trio("minilm"),
+    Target("QLoRA step, ours / our LoRA on the fp32 base", "qlora", "deltatune-qlora",
+           "deltatune", "step", 1.30),
+    Target("QLoRA step, ours / peft + bitsandbytes", "qlora", "deltatune-qlora", "peft-qlora",
+           "step", 1.00),
+    Target("QLoRA peak RSS, ours / peft + bitsandbytes", "qlora", "deltatune-qlora", "peft-qlora",
+           "rss", 1.00),
 )
 CONTEXT: tuple[Target, ...] = (  # no target: what the targets should be read next to
     Target("LoRA step, peft / floor", "llama", "peft", "floor", "step", None),
@@ -170,6 +179,10 @@ def all_groups(quick: bool, seq_lens: Sequence[int], ranks: Sequence[int],
                      lora, "floor"),
         side_by_side("minilm", "LoRA training step, all-MiniLM-L6-v2 sequence classification",
                      replace(train, arch="minilm"), lora, "floor"),
+        side_by_side("qlora", "QLoRA training step (NF4, double quantization), LLaMA", train,
+                     [("deltatune", {"variant": "deltatune"}),
+                      ("deltatune-qlora", {"variant": "deltatune-qlora"}),
+                      ("peft-qlora", {"variant": "peft-qlora"})], "deltatune"),
         sweep("sweep-seq", "LoRA step time vs sequence length, LLaMA", train, "seq_len", seq_lens,
               sweep_variants),
         sweep("sweep-rank", "LoRA step time vs rank, LLaMA", train, "rank", ranks, sweep_variants),
@@ -301,7 +314,7 @@ def first_values(group: Group, runs: Runs) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, spec in group.members:
         ok = [r for r in runs.get(key, []) if "step_s_median" in r]
-        if not ok or spec.variant == "deltatune-qlora" or (not spec.training and LIBRARY[spec.variant] is None):
+        if not ok or (not spec.training and LIBRARY[spec.variant] is None):
             continue
         value = ok[0]["loss_first"] if spec.training else ok[0]["logits_abs_mean"]
         if value is not None:
@@ -311,11 +324,13 @@ def first_values(group: Group, runs: Runs) -> dict[str, float]:
 
 def disagreements(group: Group, values: dict[str, float], rel_tol: float = 1e-4) -> list[str]:
     """A note per set of members that must agree and do not (within ``rel_tol``): members
-    agree when they share model, batch and mode (rank and DoRA do not change the first loss)."""
+    agree when they share model, batch, mode and base precision (rank and DoRA do not change the
+    first loss; the two 4-bit bases are bit-identical, so they agree with each other)."""
     sets: dict[tuple[Any, ...], dict[str, float]] = {}
     for key, value in values.items():
         spec = group.spec(key)
-        sets.setdefault((spec.arch, spec.mode, spec.seq_len, spec.quick), {})[key] = value
+        four_bit = spec.variant.endswith("-qlora")
+        sets.setdefault((spec.arch, spec.mode, spec.seq_len, spec.quick, four_bit), {})[key] = value
     out = []
     for same in sets.values():
         lo, hi = min(same.values()), max(same.values())

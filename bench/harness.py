@@ -238,7 +238,8 @@ def machine_facts() -> dict[str, Any]:
         "torch": dist_version("torch"),
         "transformers": dist_version("transformers"),
         "peft": dist_version("peft"),
-        "deltatune": dist_version("deltatune"),
+        "bitsandbytes": dist_version("bitsandbytes"),
+        "deltatune": dist_version("deltatune") or "this checkout's src/ (not installed)",
         "nproc": os.cpu_count(),
         "nproc_affinity": (len(os.sched_getaffinity(0))
                            if hasattr(os, "sched_getaffinity") else None),

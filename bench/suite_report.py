@@ -137,7 +137,8 @@ def header(result: dict[str, Any]) -> list[str]:
         f"- CPU: {m['cpu_model'] or m['processor'] or m['machine']}; cores {m['nproc']} "
         f"(usable {m['nproc_affinity']}); memory {fmt(m['mem_gib'], '.1f')} GiB; {m['platform']}",
         f"- python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
-        f"peft {m['peft']}, deltatune {m['deltatune']}",
+        f"peft {m['peft']}, bitsandbytes {m.get('bitsandbytes') or 'not installed'}, "
+        f"deltatune {m['deltatune']}",
         f"- {s['threads']} torch threads, {s['dtype']}, AdamW lr {s['lr']}; per child "
         f"{s['warmup']} warm-up + {s['steps']} timed steps; interleaved rounds: {s['repeats']} "
         f"per group, {s['sweep_repeats']} per sweep; "

@@ -13,15 +13,18 @@ from hypothesis import strategies as st
 
 from deltatune.quant.blockwise import (
     BLOCKSIZES,
+    DEQUANT_CHUNK_BYTES,
     pack_nibbles,
     quantize_4bit,
     dequantize_4bit,
     quantize_8bit,
     dequantize_8bit,
+    scales,
     unpack_nibbles,
 )
 from deltatune.quant.codes import code_4bit, dynamic_map
 from deltatune.quant.linear import Linear4bit
+from deltatune.quant.memory import empty_output
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "bnb4bit"
 needs_fixtures = pytest.mark.skipif(not (FIXTURES / "manifest.json").exists(),
@@ -173,6 +176,28 @@ def test_nf4_gaussian_error_matches_brute_force_oracle() -> None:
         errors[quant_type] = ((dequantize_4bit(packed, state) - weight).norm() / weight.norm()).item()
     assert errors["nf4"] == pytest.approx(oracle, rel=2e-3)  # double quant adds ~0.03 % here
     assert errors["nf4"] < 0.095 and errors["nf4"] < errors["fp4"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_matches_naive_decoding_across_chunks(dtype: torch.dtype) -> None:
+    """The chunked decoder (several chunks, a short last block, an odd count, a >4 MiB fp32 output
+    that gets huge-page advice) equals code[nibble] * absmax computed the plain way."""
+    weight = torch.randn(1025, 1031, generator=torch.Generator().manual_seed(3)).to(dtype)
+    packed, state = quantize_4bit(weight, "nf4", 64, double_quant=True)
+    n = weight.numel()
+    nibbles = unpack_nibbles(packed.view(-1), n).long()
+    absmax = scales(state).repeat_interleave(64)[:n]
+    naive = (state.code[nibbles] * absmax).to(dtype).view(weight.shape)
+    assert 2 * packed.numel() > 2 * DEQUANT_CHUNK_BYTES  # more than one chunk
+    assert torch.equal(dequantize_4bit(packed, state), naive)
+
+
+def test_empty_output_is_a_plain_writable_buffer() -> None:
+    for numel in (10, 3 << 20):  # below and above the huge-page threshold
+        buffer = empty_output(numel, torch.float32, torch.device("cpu"))
+        assert buffer.shape == (numel,) and buffer.dtype == torch.float32
+        buffer.fill_(2.0)
+        assert float(buffer.sum()) == 2.0 * numel
 
 
 def test_stored_bits_per_parameter_with_double_quant() -> None:

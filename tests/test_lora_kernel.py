@@ -73,34 +73,58 @@ def lora_model(fan_in_fan_out: bool) -> nn.Module:
     return nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 6))
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 @pytest.mark.parametrize("bias", ["none", "all"])
-def test_layer_takes_fused_path_with_same_result(fan_in_fan_out: bool, bias: str,
+def test_layer_takes_fused_path_with_same_result(use_dora: bool, fan_in_fan_out: bool, bias: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """An attached layer gives the same output and gradients through the fused function as
-    through the generic delta path (forced by turning the fused path off)."""
+    through the generic delta path (forced by turning the fused path off). LoRA's output is
+    bit-identical; DoRA's generic path rounds ``g * (y - b) + b`` differently."""
     torch.manual_seed(1)
     model = lora_model(fan_in_fan_out)
     dt.attach(model, dt.LoraConfig(r=3, lora_alpha=6, target_modules=["0", "2"], bias=bias,
-                                   init_lora_weights=False))
+                                   init_lora_weights=False, use_dora=use_dora))
+    with torch.no_grad():  # a magnitude away from the norm: g = m / ||W + sBA|| != 1
+        for name, p in model.named_parameters():
+            if "magnitude" in name:
+                p.mul_(torch.linspace(0.5, 1.5, p.numel()).view(p.shape))
     x = torch.randn(4, 5, 10, requires_grad=True)
     calls: list[int] = []
-    original = lora_kernel.LoraLinear.apply
+    function = lora_kernel.DoraLinear if use_dora else lora_kernel.LoraLinear
+    original = function.apply
 
     def counted(*args: object) -> torch.Tensor:
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(lora_kernel.LoraLinear, "apply", counted)
+    monkeypatch.setattr(function, "apply", counted)
     fused = run_and_grads(model, x)
     assert len(calls) == 2, "both adapted layers should take the fused path"
     monkeypatch.setattr(lora_kernel, "applies", lambda *args: False)
     generic = run_and_grads(model, x)
     assert len(calls) == 2
-    assert fused.keys() == generic.keys() and len(fused) == (8 if bias == "all" else 6)
-    assert torch.equal(fused["out"], generic["out"]), "forward rounds as the generic path (and peft) does"
+    expected = 6 + (2 if bias == "all" else 0) + (2 if use_dora else 0)
+    assert fused.keys() == generic.keys() and len(fused) == expected
+    if not use_dora:
+        assert torch.equal(fused["out"], generic["out"]), "forward rounds as the generic path (and peft) does"
     for name in fused:
         torch.testing.assert_close(fused[name], generic[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_dora_gradcheck_all_inputs(with_bias: bool) -> None:
+    """Every gradient of the fused DoRA function (x, W, b, A, B, magnitude) agrees with finite
+    differences in fp64, the norm held constant."""
+    gen = torch.Generator().manual_seed(4)
+
+    def rand(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=gen, dtype=torch.float64).requires_grad_()
+
+    x, weight, a, b, magnitude = rand(2, 3, 7), rand(4, 7), rand(3, 7), rand(4, 3), rand(4)
+    bias = rand(4) if with_bias else None
+    norm = torch.rand(4, generator=gen, dtype=torch.float64) + 0.5
+    assert torch.autograd.gradcheck(lora_kernel.DoraLinear.apply, (x, weight, bias, a, b, magnitude, norm, 0.7))
 
 
 def run_and_grads(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..bases import BaseLayer
 from ..errors import AdapterError
+from . import lora_kernel
 from .lora import LoraDelta
 
 
@@ -60,7 +61,14 @@ class DoraDelta(LoraDelta):
         self.magnitude.copy_(norm.view(self.magnitude.shape))
 
     def forward_with_base(self, x: Tensor) -> Tensor | None:
-        return None  # the magnitude rescales the base output too: no fused LoRA path
+        """Base, LoRA and the magnitude in one autograd function (``lora_kernel.DoraLinear``)."""
+        if not self.base.dense_linear or (self.training and isinstance(self.dropout, nn.Dropout)):
+            return None
+        weight = self.base.read_weight()
+        if not lora_kernel.applies(x, weight, self.A, self.B) or self.magnitude.dtype != x.dtype:
+            return None
+        return lora_kernel.DoraLinear.apply(x, weight, self.base.bias, self.A, self.B, self.magnitude,
+                                            self.weight_norm(weight), self.scaling)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         g = self.magnitude.flatten() / self.weight_norm()

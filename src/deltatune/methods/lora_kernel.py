@@ -52,12 +52,7 @@ class LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
                 scaling: float) -> Tensor:
-        y = F.linear(x, weight, bias)
-        hidden = F.linear(x, a)
-        if accumulates_exactly(y, scaling):  # no full-size temporary for h Bᵀ
-            y.view(-1, y.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), b.t(), alpha=scaling)
-        else:  # y + (h Bᵀ)·s in peft's rounding order
-            y.add_(F.linear(hidden, b).mul_(scaling))
+        y, hidden = base_plus_low_rank(x, weight, bias, a, b, scaling)
         ctx.save_for_backward(x, hidden, weight, a, b)
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
@@ -66,20 +61,74 @@ class LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, hidden, weight, a, b = ctx.saved_tensors
-        s: float = ctx.scaling
         need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        g_b = g @ b  # (tokens, r): the output gradient seen by the rank-r hidden
-        grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        if need_x:
-            grad_x = (g @ weight).addmm_(g_b, a, alpha=s).view(x.shape)
-        if need_a:
-            grad_a = (g_b.t() @ x2).mul_(s)
-        if need_b:
-            grad_b = (g.t() @ hidden.reshape(-1, hidden.shape[-1])).mul_(s)
-        if need_w:
-            grad_w = g.t() @ x2
-        if need_bias and ctx.has_bias:
-            grad_bias = g.sum(0)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+        grads = low_rank_backward(g, x, hidden, weight, a, b, ctx.scaling, (need_x, need_w, need_a, need_b))
+        grad_bias = g.sum(0) if need_bias and ctx.has_bias else None
+        return grads[0], grads[1], grad_bias, grads[2], grads[3], None
+
+
+def base_plus_low_rank(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
+                       scaling: float) -> tuple[Tensor, Tensor]:
+    """``x Wᵀ + b + s · (x Aᵀ) Bᵀ`` rounded as peft rounds it, and the rank-r hidden ``x Aᵀ``."""
+    y = F.linear(x, weight, bias)
+    hidden = F.linear(x, a)
+    if accumulates_exactly(y, scaling):  # no full-size temporary for h Bᵀ
+        y.view(-1, y.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), b.t(), alpha=scaling)
+    else:  # y + (h Bᵀ)·s in peft's rounding order
+        y.add_(F.linear(hidden, b).mul_(scaling))
+    return y, hidden
+
+
+def low_rank_backward(g: Tensor, x: Tensor, hidden: Tensor, weight: Tensor, a: Tensor, b: Tensor,
+                      s: float, needs: tuple[bool, bool, bool, bool]) -> tuple[Tensor | None, ...]:
+    """Gradients of x, W, A and B (None where not needed) for ``z = x Wᵀ + s · (x Aᵀ) Bᵀ`` given
+    ``g = dL/dz`` as a 2-D ``(tokens, out)`` tensor."""
+    need_x, need_w, need_a, need_b = needs
+    x2 = x.reshape(-1, x.shape[-1])
+    g_b = g @ b  # (tokens, r): the output gradient seen by the rank-r hidden
+    grad_x = grad_w = grad_a = grad_b = None
+    if need_x:
+        grad_x = (g @ weight).addmm_(g_b, a, alpha=s).view(x.shape)
+    if need_w:
+        grad_w = g.t() @ x2
+    if need_a:
+        grad_a = (g_b.t() @ x2).mul_(s)
+    if need_b:
+        grad_b = (g.t() @ hidden.reshape(-1, hidden.shape[-1])).mul_(s)
+    return grad_x, grad_w, grad_a, grad_b
+
+
+class DoraLinear(torch.autograd.Function):
+    """DoRA on a dense linear layer: ``g ⊙ (x Wᵀ + s · (x Aᵀ) Bᵀ) + b`` with ``g = m / norm``, the
+    norm ``||W + s B A||`` computed by the caller and held constant (as DoRA prescribes).
+
+    Saves x, the rank-r hidden and ``z = x Wᵀ + s · (x Aᵀ) Bᵀ`` (the magnitude's gradient is
+    ``Σ_tokens dL/dy ⊙ z / norm``); backward is LoRA's with ``dL/dz = dL/dy ⊙ g``. The generic
+    path computes the same through five autograd nodes and three more full-size tensors.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
+                magnitude: Tensor, norm: Tensor, scaling: float) -> Tensor:
+        z, hidden = base_plus_low_rank(x, weight, None, a, b, scaling)
+        g = magnitude.reshape(-1) / norm
+        y = z * g if bias is None else torch.addcmul(bias, z, g)
+        ctx.save_for_backward(x, hidden, z, weight, a, b, g, norm)
+        ctx.scaling = scaling
+        ctx.has_bias = bias is not None
+        ctx.magnitude_shape = magnitude.shape
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, hidden, z, weight, a, b, g, norm = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b, need_m, _, _ = ctx.needs_input_grad
+        grad2 = grad.reshape(-1, grad.shape[-1])
+        grad_m = None
+        if need_m:
+            grad_m = ((grad2 * z.reshape(grad2.shape)).sum(0) / norm).view(ctx.magnitude_shape)
+        grads = low_rank_backward(grad2 * g, x, hidden, weight, a, b, ctx.scaling,
+                                  (need_x, need_w, need_a, need_b))
+        grad_bias = grad2.sum(0) if need_bias and ctx.has_bias else None
+        return grads[0], grads[1], grad_bias, grads[2], grads[3], grad_m, None, None

@@ -124,6 +124,8 @@ TARGETS: tuple[Target, ...] = (
 CONTEXT: tuple[Target, ...] = (  # no target: what the targets should be read next to
     Target("LoRA step, peft / floor", "llama", "peft", "floor", "step", None),
     Target("peak RSS, ours / peft", "llama", "deltatune", "peft", "rss", None),
+    Target("peak RSS above the floor's, ours with dt.accelerate / peft", "llama", "deltatune-fast",
+           "peft", "rss_above", None),
     Target("LoRA step with gradient checkpointing, ours / peft", "llama-gc", "deltatune", "peft",
            "step", None),
     Target("DoRA peak RSS, ours / peft DoRA", "llama-dora", "deltatune-dora", "peft-dora", "rss",

@@ -70,6 +70,19 @@ def test_loss_and_grad_equal_cross_entropy(divisor: float | None, seed: int) -> 
         assert float(excess.max()) <= 0, (name, float(excess.max()))
 
 
+def test_loss_stays_finite_when_the_target_probability_underflows() -> None:
+    """Logits 300 apart: the target's fp32 probability is 0, yet the loss (about 300 per row) is
+    finite and equals the fp64 cross-entropy; the log-sum-exp comes from the largest probability."""
+    hidden = torch.zeros(3, 2)
+    hidden[:, 0] = 1.0
+    weight = torch.zeros(64, 2)
+    weight[5, 0], weight[9, 0] = 150.0, -150.0  # token 5 wins, token 9 is 300 below it
+    labels = torch.tensor([9, 9, 5])
+    got = LinearCrossEntropy.apply(hidden, weight, None, labels, 3.0)
+    want = F.cross_entropy(F.linear(hidden.double(), weight.double()), labels)
+    assert torch.isfinite(got) and abs(float(got) - float(want)) <= 1e-5 * float(want), (got, want)
+
+
 def lora_llama() -> nn.Module:
     model = tiny_llama()
     dt.attach(model, dt.LoraConfig(r=4, target_modules="all-linear"))

@@ -62,10 +62,8 @@ class DoraDelta(LoraDelta):
 
     def forward_with_base(self, x: Tensor) -> Tensor | None:
         """Base, LoRA and the magnitude in one autograd function (``lora_kernel.DoraLinear``)."""
-        if not self.base.dense_linear or (self.training and isinstance(self.dropout, nn.Dropout)):
-            return None
-        weight = self.base.read_weight()
-        if not lora_kernel.applies(x, weight, self.A, self.B) or self.magnitude.dtype != x.dtype:
+        weight = self.fused_weight(x)
+        if weight is None or self.magnitude.dtype != x.dtype:
             return None
         return lora_kernel.DoraLinear.apply(x, weight, self.base.bias, self.A, self.B, self.magnitude,
                                             self.weight_norm(weight), self.scaling)

@@ -143,12 +143,18 @@ class LoraDelta(Delta):
 
     def forward_with_base(self, x: Tensor) -> Tensor | None:
         """Base + LoRA in one autograd function on a dense linear base (``lora_kernel``)."""
+        weight = self.fused_weight(x)
+        if weight is None:
+            return None
+        return lora_kernel.LoraLinear.apply(x, weight, self.base.bias, self.A, self.B, self.scaling)
+
+    def fused_weight(self, x: Tensor) -> Tensor | None:
+        """The base weight when a ``lora_kernel`` function computes this call exactly as the
+        generic path would (dense linear base, no active dropout, one dtype), else None."""
         if not self.base.dense_linear or (self.training and isinstance(self.dropout, nn.Dropout)):
             return None
         weight = self.base.read_weight()
-        if not lora_kernel.applies(x, weight, self.A, self.B):
-            return None
-        return lora_kernel.LoraLinear.apply(x, weight, self.base.bias, self.A, self.B, self.scaling)
+        return weight if lora_kernel.applies(x, weight, self.A, self.B) else None
 
     def delta_weight(self) -> Tensor:
         """``s * B @ A`` in the canonical ``(out, in, *kernel)`` layout, in fp32."""

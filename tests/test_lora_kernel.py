@@ -112,6 +112,40 @@ def test_layer_takes_fused_path_with_same_result(use_dora: bool, fan_in_fan_out:
         torch.testing.assert_close(fused[name], generic[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lora_alpha", [6, 5])  # s = 2 (accumulated into the fp32 sum) and 5/3
+def test_fp32_adapter_on_half_base_takes_fused_path(base_dtype: torch.dtype, lora_alpha: int,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 16-bit base with an fp32 adapter (the default for half-precision models) goes through
+    the fused function: the output equals the generic path's (and so peft's) bit for bit, the
+    input gradient stays in the base dtype, adapter gradients in fp32 agree closely."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 6)).to(base_dtype)
+    dt.attach(model, dt.LoraConfig(r=3, lora_alpha=lora_alpha, target_modules=["0", "2"],
+                                   init_lora_weights=False))
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora" in n)
+    x = torch.randn(4, 5, 10).to(base_dtype).requires_grad_()
+    calls: list[int] = []
+    original = lora_kernel.LoraLinear.apply
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(lora_kernel.LoraLinear, "apply", counted)
+    fused = run_and_grads(model, x)
+    assert len(calls) == 2
+    monkeypatch.setattr(lora_kernel, "applies", lambda *args: False)
+    generic = run_and_grads(model, x)
+    assert fused["out"].dtype == base_dtype and fused["x.grad"].dtype == base_dtype
+    assert torch.equal(fused["out"], generic["out"])
+    eps = torch.finfo(base_dtype).eps  # one rounding step: the adapter's share may round the other way
+    torch.testing.assert_close(fused["x.grad"], generic["x.grad"], rtol=eps, atol=eps)
+    for name in fused:
+        if name not in ("out", "x.grad"):
+            torch.testing.assert_close(fused[name], generic[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_dora_gradcheck_all_inputs(with_bias: bool) -> None:
     """Every gradient of the fused DoRA function (x, W, b, A, B, magnitude) agrees with finite

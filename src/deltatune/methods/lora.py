@@ -150,7 +150,7 @@ class LoraDelta(Delta):
 
     def fused_weight(self, x: Tensor) -> Tensor | None:
         """The base weight when a ``lora_kernel`` function computes this call exactly as the
-        generic path would (dense linear base, no active dropout, one dtype), else None."""
+        generic path would (dense linear base, no active dropout, dtypes as `applies` allows), else None."""
         if not self.base.dense_linear or (self.training and isinstance(self.dropout, nn.Dropout)):
             return None
         weight = self.base.read_weight()

@@ -13,8 +13,8 @@ copied) and computes, with ``g`` the output gradient and ``gB = g B``:
 Autograd through the generic path saves the same tensors, but its backward also makes a scaled
 copy of ``g`` and sums the base and low-rank input gradients as two full-size tensors; see
 docs/speed.md for the measurement.
-Only for same-dtype tensors, without autocast and without active dropout: the caller checks
-``applies`` and otherwise takes the generic path.
+Only for x and W of one dtype and A, B of that dtype or fp32 over a 16-bit base, without autocast
+and without active dropout: the caller checks ``applies`` and otherwise takes the generic path.
 """
 
 from __future__ import annotations
@@ -27,9 +27,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def applies(x: Tensor, weight: Tensor, a: Tensor, b: Tensor) -> bool:
-    """Whether the fused function computes this call exactly as the generic path would."""
-    return (x.is_floating_point() and x.dtype == weight.dtype == a.dtype == b.dtype
+    """Whether the fused function computes this call exactly as the generic path would: x and W
+    in one dtype, A and B in that dtype too or in fp32 over a 16-bit base (peft's default adapter
+    dtype for half-precision models), no autocast."""
+    adapter_ok = a.dtype == b.dtype and (a.dtype == x.dtype or (a.dtype == torch.float32 and x.dtype in HALF_DTYPES))
+    return (x.is_floating_point() and x.dtype == weight.dtype and adapter_ok
             and not torch.is_autocast_enabled(x.device.type) and x.dim() >= 1)
 
 
@@ -70,14 +76,20 @@ class LoraLinear(torch.autograd.Function):
 
 def base_plus_low_rank(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
                        scaling: float) -> tuple[Tensor, Tensor]:
-    """``x Wᵀ + b + s · (x Aᵀ) Bᵀ`` rounded as peft rounds it, and the rank-r hidden ``x Aᵀ``."""
+    """``x Wᵀ + b + s · (x Aᵀ) Bᵀ`` rounded as peft rounds it, and the rank-r hidden ``x Aᵀ``.
+
+    With an fp32 adapter on a 16-bit base, peft computes the low-rank term in fp32 on the upcast
+    input, sums in fp32 and rounds the sum to the base dtype; so does this (the sum is made in one
+    fp32 buffer instead of three).
+    """
     y = F.linear(x, weight, bias)
-    hidden = F.linear(x, a)
-    if accumulates_exactly(y, scaling):  # no full-size temporary for h Bᵀ
-        y.view(-1, y.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), b.t(), alpha=scaling)
+    hidden = F.linear(x.to(a.dtype), a)
+    total = y.to(a.dtype)  # y itself when the dtypes agree
+    if accumulates_exactly(total, scaling):  # no full-size temporary for h Bᵀ
+        total.view(-1, total.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), b.t(), alpha=scaling)
     else:  # y + (h Bᵀ)·s in peft's rounding order
-        y.add_(F.linear(hidden, b).mul_(scaling))
-    return y, hidden
+        total.add_(F.linear(hidden, b).mul_(scaling))
+    return total.to(y.dtype), hidden
 
 
 def low_rank_backward(g: Tensor, x: Tensor, hidden: Tensor, weight: Tensor, a: Tensor, b: Tensor,
@@ -86,16 +98,22 @@ def low_rank_backward(g: Tensor, x: Tensor, hidden: Tensor, weight: Tensor, a: T
     ``g = dL/dz`` as a 2-D ``(tokens, out)`` tensor."""
     need_x, need_w, need_a, need_b = needs
     x2 = x.reshape(-1, x.shape[-1])
-    g_b = g @ b  # (tokens, r): the output gradient seen by the rank-r hidden
+    g_wide = g.to(a.dtype)  # an fp32 adapter over a 16-bit base works in fp32, as in peft
+    g_b = g_wide @ b  # (tokens, r): the output gradient seen by the rank-r hidden
     grad_x = grad_w = grad_a = grad_b = None
     if need_x:
-        grad_x = (g @ weight).addmm_(g_b, a, alpha=s).view(x.shape)
+        grad_x = g @ weight
+        if a.dtype == g.dtype:
+            grad_x.addmm_(g_b, a, alpha=s)
+        else:  # the adapter's share rounded to the base dtype, then added (peft's order)
+            grad_x.add_((g_b @ a).mul_(s).to(grad_x.dtype))
+        grad_x = grad_x.view(x.shape)
     if need_w:
         grad_w = g.t() @ x2
     if need_a:
-        grad_a = (g_b.t() @ x2).mul_(s)
+        grad_a = (g_b.t() @ x2.to(a.dtype)).mul_(s)
     if need_b:
-        grad_b = (g.t() @ hidden.reshape(-1, hidden.shape[-1])).mul_(s)
+        grad_b = (g_wide.t() @ hidden.reshape(-1, hidden.shape[-1])).mul_(s)
     return grad_x, grad_w, grad_a, grad_b
 
 

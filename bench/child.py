@@ -24,6 +24,8 @@ mode      train     forward, loss, backward, AdamW step, zero_grad
           infer     forward only, under ``torch.inference_mode()``, no labels; LoRA B is random
                     (``init_lora_weights=False``) so the adapter path does real work
 seq_len   tokens per sequence (default: the arch's; sweeps change it)
+dtype     the base model's dtype (default float32; bfloat16: both libraries keep the adapter
+          in fp32, their default for half-precision models)
 rank      LoRA r (alpha = 2 r: 16/32 by default); dora: ``use_dora=True``
 
     python bench/child.py --spec '{"arch": "gpt2", "variant": "peft"}' --steps 6 --warmup 2
@@ -78,6 +80,7 @@ class Spec:
     rank: int = 16
     dora: bool = False
     quick: bool = False  # the tiny shapes of models.SHAPES
+    dtype: str = "float32"  # the base model's dtype; adapters stay fp32 under a 16-bit base
 
     @property
     def training(self) -> bool:
@@ -274,7 +277,7 @@ def measure(spec: Spec, shape: Shape, steps: int, warmup: int) -> dict[str, Any]
     lib = import_library(spec.variant)
     import_s, rss_import = time.perf_counter() - t0, rss_mb()
     t0 = time.perf_counter()
-    model = build_model(spec.arch, shape)
+    model = build_model(spec.arch, shape).to(getattr(torch, spec.dtype))
     rss_model = rss_mb()
     model, facts = prepare(spec, lib, model)
     model.train(spec.training)

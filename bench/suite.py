@@ -5,6 +5,7 @@ What
     variant and a mode are):
 
     llama        LoRA training step on the 58M LLaMA: floor, peft, deltatune, deltatune-fast
+    llama-bf16   the same LoRA step with the base in bf16 (adapters fp32): floor, peft, deltatune
     llama-gc     the same with gradient checkpointing: peft, deltatune (peak RSS above all)
     llama-dora   DoRA training step: peft DoRA, deltatune DoRA, deltatune LoRA
     llama-infer  forward only: base, deltatune unmerged, deltatune merged, peft unmerged
@@ -57,7 +58,7 @@ from models import SEED
 from suite_report import render, write_plots
 
 CHILD = BENCH_DIR / "child.py"
-GROUP_NAMES: tuple[str, ...] = ("llama", "llama-gc", "llama-dora", "llama-infer", "gpt2",
+GROUP_NAMES: tuple[str, ...] = ("llama", "llama-bf16", "llama-gc", "llama-dora", "llama-infer", "gpt2",
                                 "minilm", "qlora", "sweep-seq", "sweep-rank")
 SWEEP_VARIANTS: tuple[str, ...] = ("deltatune", "peft", "floor")
 SECONDS_PER_CHILD = (30, 40)  # a full-size child on an idle 2-core box, for the estimate
@@ -123,6 +124,11 @@ TARGETS: tuple[Target, ...] = (
 )
 CONTEXT: tuple[Target, ...] = (  # no target: what the targets should be read next to
     Target("LoRA step, peft / floor", "llama", "peft", "floor", "step", None),
+    Target("bf16 base: LoRA step, ours / floor", "llama-bf16", "deltatune", "floor", "step", None),
+    Target("bf16 base: LoRA step, peft / floor", "llama-bf16", "peft", "floor", "step", None),
+    Target("bf16 base: LoRA step, ours / peft", "llama-bf16", "deltatune", "peft", "step", None),
+    Target("bf16 base: peak RSS above the floor's, ours / peft", "llama-bf16", "deltatune", "peft",
+           "rss_above", None),
     Target("peak RSS, ours / peft", "llama", "deltatune", "peft", "rss", None),
     Target("peak RSS above the floor's, ours with dt.accelerate / peft", "llama", "deltatune-fast",
            "peft", "rss_above", None),
@@ -166,6 +172,8 @@ def all_groups(quick: bool, seq_lens: Sequence[int], ranks: Sequence[int],
     return [
         side_by_side("llama", "LoRA training step, LLaMA", train,
                      [*lora, ("deltatune-fast", {"variant": "deltatune-fast"})], "floor"),
+        side_by_side("llama-bf16", "LoRA training step, LLaMA in bf16 (fp32 adapters)",
+                     replace(train, dtype="bfloat16"), lora, "floor"),
         side_by_side("llama-gc", "LoRA training step with gradient checkpointing, LLaMA",
                      replace(train, mode="train-gc"),
                      [("peft", {"variant": "peft"}), ("deltatune", {"variant": "deltatune"})], None),
@@ -332,7 +340,7 @@ def disagreements(group: Group, values: dict[str, float], rel_tol: float = 1e-4)
     for key, value in values.items():
         spec = group.spec(key)
         four_bit = spec.variant.endswith("-qlora")
-        sets.setdefault((spec.arch, spec.mode, spec.seq_len, spec.quick, four_bit), {})[key] = value
+        sets.setdefault((spec.arch, spec.mode, spec.seq_len, spec.quick, spec.dtype, four_bit), {})[key] = value
     out = []
     for same in sets.values():
         lo, hi = min(same.values()), max(same.values())
@@ -358,7 +366,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
             "repeats": args.repeats, "sweep_repeats": args.sweep_repeats,
             "seq_lens": args.seq_lens, "ranks": args.ranks, "sweep_variants": args.sweep_variants,
             "one_process": args.one_process, "wait_idle_s": args.wait_idle, "lora": LORA_KWARGS,
-            "lr": LR, "threads": args.threads, "seed": SEED, "dtype": "float32"}
+            "lr": LR, "threads": args.threads, "seed": SEED, "dtype": "float32 (llama-bf16: bfloat16 base)"}
 
 
 def collect(groups: Sequence[Group], runs: dict[str, Runs], args: argparse.Namespace) -> dict[str, Any]:

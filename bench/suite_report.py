@@ -82,8 +82,9 @@ def describe(spec: dict[str, Any], lora: dict[str, Any]) -> str:
              f"vocab {shape.vocab_size}")
     adapter = (f"r={spec['rank']} alpha={2 * spec['rank']} dropout {lora['lora_dropout']} on "
                f"{lora['target_modules']}" + (" except the classifier" if spec["arch"] == "minilm" else ""))
-    return (f"{spec['arch']} ({model}), batch {shape.batch} x {shape.seq_len} tokens, "
-            f"mode {spec['mode']}, {adapter}")
+    dtype = spec.get("dtype", "float32")
+    return (f"{spec['arch']} ({model}{'' if dtype == 'float32' else ', ' + dtype}), batch "
+            f"{shape.batch} x {shape.seq_len} tokens, mode {spec['mode']}, {adapter}")
 
 
 def group_table(group: dict[str, Any]) -> list[str]:

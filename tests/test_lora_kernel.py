@@ -146,6 +146,34 @@ def test_fp32_adapter_on_half_base_takes_fused_path(base_dtype: torch.dtype, lor
             torch.testing.assert_close(fused[name], generic[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_siblings_sharing_an_input_match_the_generic_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two bf16 layers with fp32 adapters reading the same input (as q/k/v do): outputs and
+    adapter gradients equal the generic path's; the input gradient sums four bf16 contributions
+    in another order, so it may differ by a rounding step."""
+
+    class Siblings(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k = nn.Linear(8, 6), nn.Linear(8, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.q(x) * self.k(x)
+
+    torch.manual_seed(5)
+    model = Siblings().bfloat16()
+    dt.attach(model, dt.LoraConfig(r=2, lora_alpha=4, target_modules=["q", "k"], init_lora_weights=False))
+    x = torch.randn(3, 4, 8).bfloat16().requires_grad_()
+    fused = run_and_grads(model, x)
+    monkeypatch.setattr(lora_kernel, "applies", lambda *args: False)
+    generic = run_and_grads(model, x)
+    assert fused.keys() == generic.keys() and len(fused) == 6
+    for name in fused:
+        if name != "x.grad":
+            assert torch.equal(fused[name], generic[name]), name
+    eps = torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(fused["x.grad"], generic["x.grad"], rtol=2 * eps, atol=2 * eps)
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_dora_gradcheck_all_inputs(with_bias: bool) -> None:
     """Every gradient of the fused DoRA function (x, W, b, A, B, magnitude) agrees with finite

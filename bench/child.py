@@ -51,7 +51,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from harness import REPO_ROOT, SkipVariant, display_path, rss_mb, time_calls
+from harness import REPO_ROOT, SkipVariant, display_path, minor_faults, rss_mb, time_calls
 from models import ARCHS, SEED, Shape, build_model, make_inputs, shape_for
 
 NUM_THREADS = 2
@@ -296,7 +296,9 @@ def measure(spec: Spec, shape: Shape, steps: int, warmup: int) -> dict[str, Any]
         missing, out_abs = None, logits_abs_mean(model, inputs)
         step = partial(infer_step, model, inputs)
     losses = [step() for _ in range(warmup)]
+    faults_before = minor_faults()
     timing, timed = time_calls(step, steps)
+    faults_per_step = (minor_faults() - faults_before) / max(steps, 1)
     losses += timed
 
     return {
@@ -307,6 +309,7 @@ def measure(spec: Spec, shape: Shape, steps: int, warmup: int) -> dict[str, Any]
         "step_s_median": statistics.median(timing.times),
         "step_s": timing.times,
         "peak_rss_mb": rss_mb(),
+        "minor_faults_per_step": faults_per_step,
         "rss_after_import_mb": rss_import,
         "rss_after_model_mb": rss_model,
         "rss_after_setup_mb": rss_setup,

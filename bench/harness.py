@@ -52,6 +52,12 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far: each first touch of a fresh page is one, so
+    their count per step shows how much of a step is spent getting memory from the kernel."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def system_busy_s() -> float | None:
     """CPU seconds all processes on the machine have spent busy, from /proc/stat (Linux)."""
     try:

@@ -18,6 +18,8 @@ variant   floor / base      the stock model with every parameter frozen ("floor"
                             quant, fp32 compute)``), ``prepare_model_for_kbit_training``, then
                             peft's LoRA; skipped where bitsandbytes is not installed
           deltatune-merged  the same LoRA, then ``dt.merge(model)`` (inference only)
+          bound-matmuls     the step's matrix products alone, preallocated (LLaMA; bounds.py)
+          bound-floor-lora  the floor's step plus the low-rank products and AdamW alone
 mode      train     forward, loss, backward, AdamW step, zero_grad
           train-gc  the same with gradient checkpointing (non-reentrant), enabled on the base
                     model (with ``enable_input_require_grads``) before the adapter is attached
@@ -51,6 +53,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from bounds import BOUND_VARIANTS, bound_step
 from harness import REPO_ROOT, SkipVariant, display_path, minor_faults, rss_mb, time_calls
 from models import ARCHS, SEED, Shape, build_model, make_inputs, shape_for
 
@@ -63,10 +66,11 @@ LORA_KWARGS: dict[str, Any] = dict(
 LIBRARY: dict[str, str | None] = {
     "floor": None, "base": None, "peft": "peft", "peft-qlora": "peft", "deltatune": "deltatune",
     "deltatune-fast": "deltatune", "deltatune-qlora": "deltatune", "deltatune-merged": "deltatune",
+    "bound-matmuls": None, "bound-floor-lora": None,
 }
 MODES: tuple[str, ...] = ("train", "train-gc", "infer")
 INFER_ONLY = frozenset({"base", "deltatune-merged"})
-TRAIN_ONLY = frozenset({"floor"})
+TRAIN_ONLY = frozenset({"floor", *BOUND_VARIANTS})
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,8 @@ class Spec:
             raise ValueError(f"variant {self.variant!r} is for mode 'infer'")
         if self.variant in TRAIN_ONLY and not self.training:
             raise ValueError(f"variant {self.variant!r} is for training; use 'base' with 'infer'")
+        if self.variant in BOUND_VARIANTS and self.arch != "llama":
+            raise ValueError(f"variant {self.variant!r} is defined for the llama arch only")
 
 
 def adapter_kwargs(spec: Spec) -> dict[str, Any]:
@@ -292,6 +298,8 @@ def measure(spec: Spec, shape: Shape, steps: int, warmup: int) -> dict[str, Any]
     if spec.training:  # one more untimed warm-up pass, that also checks the gradients
         missing, out_abs = check_grads(model, inputs), None
         step = partial(train_step, model, inputs, optimizer)
+        if spec.variant in BOUND_VARIANTS:
+            step = bound_step(spec.variant, model, step, shape.batch * shape.seq_len, spec.rank)
     else:
         missing, out_abs = None, logits_abs_mean(model, inputs)
         step = partial(infer_step, model, inputs)

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from child import LIBRARY, LORA_KWARGS, LR, NUM_THREADS, Spec
+from bounds import BOUND_VARIANTS
 from harness import (BENCH_DIR, Runs, Summary, display_path, log_result, machine_facts,
                      paired_ratio, ratio, run_rounds, spawn_json, summarize, wait_for_idle)
 from models import SEED
@@ -89,12 +90,15 @@ class Target:
     b: str
     measure: str  # 'step', 'rss' (peak RSS) or 'rss_above' (peak RSS above the reference)
     limit: float | None  # None: shown for context, no target
+    bound: str | None = None  # member that times a's unavoidable work alone (bounds.py)
 
 
 def trio(arch: str, rss: bool = True) -> tuple[Target, ...]:
     """The three LoRA-step figures the issue asks of every architecture."""
-    out = [Target("LoRA step, ours / frozen-base floor", arch, "deltatune", "floor", "step", 1.03),
-           Target("LoRA step, ours / peft", arch, "deltatune", "peft", "step", 0.95)]
+    bound = "bound-floor-lora" if arch == "llama" else None
+    out = [Target("LoRA step, ours / frozen-base floor", arch, "deltatune", "floor", "step", 1.03,
+                  bound),
+           Target("LoRA step, ours / peft", arch, "deltatune", "peft", "step", 0.95, bound)]
     if rss:
         out.append(Target("peak RSS above the floor's, ours / peft", arch, "deltatune", "peft",
                           "rss_above", 0.35))
@@ -104,7 +108,7 @@ def trio(arch: str, rss: bool = True) -> tuple[Target, ...]:
 TARGETS: tuple[Target, ...] = (
     *trio("llama"),
     Target("LoRA step, ours with dt.accelerate / peft", "llama", "deltatune-fast", "peft",
-           "step", 0.75),
+           "step", 0.75, "bound-matmuls"),
     Target("peak RSS with gradient checkpointing, ours / peft", "llama-gc", "deltatune", "peft",
            "rss", 1.00),
     Target("DoRA step, ours / our LoRA", "llama-dora", "deltatune-dora", "deltatune-lora",
@@ -171,7 +175,8 @@ def all_groups(quick: bool, seq_lens: Sequence[int], ranks: Sequence[int],
             ("deltatune", {"variant": "deltatune"})]
     return [
         side_by_side("llama", "LoRA training step, LLaMA", train,
-                     [*lora, ("deltatune-fast", {"variant": "deltatune-fast"})], "floor"),
+                     [*lora, ("deltatune-fast", {"variant": "deltatune-fast"}),
+                      *[(v, {"variant": v}) for v in BOUND_VARIANTS]], "floor"),
         side_by_side("llama-bf16", "LoRA training step, LLaMA in bf16 (fp32 adapters)",
                      replace(train, dtype="bfloat16"), lora, "floor"),
         side_by_side("llama-gc", "LoRA training step with gradient checkpointing, LLaMA",
@@ -280,7 +285,8 @@ def evaluate(target: Target, groups: dict[str, Group], summaries: dict[str, Summ
              shared_process: bool = False) -> dict[str, Any]:
     """A target's measured value (ratio of medians), median of per-round ratios, and verdict
     (none for memory when children shared a process: their peak RSS is not their own)."""
-    row: dict[str, Any] = {**asdict(target), "value": None, "per_round": None, "verdict": "n/a"}
+    row: dict[str, Any] = {**asdict(target), "value": None, "per_round": None, "verdict": "n/a",
+                           "bound_value": None}
     if target.group not in summaries:
         return {**row, "verdict": "not run"}
     summary, ref = summaries[target.group], groups[target.group].reference
@@ -288,6 +294,9 @@ def evaluate(target: Target, groups: dict[str, Group], summaries: dict[str, Summ
         row["value"] = ratio(summary.get(target.a, {}).get("step_s"),
                              summary.get(target.b, {}).get("step_s"))
         row["per_round"] = paired_ratio(summary, target.a, target.b)
+        if target.bound:
+            row["bound_value"] = ratio(summary.get(target.bound, {}).get("step_s"),
+                                       summary.get(target.b, {}).get("step_s"))
     else:
         a = per_round(summary, target.a, target.measure, ref)
         b = per_round(summary, target.b, target.measure, ref)

@@ -111,13 +111,16 @@ def group_table(group: dict[str, Any]) -> list[str]:
 
 
 def target_table(rows: list[dict[str, Any]], with_limit: bool) -> list[str]:
-    """The figures: measured ratio of medians, median of per-round ratios, and the verdict."""
+    """The figures: measured ratio of medians, median of per-round ratios, the verdict, and
+    (targets only) the best this machine allows: the bound member's time in ``a``'s place."""
     head = "| figure | group | " + ("target | " if with_limit else "")
-    out = [head + "ratio of medians | median of per-round ratios |" + (" verdict |" if with_limit else ""),
-           "|---|---|" + ("---:|" if with_limit else "") + "---:|---:|" + ("---|" if with_limit else "")]
+    out = [head + "ratio of medians | median of per-round ratios |"
+           + (" verdict | bound |" if with_limit else ""),
+           "|---|---|" + ("---:|" if with_limit else "") + "---:|---:|" + ("---|---:|" if with_limit else "")]
     for r in rows:
         limit = f"<= {r['limit']:.2f} | " if with_limit else ""
-        verdict = f" {r['verdict']} |" if with_limit else ""
+        bound = f" {fmt(r.get('bound_value'), '.3f')} ({r['bound']})" if r.get("bound") else " "
+        verdict = f" {r['verdict']} |{bound} |" if with_limit else ""
         out.append(f"| {r['figure']} ({r['a']} / {r['b']}) | {r['group']} | {limit}"
                    f"{fmt(r['value'], '.3f')} | {fmt(r['per_round'], '.3f')} |{verdict}")
     return out
@@ -180,6 +183,13 @@ def render(result: dict[str, Any], plots: dict[str, str]) -> str:
             f"({len(targets) - measured} without a verdict: a variant skipped, failed or not run, "
             "or memory measured in a shared process).", ""]
     out += target_table(targets, with_limit=True) + [""]
+    out += ["*bound*: the same ratio with, in the numerator's place, a step that does only the "
+            "work the numerator cannot avoid (bench/bounds.py): `bound-floor-lora` is the floor's "
+            "step plus the LoRA matrix products and AdamW timed alone (the best the LoRA path can "
+            "reach without making the frozen base cheaper); `bound-matmuls` is every matrix "
+            "product of a LoRA step and nothing else, outputs preallocated (no fp32 step can beat "
+            "it with this GEMM library). A target below its bound is out of reach on this machine.",
+            ""]
     if result["context"]:
         out += ["Context (no target):", ""] + target_table(result["context"], with_limit=False) + [""]
     for name, g in result["groups"].items():

@@ -45,3 +45,29 @@ def test_suite_quick(tmp_path: Path) -> None:
             assert summary["step_s"] > 0 and summary["peak_rss_mb"] > 0
     for plot in ("suite_quick_sweep_seq.svg", "suite_quick_sweep_rank.svg"):
         assert (tmp_path / plot).read_text().startswith("<svg")
+
+
+def test_bound_products_compute_a_lora_layers_forward_and_gradients() -> None:
+    """bench/bounds.py times the products of a LoRA step: check that they are those products
+    (right shapes, right operands) against autograd on y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bounds import Buffers, base_products, lora_products
+
+    torch.manual_seed(0)
+    tokens, in_dim, out_dim, rank = 12, 10, 7, 3
+    buf, weight = Buffers(tokens), torch.randn(out_dim, in_dim)
+    products = base_products(buf, weight, input_grad=True)
+    lora, (a, b) = lora_products(buf, (out_dim, in_dim), rank, input_grad=True)
+    order = [products[0], *lora[:2], products[1], *lora[2:]]  # forward, then backward
+    for product in order:
+        product()
+    x, g = buf.get("x", in_dim).clone().requires_grad_(), buf.get("g", out_dim)
+    a_ref, b_ref = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    y = x @ weight.t() + 2.0 * (x @ a_ref.t()) @ b_ref.t()
+    y.backward(g)
+    torch.testing.assert_close(buf.get("y", out_dim), y.detach())
+    torch.testing.assert_close(buf.get("dx", in_dim), x.grad)
+    torch.testing.assert_close(a.grad * 2.0, a_ref.grad)  # the bound leaves s out of dA's scale
+    torch.testing.assert_close(b.grad * 2.0, b_ref.grad)

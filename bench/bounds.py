@@ -1,0 +1,121 @@
+"""Lower bounds of a LoRA training step on this machine: its matrix products, timed alone.
+
+Two child variants (child.py) run these steps in the same rounds as the real variants, so the
+report can say how far below each time target the physics of this CPU allows:
+
+bound-matmuls     every matrix product a LoRA step needs and nothing else. Per frozen linear
+                  layer (the LM head included) x·Wᵀ and, where anything upstream trains, the
+                  input gradient g·W; per adapted layer the six low-rank products x·Aᵀ, h·Bᵀ,
+                  gᵀ·h, g·B, dhᵀ·x, dh·A; then AdamW on the adapter. Outputs are preallocated
+                  and inputs reused: no allocation, no page fault, no attention, no norm, no
+                  activation, no loss. No fp32 step with this GEMM library can be faster.
+bound-floor-lora  the floor's own step (stock forward + backward to the inputs), then only the
+                  six low-rank products per layer and AdamW: the best the LoRA path can do
+                  without making the frozen base itself cheaper.
+
+LLaMA only: which layers need an input gradient is read off LLaMA's module names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+BOUND_VARIANTS = ("bound-matmuls", "bound-floor-lora")
+# Layer 0's q/k/v read the (frozen) embeddings through a norm: nothing upstream trains, so a
+# LoRA step never needs the gradient of their input.
+NO_INPUT_GRAD = tuple(f"model.layers.0.self_attn.{p}_proj" for p in "qkv")
+
+Product = Callable[[], Any]
+
+
+def bound_step(variant: str, model: Any, floor_step: Callable[[], Any], tokens: int,
+               rank: int) -> Callable[[], None]:
+    """The step of a bound variant on ``model`` (a frozen LlamaForCausalLM); ``floor_step``
+    runs the floor's forward + backward (used by bound-floor-lora)."""
+    import torch
+
+    if variant not in BOUND_VARIANTS:
+        raise ValueError(f"unknown bound variant {variant!r}; choose from {BOUND_VARIANTS}")
+    with_base = variant == "bound-matmuls"
+    buffers = Buffers(tokens)
+    products: list[Product] = []
+    params: list[torch.nn.Parameter] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        input_grad = name not in NO_INPUT_GRAD
+        if with_base:
+            products += base_products(buffers, module.weight.detach(), input_grad)
+        if name != "lm_head":
+            lora, adapter = lora_products(buffers, tuple(module.weight.shape), rank, input_grad)
+            products += lora
+            params += adapter
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        if not with_base:
+            floor_step()
+        for product in products:
+            product()
+        optimizer.step()
+
+    return step
+
+
+class Buffers:
+    """Preallocated activations, one set per shape (an optimistic bound: no allocation)."""
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+        self._made: dict[tuple[str, int], Any] = {}
+
+    def get(self, role: str, width: int) -> Any:
+        """A random (tokens, width) fp32 matrix, the same one for the same role and width."""
+        import torch
+
+        key = (role, width)
+        if key not in self._made:
+            self._made[key] = torch.randn(self.tokens, width)
+        return self._made[key]
+
+
+def base_products(buf: Buffers, weight: Any, input_grad: bool) -> list[Product]:
+    """The frozen layer's forward x·Wᵀ and, if needed, its input gradient g·W."""
+    import torch
+
+    out_dim, in_dim = weight.shape
+    x, y = buf.get("x", in_dim), buf.get("y", out_dim)
+    g, dx = buf.get("g", out_dim), buf.get("dx", in_dim)
+    wt = weight.t()
+    found: list[Product] = [lambda: torch.mm(x, wt, out=y)]
+    if input_grad:
+        found.append(lambda: torch.mm(g, weight, out=dx))
+    return found
+
+
+def lora_products(buf: Buffers, shape: tuple[int, int], rank: int,
+                  input_grad: bool) -> tuple[list[Product], list[Any]]:
+    """The six low-rank products of one adapted layer (five without the input gradient), and
+    the adapter's A and B with their gradients preallocated."""
+    import torch
+
+    out_dim, in_dim = shape
+    scale = 2.0  # alpha = 2r, as in the benchmark
+    a = torch.nn.Parameter(torch.randn(rank, in_dim) * 0.01)
+    b = torch.nn.Parameter(torch.randn(out_dim, rank) * 0.01)
+    a.grad, b.grad = torch.empty_like(a), torch.empty_like(b)
+    x, y = buf.get("x", in_dim), buf.get("y", out_dim)
+    g, dx = buf.get("g", out_dim), buf.get("dx", in_dim)
+    h, dh = buf.get("h", rank), buf.get("dh", rank)
+    at, bt, gt, ht, dht = a.detach().t(), b.detach().t(), g.t(), h.t(), dh.t()
+    found: list[Product] = [
+        lambda: torch.mm(x, at, out=h),
+        lambda: y.addmm_(h, bt, alpha=scale),
+        lambda: torch.mm(gt, h, out=b.grad),
+        lambda: torch.mm(g, b.detach(), out=dh),
+        lambda: torch.mm(dht, x, out=a.grad),
+    ]
+    if input_grad:
+        found.append(lambda: dx.addmm_(dh, a.detach(), alpha=scale))
+    return found, [a, b]

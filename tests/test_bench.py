@@ -59,7 +59,7 @@ def test_bound_products_compute_a_lora_layers_forward_and_gradients() -> None:
     tokens, in_dim, out_dim, rank = 12, 10, 7, 3
     buf, weight = Buffers(tokens), torch.randn(out_dim, in_dim)
     products = base_products(buf, weight, input_grad=True)
-    lora, (a, b) = lora_products(buf, (out_dim, in_dim), rank, input_grad=True)
+    lora, (a, b) = lora_products(buf, out_dim, in_dim, rank, input_grad=True)
     order = [products[0], *lora[:2], products[1], *lora[2:]]  # forward, then backward
     for product in order:
         product()

@@ -26,6 +26,9 @@ mode      train     forward, loss, backward, AdamW step, zero_grad
           infer     forward only, under ``torch.inference_mode()``, no labels; LoRA B is random
                     (``init_lora_weights=False``) so the adapter path does real work
 seq_len   tokens per sequence (default: the arch's; sweeps change it)
+malloc    default | retain: the child runs with glibc keeping freed memory mapped (the
+          environment ``harness.MALLOC_RETAIN_ENV``, what ``dt.retain_freed_memory()`` sets), the
+          same for every variant so that the comparison stays fair
 dtype     the base model's dtype (default float32; bfloat16: both libraries keep the adapter
           in fp32, their default for half-precision models)
 rank      LoRA r (alpha = 2 r: 16/32 by default); dora: ``use_dora=True``
@@ -41,6 +44,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -54,7 +58,7 @@ from types import ModuleType
 from typing import Any
 
 from bounds import BOUND_VARIANTS, bound_step
-from harness import REPO_ROOT, SkipVariant, display_path, minor_faults, rss_mb, time_calls
+from harness import MALLOC_RETAIN_ENV, REPO_ROOT, SkipVariant, display_path, minor_faults, rss_mb, time_calls
 from models import ARCHS, SEED, Shape, build_model, make_inputs, shape_for
 
 NUM_THREADS = 2
@@ -69,6 +73,7 @@ LIBRARY: dict[str, str | None] = {
     "bound-matmuls": None, "bound-floor-lora": None,
 }
 MODES: tuple[str, ...] = ("train", "train-gc", "infer")
+MALLOCS: tuple[str, ...] = ("default", "retain")
 INFER_ONLY = frozenset({"base", "deltatune-merged"})
 TRAIN_ONLY = frozenset({"floor", *BOUND_VARIANTS})
 
@@ -85,6 +90,7 @@ class Spec:
     dora: bool = False
     quick: bool = False  # the tiny shapes of models.SHAPES
     dtype: str = "float32"  # the base model's dtype; adapters stay fp32 under a 16-bit base
+    malloc: str = "default"  # 'retain': run under MALLOC_RETAIN_ENV (the parent sets it)
 
     @property
     def training(self) -> bool:
@@ -100,6 +106,11 @@ class Spec:
             raise ValueError(f"variant {self.variant!r} is for mode 'infer'")
         if self.variant in TRAIN_ONLY and not self.training:
             raise ValueError(f"variant {self.variant!r} is for training; use 'base' with 'infer'")
+        if self.malloc not in MALLOCS:
+            raise ValueError(f"unknown malloc {self.malloc!r}; choose from {MALLOCS}")
+        if (self.malloc == "retain") != all(os.environ.get(k) == v for k, v in MALLOC_RETAIN_ENV.items()):
+            raise ValueError(f"malloc {self.malloc!r} needs this process's environment to "
+                             f"{'have' if self.malloc == 'retain' else 'lack'} {MALLOC_RETAIN_ENV}")
         if self.variant in BOUND_VARIANTS and self.arch != "llama":
             raise ValueError(f"variant {self.variant!r} is defined for the llama arch only")
 

@@ -111,9 +111,15 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     return found
 
 
-def spawn_json(cmd: Sequence[str]) -> list[dict[str, Any]] | str:
-    """Run a child command; return the JSON objects it printed, or why there are none."""
-    proc = subprocess.run(list(cmd), capture_output=True, text=True, check=False)
+MALLOC_RETAIN_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
+"""glibc keeps freed memory mapped: what ``dt.retain_freed_memory()`` sets, for any process."""
+
+
+def spawn_json(cmd: Sequence[str], env: dict[str, str] | None = None) -> list[dict[str, Any]] | str:
+    """Run a child command (with ``env`` added to ours); return the JSON objects it printed,
+    or why there are none."""
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, check=False,
+                          env={**os.environ, **(env or {})})
     found = json_lines(proc.stdout)
     if proc.returncode != 0 or not found:
         tail = "\n".join(proc.stderr.splitlines()[-20:])

@@ -53,13 +53,13 @@ from typing import Any
 
 from child import LIBRARY, LORA_KWARGS, LR, NUM_THREADS, Spec
 from bounds import BOUND_VARIANTS
-from harness import (BENCH_DIR, Runs, Summary, display_path, log_result, machine_facts,
+from harness import (MALLOC_RETAIN_ENV, BENCH_DIR, Runs, Summary, display_path, log_result, machine_facts,
                      paired_ratio, ratio, run_rounds, spawn_json, summarize, wait_for_idle)
 from models import SEED
 from suite_report import render, write_plots
 
 CHILD = BENCH_DIR / "child.py"
-GROUP_NAMES: tuple[str, ...] = ("llama", "llama-bf16", "llama-gc", "llama-dora", "llama-infer", "gpt2",
+GROUP_NAMES: tuple[str, ...] = ("llama", "llama-retain", "llama-bf16", "llama-gc", "llama-dora", "llama-infer", "gpt2",
                                 "minilm", "qlora", "sweep-seq", "sweep-rank")
 SWEEP_VARIANTS: tuple[str, ...] = ("deltatune", "peft", "floor")
 SECONDS_PER_CHILD = (30, 40)  # a full-size child on an idle 2-core box, for the estimate
@@ -128,6 +128,14 @@ TARGETS: tuple[Target, ...] = (
 )
 CONTEXT: tuple[Target, ...] = (  # no target: what the targets should be read next to
     Target("LoRA step, peft / floor", "llama", "peft", "floor", "step", None),
+    Target("retained memory: LoRA step, ours / floor", "llama-retain", "deltatune", "floor", "step",
+           None),
+    Target("retained memory: LoRA step, ours / peft", "llama-retain", "deltatune", "peft", "step",
+           None),
+    Target("retained memory: LoRA step, ours with dt.accelerate / peft", "llama-retain",
+           "deltatune-fast", "peft", "step", None),
+    Target("retained memory: peak RSS above the floor's, ours / peft", "llama-retain", "deltatune",
+           "peft", "rss_above", None),
     Target("bf16 base: LoRA step, ours / floor", "llama-bf16", "deltatune", "floor", "step", None),
     Target("bf16 base: LoRA step, peft / floor", "llama-bf16", "peft", "floor", "step", None),
     Target("bf16 base: LoRA step, ours / peft", "llama-bf16", "deltatune", "peft", "step", None),
@@ -177,6 +185,9 @@ def all_groups(quick: bool, seq_lens: Sequence[int], ranks: Sequence[int],
         side_by_side("llama", "LoRA training step, LLaMA", train,
                      [*lora, ("deltatune-fast", {"variant": "deltatune-fast"}),
                       *[(v, {"variant": v}) for v in BOUND_VARIANTS]], "floor"),
+        side_by_side("llama-retain", "LoRA training step, LLaMA, every variant with glibc keeping "
+                     "freed memory (dt.retain_freed_memory's setting)", replace(train, malloc="retain"),
+                     [*lora, ("deltatune-fast", {"variant": "deltatune-fast"})], "floor"),
         side_by_side("llama-bf16", "LoRA training step, LLaMA in bf16 (fp32 adapters)",
                      replace(train, dtype="bfloat16"), lora, "floor"),
         side_by_side("llama-gc", "LoRA training step with gradient checkpointing, LLaMA",
@@ -213,7 +224,10 @@ def spawn_specs(specs: Sequence[Spec], args: argparse.Namespace) -> list[dict[st
            "--threads", str(args.threads)]
     for spec in specs:
         cmd += ["--spec", json.dumps(asdict(spec))]
-    found = spawn_json(cmd)
+    mallocs = {spec.malloc for spec in specs}
+    if len(mallocs) > 1:
+        raise ValueError(f"specs of one child must share its malloc setting, got {sorted(mallocs)}")
+    found = spawn_json(cmd, MALLOC_RETAIN_ENV if mallocs == {"retain"} else None)
     if isinstance(found, str) or len(found) != len(specs):
         why = found if isinstance(found, str) else f"child printed {len(found)} of {len(specs)} results"
         return [{"variant": s.variant, "spec": asdict(s), "error": why} for s in specs]
@@ -253,11 +267,22 @@ def run_shared(groups: Sequence[Group], args: argparse.Namespace) -> dict[str, R
                 for k, s in g.members if (g.name, k) not in dropped]
         if args.wait_idle > 0:
             wait_for_idle(args.wait_idle)
-        for (name, key, _), res in zip(todo, spawn_specs([s for _, _, s in todo], args)):
+        for (name, key, _), res in spawn_by_malloc(todo, args):
             out[name][key].append(res)
             log_result(f"[{name} round {rnd}]", key, res)
             if "skipped" in res or "error" in res:
                 dropped.add((name, key))
+    return out
+
+
+def spawn_by_malloc(todo: list[tuple[str, str, Spec]],
+                    args: argparse.Namespace) -> list[tuple[tuple[str, str, Spec], dict[str, Any]]]:
+    """spawn_specs for a round's members, one child per malloc setting (it is the child's
+    environment); results paired with their members."""
+    out: list[tuple[tuple[str, str, Spec], dict[str, Any]]] = []
+    for malloc in sorted({spec.malloc for _, _, spec in todo}):
+        batch = [member for member in todo if member[2].malloc == malloc]
+        out += zip(batch, spawn_specs([spec for _, _, spec in batch], args))
     return out
 
 

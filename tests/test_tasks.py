@@ -365,3 +365,50 @@ def test_qa_unanswerable_questions_point_at_cls(tmp_path: Path) -> None:
     empty, two = task.encode(rows)
     assert (empty["start_positions"], empty["end_positions"], empty["answers"]) == (0, 0, [""])
     assert two["answers"] == ["blue", "sky is blue"]
+
+
+def _causal_lm_run(folder: Path, out: Path, **options: Any) -> tuple[torch.nn.Module, list[float]]:
+    """Six LoRA steps of the causal-lm task on a tiny LLaMA; (model, loss of every step)."""
+    seed_everything(0)
+    task = task_for("causal-lm", folder)
+    rows = rows_from([{"prompt": a + " =>", "completion": b} for a, b in translation_rows(48, seed=1)], "train")
+    task.fit(rows)
+    model = task.load_model(str(folder))
+    dt.attach(model, dt.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    losses: list[float] = []
+    config = TrainConfig(output_dir=str(out), max_steps=6, batch_size=8, lr=1e-2, progress=False, log_every=1,
+                         **options)
+    original = task.loss
+
+    def recorded_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = original(model, batch)
+        losses.append(float(loss.detach()))
+        return loss
+
+    task.loss = recorded_loss  # type: ignore[method-assign]
+    Trainer(model, task, task.encode(rows), config=config).fit()
+    return model, losses
+
+
+def test_trainer_accelerate_option_trains_the_same_run_through_fused_kernels(tmp_path: Path) -> None:
+    tokenizer = word_tokenizer(tmp_path, "decoder")
+    llama_folder(tmp_path, len(tokenizer), tokenizer.eos_token_id)
+    _, stock = _causal_lm_run(tmp_path, tmp_path / "stock")
+    model, fused = _causal_lm_run(tmp_path, tmp_path / "fused", accelerate=True, retain_freed_memory=True)
+    assert "forward" in model.__dict__  # the instance runs the fused loss
+    assert len(stock) == len(fused) == 6
+    assert fused == pytest.approx(stock, rel=1e-4)
+    assert fused[-1] < fused[0]
+
+
+def test_trainer_accelerate_option_refuses_an_unsupported_model(tmp_path: Path) -> None:
+    bert_folder(tmp_path, len(minilm_tokenizer(tmp_path)))
+    task = task_for("token-cls", tmp_path)
+    task.fit(rows_from(ner_rows(8, 1)))
+    model = task.load_model(str(tmp_path))
+    dt.attach(model, dt.LoraConfig(r=4, target_modules="all-linear", task_type="TOKEN_CLS"))
+    with pytest.raises(dt.TargetError, match="dt.accelerate supports"):
+        Trainer(model, task, task.encode(rows_from(ner_rows(8, 1))),
+                config=TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1, batch_size=4, progress=False,
+                                   accelerate=True))
+    assert not any("forward" in m.__dict__ for m in model.modules())

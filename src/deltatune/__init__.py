@@ -28,7 +28,7 @@ from .methods.loraplus import loraplus_optimizer
 from .methods.vera import VeraConfig
 from . import quant
 from .errors import QuantError
-from .fast import accelerate, restore
+from .fast import accelerate, restore, retain_freed_memory
 from .quant import QuantConfig, quantize
 
 __version__ = "0.1.0"
@@ -62,6 +62,7 @@ __all__ = [
     "quant",
     "quantize",
     "restore",
+    "retain_freed_memory",
     "save",
     "set_active",
     "summary",

@@ -13,31 +13,18 @@ fills itself. Elsewhere (not Linux, not CPU, small buffers, THP off) it is a pla
 from __future__ import annotations
 
 import ctypes
-import sys
-from functools import cache
 
 import torch
 from torch import Tensor
+
+from ..libc import libc_function
 
 HUGE_PAGE = 1 << 21
 MADV_HUGEPAGE = 14  # linux/mman.h
 MIN_BYTES = 2 * HUGE_PAGE
 """Below this a buffer spans at most one whole huge page, or comes from glibc's heap (already
 faulted in), so advice would gain nothing."""
-
-
-@cache
-def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    """libc's ``madvise``, or None where it is not available."""
-    if sys.platform != "linux":
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    function.restype = ctypes.c_int
-    return function
+MADVISE_SIGNATURE = ((ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int)
 
 
 def empty_output(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -45,7 +32,8 @@ def empty_output(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor
     2-MiB-aligned interior is advised to use huge pages (a failed advice changes nothing)."""
     buffer = torch.empty(numel, dtype=dtype, device=device)
     nbytes = numel * buffer.element_size()
-    madvise = _madvise() if device.type == "cpu" and nbytes >= MIN_BYTES else None
+    wanted = device.type == "cpu" and nbytes >= MIN_BYTES
+    madvise = libc_function("madvise", *MADVISE_SIGNATURE) if wanted else None
     if madvise is not None:
         start = -(-buffer.data_ptr() // HUGE_PAGE) * HUGE_PAGE
         stop = (buffer.data_ptr() + nbytes) // HUGE_PAGE * HUGE_PAGE

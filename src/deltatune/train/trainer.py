@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 import shutil
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import TrainingError
+from ..fast import accelerate, retain_freed_memory
 from ..io import save
 from .checkpoint import latest_checkpoint, read_trainer_state, restore_adapters, rng_state, set_rng_state, write_checkpoint
 from .config import TrainConfig
@@ -136,6 +138,11 @@ class Trainer:
         self.evals_without_improvement = 0
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        if cfg.accelerate:
+            accelerate(model)  # refuses an unsupported model before changing anything
+        if cfg.retain_freed_memory and not retain_freed_memory():
+            warnings.warn("retain_freed_memory needs glibc (Linux); the allocator is left as it is",
+                          stacklevel=2)
 
     # -- state ---------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

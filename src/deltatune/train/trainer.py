@@ -136,10 +136,10 @@ class Trainer:
         self.step = 0
         self.best: float | None = None
         self.evals_without_improvement = 0
+        if cfg.accelerate:  # first: it refuses an unsupported model before anything changes it
+            accelerate(model)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        if cfg.accelerate:
-            accelerate(model)  # refuses an unsupported model before changing anything
         if cfg.retain_freed_memory and not retain_freed_memory():
             warnings.warn("retain_freed_memory needs glibc (Linux); the allocator is left as it is",
                           stacklevel=2)

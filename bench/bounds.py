@@ -13,7 +13,10 @@ bound-floor-lora  the floor's own step (stock forward + backward to the inputs),
                   six low-rank products per layer and AdamW: the best the LoRA path can do
                   without making the frozen base itself cheaper.
 
-LLaMA only: which layers need an input gradient is read off LLaMA's module names.
+The adapted layers are those LoRA targets in the benchmark ("all-linear": every nn.Linear and
+GPT-2 Conv1D but the output head). Which ones need no input gradient (they read the frozen
+embeddings) is read off the module names of the suite's three models. MiniLM's pooler acts on
+one token per sequence and is left out: leaving work out keeps a lower bound a lower bound.
 """
 
 from __future__ import annotations
@@ -22,17 +25,20 @@ from collections.abc import Callable
 from typing import Any
 
 BOUND_VARIANTS = ("bound-matmuls", "bound-floor-lora")
-# Layer 0's q/k/v read the (frozen) embeddings through a norm: nothing upstream trains, so a
-# LoRA step never needs the gradient of their input.
-NO_INPUT_GRAD = tuple(f"model.layers.0.self_attn.{p}_proj" for p in "qkv")
+HEADS = frozenset({"lm_head", "classifier"})  # output layers: frozen, never adapted
+# The first block's projections of the (frozen) embeddings: nothing upstream trains, so a LoRA
+# step never needs the gradient of their input (LLaMA, GPT-2, MiniLM names).
+NO_INPUT_GRAD = frozenset({*(f"model.layers.0.self_attn.{p}_proj" for p in "qkv"),
+                           "transformer.h.0.attn.c_attn",
+                           *(f"bert.encoder.layer.0.attention.self.{p}" for p in ("query", "key", "value"))})
 
 Product = Callable[[], Any]
 
 
 def bound_step(variant: str, model: Any, floor_step: Callable[[], Any], tokens: int,
                rank: int) -> Callable[[], None]:
-    """The step of a bound variant on ``model`` (a frozen LlamaForCausalLM); ``floor_step``
-    runs the floor's forward + backward (used by bound-floor-lora)."""
+    """The step of a bound variant on ``model`` (a frozen benchmark model); ``floor_step`` runs
+    the floor's forward + backward (used by bound-floor-lora)."""
     import torch
 
     if variant not in BOUND_VARIANTS:
@@ -41,15 +47,13 @@ def bound_step(variant: str, model: Any, floor_step: Callable[[], Any], tokens: 
     buffers = Buffers(tokens)
     products: list[Product] = []
     params: list[torch.nn.Parameter] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
+    for name, weight in dense_layers(model):
         input_grad = name not in NO_INPUT_GRAD
         if with_base:
-            products += base_products(buffers, module.weight.detach(), input_grad)
-        if name != "lm_head":
-            lora, adapter = lora_products(buffers, module.out_features, module.in_features, rank,
-                                          input_grad)
+            products += base_products(buffers, weight, input_grad)
+        if is_adapted(name):
+            out_dim, in_dim = weight.shape
+            lora, adapter = lora_products(buffers, out_dim, in_dim, rank, input_grad)
             products += lora
             params += adapter
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -62,6 +66,24 @@ def bound_step(variant: str, model: Any, floor_step: Callable[[], Any], tokens: 
         optimizer.step()
 
     return step
+
+
+def is_adapted(name: str) -> bool:
+    """Whether the benchmark's "all-linear" LoRA adapts this dense layer (the pooler: see above)."""
+    return name.split(".")[-1] not in HEADS and "pooler" not in name
+
+
+def dense_layers(model: Any) -> list[tuple[str, Any]]:
+    """(name, weight as (out, in)) of every nn.Linear and transformers Conv1D (stored (in, out))."""
+    import torch
+
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            found.append((name, module.weight.detach()))
+        elif type(module).__name__ == "Conv1D":
+            found.append((name, module.weight.detach().t()))
+    return found
 
 
 class Buffers:

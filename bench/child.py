@@ -18,7 +18,7 @@ variant   floor / base      the stock model with every parameter frozen ("floor"
                             quant, fp32 compute)``), ``prepare_model_for_kbit_training``, then
                             peft's LoRA; skipped where bitsandbytes is not installed
           deltatune-merged  the same LoRA, then ``dt.merge(model)`` (inference only)
-          bound-matmuls     the step's matrix products alone, preallocated (LLaMA; bounds.py)
+          bound-matmuls     the step's matrix products alone, preallocated (bounds.py)
           bound-floor-lora  the floor's step plus the low-rank products and AdamW alone
 mode      train     forward, loss, backward, AdamW step, zero_grad
           train-gc  the same with gradient checkpointing (non-reentrant), enabled on the base
@@ -111,8 +111,6 @@ class Spec:
         if (self.malloc == "retain") != all(os.environ.get(k) == v for k, v in MALLOC_RETAIN_ENV.items()):
             raise ValueError(f"malloc {self.malloc!r} needs this process's environment to "
                              f"{'have' if self.malloc == 'retain' else 'lack'} {MALLOC_RETAIN_ENV}")
-        if self.variant in BOUND_VARIANTS and self.arch != "llama":
-            raise ValueError(f"variant {self.variant!r} is defined for the llama arch only")
 
 
 def adapter_kwargs(spec: Spec) -> dict[str, Any]:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -71,3 +73,20 @@ def test_bound_products_compute_a_lora_layers_forward_and_gradients() -> None:
     torch.testing.assert_close(buf.get("dx", in_dim), x.grad)
     torch.testing.assert_close(a.grad * 2.0, a_ref.grad)  # the bound leaves s out of dA's scale
     torch.testing.assert_close(b.grad * 2.0, b_ref.grad)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bound_adapts_the_layers_deltatune_adapts(arch: str) -> None:
+    """The bound steps time the low-rank products of exactly the layers "all-linear" adapts."""
+    import deltatune as dt
+    from conftest import tiny_gpt2, tiny_llama
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bounds import dense_layers, is_adapted
+
+    model = tiny_llama() if arch == "llama" else tiny_gpt2()
+    bound_names = {name for name, _ in dense_layers(model) if is_adapted(name)}
+    dt.attach(model, dt.LoraConfig(r=4, target_modules="all-linear"))
+    adapted = {name.removesuffix(".deltas.default.A") for name, _ in model.named_parameters()
+               if name.endswith(".deltas.default.A")}
+    assert bound_names and bound_names == adapted

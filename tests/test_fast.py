@@ -70,13 +70,15 @@ def test_loss_and_grad_equal_cross_entropy(divisor: float | None, seed: int) -> 
         assert float(excess.max()) <= 0, (name, float(excess.max()))
 
 
-def test_loss_stays_finite_when_the_target_probability_underflows() -> None:
-    """Logits 300 apart: the target's fp32 probability is 0, yet the loss (about 300 per row) is
-    finite and equals the fp64 cross-entropy; the log-sum-exp comes from the largest probability."""
+@pytest.mark.parametrize("gap", [80.0, 95.0, 300.0])
+def test_loss_stays_exact_when_the_target_probability_underflows(gap: float) -> None:
+    """The target logit ``gap`` below the winner: its fp32 probability is normal (80), subnormal
+    (95) or 0 (300), yet the loss (about ``gap`` per row) equals the fp64 cross-entropy: the rows
+    whose probability underflowed are recomputed from their logits."""
     hidden = torch.zeros(3, 2)
     hidden[:, 0] = 1.0
     weight = torch.zeros(64, 2)
-    weight[5, 0], weight[9, 0] = 150.0, -150.0  # token 5 wins, token 9 is 300 below it
+    weight[5, 0], weight[9, 0] = gap / 2, -gap / 2  # token 5 wins, token 9 is gap below it
     labels = torch.tensor([9, 9, 5])
     got = LinearCrossEntropy.apply(hidden, weight, None, labels, 3.0)
     want = F.cross_entropy(F.linear(hidden.double(), weight.double()), labels)

@@ -11,7 +11,7 @@ import deltatune as dt
 from deltatune.fast import cross_entropy
 from deltatune.fast.cross_entropy import LinearCrossEntropy
 
-from conftest import perturb, state_hash, tiny_gpt2, tiny_llama, token_ids
+from conftest import perturb, state_hash, tiny_bert, tiny_gpt2, tiny_llama, token_ids
 
 
 @pytest.fixture(autouse=True)
@@ -123,6 +123,49 @@ def test_accelerated_llama_equals_stock(items: int | None) -> None:
     torch.testing.assert_close(model(**inputs).logits, model.eval()(**inputs).logits)
 
 
+def test_accelerated_gpt2_equals_stock() -> None:
+    """LoRA on GPT-2 (Conv1D, tied head, dropout on): the same loss and adapter gradients through
+    the fused loss and the fused tanh GELU; restore undoes both."""
+    model = tiny_gpt2()
+    dt.attach(model, dt.LoraConfig(r=4, target_modules="all-linear"))
+    perturb(model)
+    model.train()
+    gelus = [m for m in model.modules() if type(m).__name__ == "NewGELUActivation"]
+    ids = token_ids(batch=2, length=12)
+    torch.manual_seed(5)  # the same dropout masks in both passes
+    stock = loss_and_grads(model, input_ids=ids, labels=ids)
+    dt.accelerate(model)
+    assert gelus and all("forward" in m.__dict__ for m in gelus) and "forward" in model.__dict__
+    torch.manual_seed(5)
+    fast = loss_and_grads(model, input_ids=ids, labels=ids)
+    assert model(input_ids=ids, labels=ids).logits is None, "the fused loss ran"
+    assert fast.keys() == stock.keys() and len(stock) > 10
+    for name in stock:
+        torch.testing.assert_close(fast[name], stock[name], rtol=1e-5, atol=1e-6, msg=name)
+    dt.restore(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_fused_gelu_equals_gpt2s_gelu_new() -> None:
+    """F.gelu(tanh) against transformers' NewGELUActivation: values and gradients in fp32, and
+    gradcheck of the fused forward in fp64."""
+    from transformers.activations import NewGELUActivation
+
+    from deltatune.fast.gelu import fused_gelu_forward
+
+    stock = NewGELUActivation()
+    fused = fused_gelu_forward(NewGELUActivation())
+    x = (torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 4).requires_grad_()
+    want = stock(x)
+    (want_grad,) = torch.autograd.grad(want.sum(), x)
+    got = fused(x)
+    (got_grad,) = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(got_grad, want_grad, rtol=2e-6, atol=2e-6)
+    x64 = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fused, (x64,))
+
+
 def test_without_labels_and_with_an_adapted_head_it_is_the_stock_path() -> None:
     """No labels: logits as before. An adapter on lm_head: the loss is the stock one."""
     model = tiny_llama()
@@ -138,7 +181,7 @@ def test_without_labels_and_with_an_adapted_head_it_is_the_stock_path() -> None:
 
 
 def test_unsupported_model_is_refused_and_untouched() -> None:
-    model = tiny_gpt2()
+    model = tiny_bert()
     before = state_hash(model)
     with pytest.raises(dt.TargetError, match="dt.accelerate supports"):
         dt.accelerate(model)

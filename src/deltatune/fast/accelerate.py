@@ -3,8 +3,8 @@
 Each patch replaces the ``forward`` of one module instance (never the class), so ``restore``
 only has to delete the instance attribute, and models of the same class elsewhere in the
 process are untouched. Supported: the LLaMA family as transformers implements it (LLaMA,
-Mistral, Qwen2, Qwen3): the causal-LM loss over the vocabulary (``causal_lm``) and the
-RMSNorm layers (``rms_norm``).
+Mistral, Qwen2, Qwen3) and GPT-2: the causal-LM loss over the vocabulary (``causal_lm``), the
+RMSNorm layers (``rms_norm``) and GPT-2's tanh GELU (``gelu``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from torch import nn
 from .. import hf
 from ..errors import TargetError
 from .causal_lm import fused_loss_forward
+from .gelu import GELU_TANH_CLASSES, fused_gelu_forward
 from .rms_norm import fused_rms_norm_forward
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
 """Classes computing exactly ``weight * x * rsqrt(mean(x²) + variance_epsilon)``."""
 _PATCHED = "_deltatune_fast"
@@ -36,7 +37,7 @@ def accelerate(model: nn.Module) -> nn.Module:
     if kind not in SUPPORTED:
         raise TargetError(
             f"dt.accelerate supports the model types {SUPPORTED}, got {kind!r} ({type(model).__name__}). "
-            "Fix: train without it (everything else works the same), or use a LLaMA-family model."
+            "Fix: train without it (everything else works the same), or use a LLaMA-family or GPT-2 model."
         )
     for module, forward in _patches(model):
         _install(module, forward)
@@ -54,9 +55,15 @@ def restore(model: nn.Module) -> nn.Module:
 def _patches(model: nn.Module) -> list[tuple[nn.Module, Callable[..., Any]]]:
     """The modules to patch and their new forwards."""
     found: list[tuple[nn.Module, Callable[..., Any]]] = []
-    if hasattr(model, "lm_head") and hasattr(model, "model") and not _has_softcap(model):
+    prefix = getattr(model, "base_model_prefix", "")
+    if hasattr(model, "lm_head") and hasattr(model, prefix) and not _has_softcap(model):
         found.append((model, fused_loss_forward(model)))
-    found += [(m, fused_rms_norm_forward(m)) for m in model.modules() if type(m).__name__ in RMS_NORMS]
+    for module in model.modules():
+        kind = type(module).__name__
+        if kind in RMS_NORMS:
+            found.append((module, fused_rms_norm_forward(module)))
+        elif kind in GELU_TANH_CLASSES:
+            found.append((module, fused_gelu_forward(module)))
     return found
 
 

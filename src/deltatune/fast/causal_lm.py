@@ -21,7 +21,8 @@ from .cross_entropy import IGNORE_INDEX, LinearCrossEntropy
 
 
 def fused_loss_forward(model: nn.Module) -> Callable[..., Any]:
-    """The replacement ``forward`` for ``model``, a transformers ``*ForCausalLM`` with ``.model`` and ``.lm_head``."""
+    """The replacement ``forward`` for ``model``, a transformers causal LM with a plain decoder (its
+    ``base_model_prefix`` attribute: ``.model``, ``.transformer``) and ``.lm_head``."""
     stock = type(model).forward
     signature = inspect.signature(stock)
 
@@ -36,7 +37,7 @@ def fused_loss_forward(model: nn.Module) -> Callable[..., Any]:
         keeps_all = isinstance(keep, int) and keep == 0
         if labels is None or not keeps_all or type(head) is not nn.Linear:
             return stock(self, *args, **kwargs)
-        decoder: nn.Module = self.model  # type: ignore[assignment]
+        decoder: nn.Module = getattr(self, str(self.base_model_prefix))  # .model (LLaMA), .transformer (GPT-2)
         outputs = decoder(**given, **extra)
         hidden = outputs.last_hidden_state
         loss = causal_lm_loss(hidden, head, labels, extra.get("num_items_in_batch"),

@@ -39,7 +39,7 @@ class TrainConfig:
     max_grad_norm: float = _help("clip the gradient norm to this; 0 = no clipping", default=1.0)
     bf16: bool = _help("bf16 autocast for the forward pass (CPU and CUDA)", default=False)
     gradient_checkpointing: bool = _help("recompute activations in backward to save memory", default=False)
-    accelerate: bool = _help("fused kernels for the frozen base (dt.accelerate: LLaMA, Mistral, Qwen2, Qwen3): "
+    accelerate: bool = _help("fused kernels for the frozen base (dt.accelerate: LLaMA, Mistral, Qwen2, Qwen3, GPT-2): "
                              "results equal within fp32 rounding, faster steps, less memory", default=False)
     retain_freed_memory: bool = _help("keep freed memory mapped in this process (glibc only): fewer page "
                                       "faults per step, for a higher peak RSS", default=False)

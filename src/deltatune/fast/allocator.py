@@ -8,7 +8,7 @@ faults per step on the benchmark LLaMA (bench/child.py records them). With mmap 
 heap never trimmed, freed blocks stay mapped and the next step reuses them.
 
 The price is memory: the heap keeps its largest extent and its holes, so peak RSS grows (by
-15-20% on the benchmark LLaMA). The setting is process-wide (every library in the process
+20-25% on the benchmark LLaMA, 5% with ``dt.accelerate``, which allocates less; docs/speed.md). The setting is process-wide (every library in the process
 allocates through the same heap), affects only allocations made after it, and exists only on
 glibc (Linux); elsewhere it does nothing and says so. Equivalent environment settings for a
 program started fresh: ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``.

@@ -11,7 +11,8 @@ bound-matmuls     every matrix product a LoRA step needs and nothing else. Per f
                   activation, no loss. No fp32 step with this GEMM library can be faster.
 bound-floor-lora  the floor's own step (stock forward + backward to the inputs), then only the
                   six low-rank products per layer and AdamW: the best the LoRA path can do
-                  without making the frozen base itself cheaper.
+                  without making the frozen base itself cheaper. In inference mode: the base
+                  model's forward, then the two forward low-rank products per layer.
 
 The adapted layers are those LoRA targets in the benchmark ("all-linear": every nn.Linear and
 GPT-2 Conv1D but the output head). Which ones need no input gradient (they read the frozen
@@ -36,14 +37,17 @@ Product = Callable[[], Any]
 
 
 def bound_step(variant: str, model: Any, floor_step: Callable[[], Any], tokens: int,
-               rank: int) -> Callable[[], None]:
+               rank: int, training: bool = True) -> Callable[[], None]:
     """The step of a bound variant on ``model`` (a frozen benchmark model); ``floor_step`` runs
-    the floor's forward + backward (used by bound-floor-lora)."""
+    the floor's (or, not ``training``, the base's) step (used by bound-floor-lora). Not
+    training: forward products only, no AdamW (bound-floor-lora of an inference forward)."""
     import torch
 
     if variant not in BOUND_VARIANTS:
         raise ValueError(f"unknown bound variant {variant!r}; choose from {BOUND_VARIANTS}")
     with_base = variant == "bound-matmuls"
+    if with_base and not training:
+        raise ValueError("bound-matmuls is a training step; use bound-floor-lora for inference")
     buffers = Buffers(tokens)
     products: list[Product] = []
     params: list[torch.nn.Parameter] = []
@@ -53,17 +57,18 @@ def bound_step(variant: str, model: Any, floor_step: Callable[[], Any], tokens: 
             products += base_products(buffers, weight, input_grad)
         if is_adapted(name):
             out_dim, in_dim = weight.shape
-            lora, adapter = lora_products(buffers, out_dim, in_dim, rank, input_grad)
+            lora, adapter = lora_products(buffers, out_dim, in_dim, rank, input_grad, training)
             products += lora
             params += adapter
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if training else None
 
     def step() -> None:
         if not with_base:
             floor_step()
         for product in products:
             product()
-        optimizer.step()
+        if optimizer is not None:
+            optimizer.step()
 
     return step
 
@@ -117,10 +122,11 @@ def base_products(buf: Buffers, weight: Any, input_grad: bool) -> list[Product]:
     return found
 
 
-def lora_products(buf: Buffers, out_dim: int, in_dim: int, rank: int,
-                  input_grad: bool) -> tuple[list[Product], list[Any]]:
-    """The six low-rank products of one adapted layer (five without the input gradient), and
-    the adapter's A and B with their gradients preallocated."""
+def lora_products(buf: Buffers, out_dim: int, in_dim: int, rank: int, input_grad: bool,
+                  backward: bool = True) -> tuple[list[Product], list[Any]]:
+    """The six low-rank products of one adapted layer (five without the input gradient; the
+    two forward ones without ``backward``), and the adapter's A and B with their gradients
+    preallocated."""
     import torch
 
     scale = 2.0  # alpha = 2r, as in the benchmark; dA and dB leave it out (timing is the same)
@@ -134,10 +140,13 @@ def lora_products(buf: Buffers, out_dim: int, in_dim: int, rank: int,
     found: list[Product] = [
         lambda: torch.mm(x, at, out=h),
         lambda: y.addmm_(h, bt, alpha=scale),
-        lambda: torch.mm(gt, h, out=b.grad),
-        lambda: torch.mm(g, b.detach(), out=dh),
-        lambda: torch.mm(dht, x, out=a.grad),
     ]
-    if input_grad:
+    if backward:
+        found += [
+            lambda: torch.mm(gt, h, out=b.grad),
+            lambda: torch.mm(g, b.detach(), out=dh),
+            lambda: torch.mm(dht, x, out=a.grad),
+        ]
+    if backward and input_grad:
         found.append(lambda: dx.addmm_(dh, a.detach(), alpha=scale))
     return found, [a, b]

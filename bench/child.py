@@ -19,7 +19,8 @@ variant   floor / base      the stock model with every parameter frozen ("floor"
                             peft's LoRA; skipped where bitsandbytes is not installed
           deltatune-merged  the same LoRA, then ``dt.merge(model)`` (inference only)
           bound-matmuls     the step's matrix products alone, preallocated (bounds.py)
-          bound-floor-lora  the floor's step plus the low-rank products and AdamW alone
+          bound-floor-lora  the floor's step plus the low-rank products and AdamW alone (infer:
+                            the base's forward plus the forward low-rank products)
 mode      train     forward, loss, backward, AdamW step, zero_grad
           train-gc  the same with gradient checkpointing (non-reentrant), enabled on the base
                     model (with ``enable_input_require_grads``) before the adapter is attached
@@ -75,7 +76,7 @@ LIBRARY: dict[str, str | None] = {
 MODES: tuple[str, ...] = ("train", "train-gc", "infer")
 MALLOCS: tuple[str, ...] = ("default", "retain")
 INFER_ONLY = frozenset({"base", "deltatune-merged"})
-TRAIN_ONLY = frozenset({"floor", *BOUND_VARIANTS})
+TRAIN_ONLY = frozenset({"floor", "bound-matmuls"})
 
 
 @dataclass(frozen=True)
@@ -307,11 +308,12 @@ def measure(spec: Spec, shape: Shape, steps: int, warmup: int) -> dict[str, Any]
     if spec.training:  # one more untimed warm-up pass, that also checks the gradients
         missing, out_abs = check_grads(model, inputs), None
         step = partial(train_step, model, inputs, optimizer)
-        if spec.variant in BOUND_VARIANTS:
-            step = bound_step(spec.variant, model, step, shape.batch * shape.seq_len, spec.rank)
     else:
         missing, out_abs = None, logits_abs_mean(model, inputs)
         step = partial(infer_step, model, inputs)
+    if spec.variant in BOUND_VARIANTS:
+        step = bound_step(spec.variant, model, step, shape.batch * shape.seq_len, spec.rank,
+                          spec.training)
     losses = [step() for _ in range(warmup)]
     faults_before = minor_faults()
     timing, timed = time_calls(step, steps)

@@ -73,6 +73,8 @@ def test_bound_products_compute_a_lora_layers_forward_and_gradients() -> None:
     torch.testing.assert_close(buf.get("dx", in_dim), x.grad)
     torch.testing.assert_close(a.grad * 2.0, a_ref.grad)  # the bound leaves s out of dA's scale
     torch.testing.assert_close(b.grad * 2.0, b_ref.grad)
+    forward_only, _ = lora_products(buf, out_dim, in_dim, rank, input_grad=True, backward=False)
+    assert len(forward_only) == 2  # an inference forward: x·Aᵀ and the accumulated h·Bᵀ
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

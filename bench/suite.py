@@ -186,14 +186,14 @@ def all_groups(quick: bool, seq_lens: Sequence[int], ranks: Sequence[int],
     train = Spec(arch="llama", mode="train", quick=quick)
     lora = [("floor", {"variant": "floor"}), ("peft", {"variant": "peft"}),
             ("deltatune", {"variant": "deltatune"})]
+    fast = ("deltatune-fast", {"variant": "deltatune-fast"})
     bound_floor_lora = ("bound-floor-lora", {"variant": "bound-floor-lora"})
     return [
         side_by_side("llama", "LoRA training step, LLaMA", train,
-                     [*lora, ("deltatune-fast", {"variant": "deltatune-fast"}),
-                      *[(v, {"variant": v}) for v in BOUND_VARIANTS]], "floor"),
+                     [*lora, fast, *[(v, {"variant": v}) for v in BOUND_VARIANTS]], "floor"),
         side_by_side("llama-retain", "LoRA training step, LLaMA, every variant with glibc keeping "
                      "freed memory (dt.retain_freed_memory's setting)", replace(train, malloc="retain"),
-                     [*lora, ("deltatune-fast", {"variant": "deltatune-fast"})], "floor"),
+                     [*lora, fast], "floor"),
         side_by_side("llama-bf16", "LoRA training step, LLaMA in bf16 (fp32 adapters)",
                      replace(train, dtype="bfloat16"), lora, "floor"),
         side_by_side("llama-gc", "LoRA training step with gradient checkpointing, LLaMA",
@@ -209,7 +209,7 @@ def all_groups(quick: bool, seq_lens: Sequence[int], ranks: Sequence[int],
                                                     "bound-floor-lora")],
                      "base"),
         side_by_side("gpt2", "LoRA training step, GPT-2 (Conv1D)", replace(train, arch="gpt2"),
-                     [*lora, ("deltatune-fast", {"variant": "deltatune-fast"}), bound_floor_lora],
+                     [*lora, fast, bound_floor_lora],
                      "floor"),
         side_by_side("minilm", "LoRA training step, all-MiniLM-L6-v2 sequence classification",
                      replace(train, arch="minilm"), [*lora, bound_floor_lora], "floor"),

@@ -23,6 +23,11 @@ from .rms_norm import fused_rms_norm_forward
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
 """Classes computing exactly ``weight * x * rsqrt(mean(x²) + variance_epsilon)``."""
+MODULE_PATCHES: dict[str, Callable[[nn.Module], Callable[..., Any]]] = {
+    **dict.fromkeys(RMS_NORMS, fused_rms_norm_forward),
+    **dict.fromkeys(GELU_TANH_CLASSES, fused_gelu_forward),
+}
+"""Module class name -> the builder of its fused forward."""
 _PATCHED = "_deltatune_fast"
 
 
@@ -58,12 +63,8 @@ def _patches(model: nn.Module) -> list[tuple[nn.Module, Callable[..., Any]]]:
     prefix = getattr(model, "base_model_prefix", "")
     if hasattr(model, "lm_head") and hasattr(model, prefix) and not _has_softcap(model):
         found.append((model, fused_loss_forward(model)))
-    for module in model.modules():
-        kind = type(module).__name__
-        if kind in RMS_NORMS:
-            found.append((module, fused_rms_norm_forward(module)))
-        elif kind in GELU_TANH_CLASSES:
-            found.append((module, fused_gelu_forward(module)))
+    found += [(m, MODULE_PATCHES[type(m).__name__](m)) for m in model.modules()
+              if type(m).__name__ in MODULE_PATCHES]
     return found
 
 

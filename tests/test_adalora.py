@@ -25,7 +25,7 @@ from conftest import conv_net, perturb, tiny_bert, tiny_gpt2, tiny_llama, tiny_t
 from deltatune.errors import AdapterError, ConfigError, TargetError
 from test_peft_parity import assert_parity, config_json, inputs_for, output, tensor_shapes
 
-peft = pytest.importorskip("peft")
+import peft
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 SCHEDULE = {"init_r": 4, "target_r": 2, "total_step": 8, "tinit": 1, "tfinal": 2, "deltaT": 2}

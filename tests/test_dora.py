@@ -33,7 +33,7 @@ from test_battery import ALPHA, DTYPES, KINDS, R, Kind, Single, assert_close, bf
 from test_peft_parity import (Case, Saved, assert_parity, case_params, comparable, config_json,
                               inputs_for, max_diff, output, saved, tensor_shapes)
 
-peft = pytest.importorskip("peft")
+import peft
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -30,7 +30,7 @@ from conftest import TOLERANCES, close, conv_net, perturb, state_hash, tiny_bert
 from deltatune.layer import DeltaLayer
 from test_battery import Single
 
-peft = pytest.importorskip("peft")
+import peft
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 FP32_ATOL = TOLERANCES[torch.float32]["atol"]

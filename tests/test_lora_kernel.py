@@ -36,15 +36,14 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
                                   (3, 512, 512, 1), (256, 96, 80, 64)])
 def test_forward_rounds_as_peft_for_every_scale(scaling: float, dims: tuple[int, int, int, int]) -> None:
     """fp32 outputs equal peft's ``F.linear(x, W, b) + F.linear(F.linear(x, A), B) * s`` bit for
-    bit, whether the kernel accumulates into the base output (power-of-two scales on CPU) or adds
-    the scaled product (any other scale)."""
+    bit for every scale: the kernel runs the same operations in the same order, so the equality
+    holds whatever order a BLAS library accumulates a product in (on any CPU or thread count)."""
     tokens, fan_in, fan_out, rank = dims
     gen = torch.Generator().manual_seed(rank)
     x, weight, bias = (torch.randn(tokens, fan_in, generator=gen), torch.randn(fan_out, fan_in, generator=gen),
                        torch.randn(fan_out, generator=gen))
     a, b = torch.randn(rank, fan_in, generator=gen), torch.randn(fan_out, rank, generator=gen)
     peft_order = F.linear(x, weight, bias) + F.linear(F.linear(x, a), b) * scaling
-    assert lora_kernel.accumulates_exactly(peft_order, scaling) == (scaling in (0.25, 1.0, 2.0, 4.0))
     assert torch.equal(lora_kernel.LoraLinear.apply(x, weight, bias, a, b, scaling), peft_order)
 
 

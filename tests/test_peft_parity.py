@@ -29,7 +29,7 @@ from torch import Tensor, nn
 import deltatune as dt
 from conftest import TOLERANCES, conv_net, tiny_bert, tiny_gpt2, tiny_llama, tiny_opt, tiny_t5, token_ids
 
-peft = pytest.importorskip("peft")
+import peft
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -174,7 +174,7 @@ def test_paged_adamw_explains_what_it_needs(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_matches_bitsandbytes_adamw8bit_bit_for_bit() -> None:
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
     shapes = [(37, 300), (4096,), (20, 30)]  # a short last block, exactly 16 blocks, fp32 states (600 < 4096)
     ours = [nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
     theirs = [nn.Parameter(p.detach().clone()) for p in ours]

@@ -23,7 +23,7 @@ from conftest import tiny_bert, tiny_gpt2, tiny_llama
 from deltatune.layer import DeltaLayer, SavedModule
 from deltatune.targets import condense, is_saved_module, is_target, layer_index, nearest_names
 
-peft = pytest.importorskip("peft")
+import peft
 from peft.tuners.lora import LoraLayer  # noqa: E402
 from peft.tuners.tuners_utils import _find_minimal_target_modules, check_target_module_exists  # noqa: E402
 from peft.utils.other import ModulesToSaveWrapper  # noqa: E402

@@ -26,7 +26,7 @@ from deltatune.io import adapter_tensors
 from test_peft_parity import (assert_parity, config_json, inputs_for, output,
                               peft_extra, tensor_shapes)
 
-peft = pytest.importorskip("peft")
+import peft
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 PARITY = [

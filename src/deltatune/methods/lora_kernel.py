@@ -1,8 +1,8 @@
 """One autograd function for a dense linear layer plus one LoRA adapter.
 
-``y = x Wᵀ + b + s · (x Aᵀ) Bᵀ``, computed as the base product with the scaled low-rank term
-added into it in place, rounded as peft rounds it (outputs stay bit-identical; see
-``accumulates_exactly`` for the one case that accumulates into the base output directly). Backward
+``y = x Wᵀ + b + s · (x Aᵀ) Bᵀ``, computed with the operations peft uses, in its order (the base
+product, then ``(h Bᵀ)·s`` added to it), so outputs equal peft's by construction on any machine:
+no claim rests on how a BLAS library accumulates a product. Backward
 keeps only ``x`` and the rank-r hidden ``x Aᵀ`` (the frozen W, A and B are referenced, not
 copied) and computes, with ``g`` the output gradient and ``gB = g B``:
 
@@ -19,7 +19,6 @@ and without active dropout: the caller checks ``applies`` and otherwise takes th
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -37,19 +36,6 @@ def applies(x: Tensor, weight: Tensor, a: Tensor, b: Tensor) -> bool:
     adapter_ok = a.dtype == b.dtype and (a.dtype == x.dtype or (a.dtype == torch.float32 and x.dtype in HALF_DTYPES))
     return (x.is_floating_point() and x.dtype == weight.dtype and adapter_ok
             and not torch.is_autocast_enabled(x.device.type) and x.dim() >= 1)
-
-
-def accumulates_exactly(y: Tensor, scaling: float) -> bool:
-    """Whether ``y.addmm_(h, Bᵀ, alpha=s)`` rounds exactly as ``y + (h Bᵀ)·s`` (peft's order).
-
-    With s a power of two, ``s · (h Bᵀ)`` is exact, so both are one rounding of the same sum,
-    provided the product is accumulated the same way: measured true for fp32 on CPU (every shape
-    and power-of-two scale tried, ``tests/test_lora_kernel.py`` checks it with ``torch.equal``),
-    not for fp64 or bf16, and not checked on GPUs. Saves a full-size temporary per layer: 1% of
-    a training step on the benchmark LLaMA (in-process A/B, 12 pairs; docs/speed.md).
-    """
-    return (y.dtype == torch.float32 and y.device.type == "cpu" and scaling > 0
-            and math.frexp(scaling)[0] == 0.5)
 
 
 class LoraLinear(torch.autograd.Function):
@@ -85,10 +71,7 @@ def base_plus_low_rank(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor
     y = F.linear(x, weight, bias)
     hidden = F.linear(x.to(a.dtype), a)
     total = y.to(a.dtype)  # y itself when the dtypes agree
-    if accumulates_exactly(total, scaling):  # no full-size temporary for h Bᵀ
-        total.view(-1, total.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), b.t(), alpha=scaling)
-    else:  # y + (h Bᵀ)·s in peft's rounding order
-        total.add_(F.linear(hidden, b).mul_(scaling))
+    total.add_(F.linear(hidden, b).mul_(scaling))  # y + (h Bᵀ)·s: peft's operations in peft's order
     return total.to(y.dtype), hidden
 
 

@@ -182,13 +182,38 @@ def test_unmatched_modules_to_save_lists_close_names() -> None:
     assert snapshot(model) == before
 
 
-@pytest.mark.parametrize("name", ["a.b", "", 3])
+BAD_NAMES = ["a.b", "", 3, "training", "forward", "to", "cuda", "state_dict", "/tmp/elsewhere", "a/b", "..",
+             "a\nb", "a b", "-x", "a\\b"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
 def test_invalid_adapter_name(name: Any) -> None:
+    """Names that shadow nn.Module attributes, or that would make a save write outside its folder,
+    are refused before anything changes (they used to leave an empty wrapper behind)."""
     model = tiny_llama()
     before = snapshot(model)
     with pytest.raises(dt.AdapterError, match="name"):
         dt.attach(model, lora(), name=name)
     assert snapshot(model) == before
+    assert not any("base_layer" in key for key in model.state_dict())
+
+
+@pytest.mark.parametrize("name", ["training", "/tmp/elsewhere", "a\nb"])
+def test_invalid_name_on_load_changes_nothing(adapter_dir: Path, name: str) -> None:
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(dt.AdapterError, match="name"):
+        dt.load(model, adapter_dir, name=name)
+    assert snapshot(model) == before
+
+
+@pytest.mark.parametrize("name", ["default", "task-b", "lang_en", "v2", "日本語"])
+def test_valid_names_save_inside_the_folder(tmp_path: Path, name: str) -> None:
+    model = tiny_llama()
+    dt.attach(model, lora(), name=name)
+    dt.save(model, tmp_path / "out")
+    written = [p for p in tmp_path.rglob("adapter_config.json")]
+    assert len(written) == 1 and written[0].is_relative_to(tmp_path / "out")
 
 
 def test_attach_under_a_taken_name() -> None:

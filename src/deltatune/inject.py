@@ -19,7 +19,7 @@ from .config import DeltaConfig, TargetedConfig
 from .errors import AdapterError, TargetError
 from .layer import Delta, DeltaLayer, ModelDelta, SavedModule, adapter_dtype
 from .registry import method_for
-from .state import STATE_ATTR, delta_layers, logical_modules, parent_of, set_active, state_of
+from .state import STATE_ATTR, check_name, delta_layers, logical_modules, parent_of, set_active, state_of
 from .targets import ALL_LINEAR, condense, is_target, nearest_names
 
 
@@ -35,6 +35,8 @@ class AttachPlan:
     base_weights: dict[str, Tensor] = field(default_factory=dict)
     """Replacement canonical weights for inits that move part of W into the delta."""
     model_delta: ModelDelta | None = None
+    base_writes: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    """Base tensors a loaded file overwrites (embedding tables, trained biases): name -> (target, value)."""
 
     def parameters(self) -> list[nn.Parameter]:
         modules = [*self.deltas.values(), *self.saved.values(), *([self.model_delta] if self.model_delta else [])]
@@ -42,8 +44,7 @@ class AttachPlan:
 
 
 def _check_name(model: nn.Module, name: str) -> None:
-    if not isinstance(name, str) or not name or "." in name:
-        raise AdapterError(f"adapter name {name!r} is invalid: use a non-empty string without dots, e.g. 'default'")
+    check_name(name)
     existing = model.__dict__.get(STATE_ATTR)
     if existing is not None and name in existing.configs:
         raise AdapterError(
@@ -198,6 +199,8 @@ def apply(model: nn.Module, attach_plan: AttachPlan) -> None:
         wrapper.copies[attach_plan.name] = clone
         wrapper.training = wrapper.original_module.training
     state.configs[attach_plan.name] = attach_plan.config
+    for target, value in attach_plan.base_writes.values():
+        state.record_base_write(attach_plan.name, target, value)
     if attach_plan.model_delta is not None:
         state.model_deltas[attach_plan.name] = attach_plan.model_delta
     _freeze_base(model)
@@ -278,5 +281,6 @@ def remove(model: nn.Module, name: str) -> None:
     part = state.model_deltas.pop(name, None)
     if part is not None:
         part.switch(model, False)
+    state.undo_base_writes(name)
     del state.configs[name]
     set_active(model, tuple(n for n in state.active if n != name))

@@ -5,14 +5,15 @@ A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` whose k
 adapter named "default" goes in the folder itself and every other one in a subfolder named
 after it, as peft does. Only safetensors is read: nothing from an adapter folder is ever
 unpickled. Loading checks every key and shape before the model is touched, so a bad file
-leaves the model exactly as it was; each file is written to a temporary name and renamed.
+leaves the model exactly as it was. A save replaces a folder's files all or nothing (``files``):
+killed at any moment, the folder holds the old adapter or the new one, whole, once any deltatune
+call has looked at it again.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,11 @@ from torch import Tensor, nn
 from . import hf
 from .config import DeltaConfig, TargetedConfig
 from .errors import AdapterFileError, ConfigError
+from .files import recover, replace_files
 from .inject import AttachPlan, apply, plan, trainable_biases
 from .layer import Delta
 from .registry import method_named
-from .state import delta_layers, saved_modules, state_of
+from .state import check_name, delta_layers, saved_modules, state_of
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -39,8 +41,11 @@ PEFT_ARTIFACTS = ("original_module", "modules_to_save")
 
 
 def adapter_folder(directory: Path, name: str) -> Path:
-    """Where adapter ``name`` lives in a saved folder: the root for "default", else a subfolder (as peft)."""
-    return directory if name == "default" else directory / name
+    """Where adapter ``name`` lives in a saved folder: the root for "default", else a subfolder (as peft).
+
+    The name is checked again here: whatever it is, the folder stays inside ``directory``.
+    """
+    return directory if name == "default" else directory / check_name(name)
 
 
 def _by_module_path(deltas: Mapping[str, Delta], copies: Mapping[str, nn.Module],
@@ -77,44 +82,21 @@ def config_dict(model: nn.Module, name: str) -> dict[str, Any]:
     return dict(sorted(data.items()))
 
 
-def _write_files(folder: Path, writers: dict[str, Any]) -> None:
-    """Write every file to a temporary name in ``folder`` first, then rename them all into place.
-
-    ``writers`` maps a file name to ``write(tmp_path)``. A failure while writing leaves the old
-    files untouched and no temporary file behind; only the renames, which do not fail in
-    practice on one filesystem, happen after the first new file is in place.
-    """
-    staged: dict[str, str] = {}
-    try:
-        for name, write in writers.items():
-            handle, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-            os.close(handle)
-            staged[name] = tmp
-            write(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        for name, tmp in staged.items():
-            os.replace(tmp, folder / name)
-    finally:
-        for tmp in staged.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-
 def save(model: nn.Module, directory: str | os.PathLike[str], names: Sequence[str] | None = None) -> Path:
     """Save adapters (all by default) as peft-format folders under ``directory``; returns it."""
     state = state_of(model)
     root = Path(directory)
+    if root.exists() and not root.is_dir():
+        raise AdapterFileError(f"cannot save adapters to {root}: it is a file, not a folder. Pass a folder path.")
     for name in list(state.configs) if names is None else names:
         state.require(name)
         folder = adapter_folder(root, name)
-        folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in adapter_tensors(model, name, saving=True).items()}
         text = json.dumps(config_dict(model, name), indent=2) + "\n"
-        _write_files(folder, {
+        replace_files(folder, {
             WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
-            CONFIG_NAME: lambda p: Path(p).write_text(text, encoding="utf-8"),
-        })
+            CONFIG_NAME: lambda p: p.write_text(text, encoding="utf-8"),
+        }, first=CONFIG_NAME)
     return root
 
 
@@ -160,6 +142,7 @@ def read_tensors(folder: Path) -> dict[str, Tensor]:
         raise AdapterFileError(f"{path} is not a readable safetensors file ({err}); the file is corrupt.") from err
 
 
+
 def _base_params(model: nn.Module) -> dict[str, nn.Parameter]:
     """Base parameters by their name in a model without wrappers (what peft's keys reduce to)."""
     out = {}
@@ -171,45 +154,60 @@ def _base_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-def _base_overrides(model: nn.Module, config: DeltaConfig) -> dict[str, nn.Parameter]:
-    """Base parameters a peft file may carry: trained biases, and the embedding tables peft
-    writes (``save_embedding_layers="auto"``) when embeddings are targeted or resized."""
+def _base_overrides(model: nn.Module, attach_plan: AttachPlan) -> dict[str, nn.Parameter]:
+    """Base parameters a peft file may carry for this config: the biases it trains, and the
+    full table of an embedding it targets (peft's ``save_embedding_layers="auto"``)."""
+    config = attach_plan.config
     uses_bias = isinstance(config, TargetedConfig) and config.trained_biases() != "none"
-    tables = {id(getattr(m, "weight", None)) for m in hf.embedding_modules(model)}
+    targeted = {id(view.weight) for view in attach_plan.views.values()}
+    tables = {id(getattr(m, "weight", None)) for m in hf.embedding_modules(model)} & targeted
     return {name: p for name, p in _base_params(model).items()
             if (uses_bias and name.endswith("bias")) or id(p) in tables}
 
 
-def _match(model: nn.Module, attach_plan: AttachPlan, tensors: dict[str, Tensor], source: Path) -> list[tuple[Tensor, Tensor]]:
-    """Pair every file tensor with the planned (or base) tensor it fills; raise on any mismatch."""
+def _is_saved_module_artifact(key: str, attach_plan: AttachPlan) -> bool:
+    """Whether ``key`` is a copy peft writes beside a saved module (its ``original_module`` or
+    ``modules_to_save`` bias under bias="all") of a module this adapter does save."""
+    parts = key.split(".")
+    cut = next((i for i, p in enumerate(parts[:-1]) if p in PEFT_ARTIFACTS), None)
+    return cut is not None and ".".join(parts[:cut]) in attach_plan.saved
+
+
+def _match(model: nn.Module, attach_plan: AttachPlan, tensors: dict[str, Tensor],
+           source: Path) -> list[tuple[Tensor, Tensor]]:
+    """Pair every file tensor with the planned tensor it fills (returned) or the base tensor it
+    overwrites (put in ``attach_plan.base_writes``, for ``apply`` to write and removal to undo);
+    raise on any key the config does not account for, or any shape mismatch."""
     expected = {PREFIX + k: t for k, t in _by_module_path(attach_plan.deltas, attach_plan.saved).items()}
     expected.update(attach_plan.model_delta.tensors() if attach_plan.model_delta is not None else {})
-    base = _base_overrides(model, attach_plan.config)
+    base = _base_overrides(model, attach_plan)
     pairs, unexpected = [], []
     for file_key, value in tensors.items():
         target = expected.pop(file_key, None)
-        if target is None and not file_key.startswith(PREFIX):
-            unexpected.append(file_key)
+        key = file_key[len(PREFIX):] if file_key.startswith(PREFIX) else None
+        if target is None and key is not None and _is_saved_module_artifact(key, attach_plan):
             continue
-        key = file_key[len(PREFIX):]
-        if target is None and any(p in PEFT_ARTIFACTS for p in key.split(".")[:-1]):
-            continue
-        if target is None:
-            target = base.get(key.replace(".base_layer.", "."))
+        base_key = key.replace(".base_layer.", ".") if target is None and key is not None else None
+        if base_key is not None:
+            target = base.get(base_key)
         if target is None:
             unexpected.append(file_key)
-        elif target.shape != value.shape:
+            continue
+        if target.shape != value.shape:
             raise AdapterFileError(
                 f"{source}: tensor {file_key!r} has shape {tuple(value.shape)} but the model needs "
                 f"{tuple(target.shape)} there (check r, rank_pattern and that this adapter was made for this model). "
                 "The model was left unchanged."
             )
+        if base_key is not None:
+            attach_plan.base_writes[base_key] = (target, value)
         else:
             pairs.append((target, value))
     if unexpected:
         raise AdapterFileError(
-            f"{source}: {len(unexpected)} tensor(s) match nothing in the model, e.g. {unexpected[:3]}; the adapter "
-            "was made for a different model or config. The model was left unchanged."
+            f"{source}: {len(unexpected)} tensor(s) that the config does not account for, e.g. {unexpected[:3]}. "
+            "Either the adapter was made for a different model or config, or the file carries base weights "
+            "(such as an embedding table) for modules the config does not target. The model was left unchanged."
         )
     if expected:
         raise AdapterFileError(
@@ -227,6 +225,7 @@ def load(model: nn.Module, directory: str | os.PathLike[str], name: str = "defau
     Every check happens before the model changes: on any error the model is as it was.
     """
     folder = Path(directory)
+    recover(folder)  # a save killed past its commit point is finished first
     config = read_config(folder).replace(inference_mode=not trainable)
     tensors = read_tensors(folder)
     attach_plan = plan(model, config, name)

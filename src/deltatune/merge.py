@@ -50,7 +50,9 @@ def unload(model: nn.Module, merge: bool = True, requantize: bool = False) -> nn
     a dense layer in the compute dtype, for every quantized layer of the model, so the result is
     a dense model; ``requantize=True`` quantizes the merged weights again instead (lossy; a
     warning gives the measured error) and leaves layers without adapters as they are. Dense
-    layers ignore ``requantize``. With ``merge=False`` the original model comes back.
+    layers ignore ``requantize``. With ``merge=False`` the original model comes back, including
+    base tensors (embedding tables, biases) that loading an adapter file overwrote; with
+    ``merge=True`` only the active adapters' such writes stay.
     """
     state = state_of(model)
     if merge:
@@ -68,6 +70,9 @@ def unload(model: nn.Module, merge: bool = True, requantize: bool = False) -> nn
         setattr(parent, child, module.current() if merge else module.original_module)
     if merge:
         _replace_unadapted(model, requantize)
+    for name in reversed(list(state.base_writes)):  # what loads wrote into the base, newest first
+        if not merge or name not in state.active:
+            state.undo_base_writes(name)
     drop_state(model)
     return model
 

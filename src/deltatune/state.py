@@ -7,16 +7,48 @@ the bookkeeping below.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .config import DeltaConfig
 from .errors import AdapterError
 from .layer import DeltaLayer, ModelDelta, SavedModule
 
 STATE_ATTR = "deltatune_state"
+NAME_PATTERN = re.compile(r"[^\W][\w\-]*")
+"""Letters, digits, ``_`` and ``-``, not starting with ``-``: a name is also a folder name on save."""
+
+
+def check_name(name: object) -> str:
+    """``name`` if it can name an adapter, else an AdapterError saying why and what to use.
+
+    A name becomes a folder under the save directory and a key of every wrapper's module dict,
+    so it may not hold path separators, dots or control characters, nor shadow an attribute of
+    ``nn.Module`` (``training``, ``forward``, ``to``, ...).
+    """
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise AdapterError(
+            f"adapter name {name!r} is invalid: use letters, digits, '_' and '-' only (no dots, slashes, "
+            "spaces or control characters; it becomes a folder name on save), e.g. 'default' or 'task-b'"
+        )
+    if hasattr(nn.ModuleDict(), name):
+        raise AdapterError(
+            f"adapter name {name!r} is invalid: it is an attribute of torch.nn.Module and cannot key the "
+            f"adapter's modules; pick another, e.g. {name + '_adapter'!r}"
+        )
+    return name
+
+
+@dataclass
+class BaseWrite:
+    """A base tensor that loading an adapter overwrote, and the value it held before."""
+
+    target: Tensor
+    before: Tensor
 
 
 @dataclass
@@ -27,6 +59,29 @@ class ModelState:
     active: tuple[str, ...] = ()
     model_deltas: dict[str, ModelDelta] = field(default_factory=dict)
     """The model-level part of the adapters whose method has one, by adapter name."""
+    base_writes: dict[str, list[BaseWrite]] = field(default_factory=dict)
+    """Base tensors each adapter's load overwrote (embedding tables, biases), to undo on removal."""
+
+    def record_base_write(self, name: str, target: Tensor, value: Tensor) -> None:
+        """Write ``value`` into the base tensor ``target`` for adapter ``name``, keeping what it held."""
+        with torch.no_grad():
+            self.base_writes.setdefault(name, []).append(BaseWrite(target, target.detach().clone()))
+            target.copy_(value)
+
+    def undo_base_writes(self, name: str) -> None:
+        """Undo what adapter ``name``'s load wrote into the base.
+
+        Where a later adapter overwrote the same tensor, that adapter's value stays live and it
+        inherits the value from before ``name``, so removing both in any order restores the base.
+        """
+        later = list(self.base_writes)[list(self.base_writes).index(name) + 1:] if name in self.base_writes else []
+        for write in self.base_writes.pop(name, []):
+            heir = next((w for n in later for w in self.base_writes[n] if w.target is write.target), None)
+            if heir is not None:
+                heir.before = write.before
+                continue
+            with torch.no_grad():
+                write.target.copy_(write.before)
 
     def switch_model_deltas(self, model: nn.Module, active: tuple[str, ...]) -> None:
         """Switch off the model-level parts of inactive adapters, then on those of ``active`` in order."""

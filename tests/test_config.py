@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import deltatune as dt
 from deltatune.config import TASK_TYPES
 
-peft = pytest.importorskip("peft")
+import peft
 
 PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -333,25 +333,63 @@ def test_unimplemented_field_in_file_is_refused_with_its_name() -> None:
             dt.LoraConfig.from_peft_dict(dt.LoraConfig().to_peft_dict() | {key: True})
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=False) | st.text(max_size=5),
+VALID_WORDS = ("none", "all", "lora_only", "gaussian", "pissa", "olora", "pissa_niter_2", "q_proj", "LORA",
+               *TASK_TYPES)
+"""Strings some fields accept, so the fuzzer also reaches the accepting path for string-valued fields."""
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=False) | st.text(max_size=5)
+                    | st.sampled_from(VALID_WORDS),
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
                     max_leaves=6)
-FUZZED_KEYS = sorted(dt.LoraConfig().to_peft_dict())
+FUZZ_BASE = dt.LoraConfig(r=4, target_modules=["q_proj"]).to_peft_dict()
+FUZZED_KEYS = sorted(FUZZ_BASE)
+
+
+def _switched_off(value: Any) -> bool:
+    """peft's "feature off" values, which deltatune accepts for the peft features it lacks."""
+    return value is None or value is False or value == {} or value == [] or value == ""
+
+
+def _as_written(key: str, value: Any) -> Any:
+    """What ``to_peft_dict`` writes back for an accepted ``key: value`` read from a file."""
+    if key in dt.LoraConfig.peft_ignored:  # no effect in deltatune: written with peft's default
+        return dt.LoraConfig.peft_ignored[key]
+    if key in dt.LoraConfig.peft_unsupported:  # accepted only while off: written with peft's default
+        return dt.LoraConfig.peft_unsupported[key]
+    if key in ("target_modules", "exclude_modules") and isinstance(value, list) and all(
+            isinstance(v, str) and v for v in value):
+        return sorted(set(value))  # peft keeps these name lists as sets
+    return value
 
 
 @PROPERTY
+@example("r", 1)  # a valid value: the old test expected r == 4 whatever was injected
+@example("alpha_pattern", {"(": 1})  # an invalid key in alpha_pattern was reported as rank_pattern
+@example("use_qalora", 0)  # 0 == False: peft's default, so accepted
+@example("layer_replication", [[0, 1]])
+@example("megatron_core", [1, {"x": None}])
+@example("peft_type", "IA3")
 @given(st.sampled_from(FUZZED_KEYS), JSON)
 def test_any_json_value_gives_a_config_or_a_deltatune_error(key: str, value: Any) -> None:
-    """A hand-edited adapter_config.json never crashes with a stray AttributeError / TypeError."""
-    data = dt.LoraConfig(r=4, target_modules=["q_proj"]).to_peft_dict() | {key: value}
+    """A hand-edited adapter_config.json gives the config it describes, or a deltatune error naming the
+    key; never a stray AttributeError / TypeError, and never a config that silently differs."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            config = dt.LoraConfig.from_peft_dict(data)
+            config = dt.LoraConfig.from_peft_dict(FUZZ_BASE | {key: value})
         except dt.DeltatuneError as err:
             assert key in str(err)
+            assert key not in dt.LoraConfig.peft_ignored, "keys with no effect accept any value"
+            if key in dt.LoraConfig.peft_unsupported:  # refused only while switched on
+                assert isinstance(err, dt.AdapterFileError)
+                assert not _switched_off(value) and value != dt.LoraConfig.peft_unsupported[key]
+            elif key == "peft_type":
+                assert isinstance(err, dt.AdapterFileError) and value != "LORA"
+            else:  # a field: the error is about that field, not another one
+                assert isinstance(err, dt.ConfigError) and err.field == key
             return
-    assert json.loads(json.dumps(config.to_peft_dict()))["r"] == 4
+    # Accepted: the injected value is kept (as peft would write it back) and nothing else changed.
+    written = json.loads(json.dumps(config.to_peft_dict()))
+    assert written == FUZZ_BASE | {key: _as_written(key, value)}
 
 
 def test_wrong_peft_type_is_refused() -> None:

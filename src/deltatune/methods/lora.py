@@ -9,7 +9,8 @@ A zero, B normal, as peft does), so the adapter starts as the identity; "gaussia
 with std 1/r, B zero; False = both random (for tests); "pissa" / "pissa_niter_K" = the top-r
 singular triplets of W split between B and A, and W replaced by its residual (Meng et al.
 2024); "olora" = the first r columns of Q and rows of R of W = QR, W replaced by its residual
-(Büyükakyüz 2024). Parameter count per layer: ``r * (in * prod(kernel) + out)``.
+(Büyükakyüz 2024); both need r <= min(out, in) (a ConfigError while planning otherwise).
+Parameter count per layer: ``r * (in * prod(kernel) + out)``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from ..bases import BaseLayer
 from ..config import DeltaConfig, TargetedConfig
-from ..errors import TargetError
+from ..errors import ConfigError, TargetError
 from ..layer import Delta, ModelDelta
 from ..registry import Method, register
 from . import lora_kernel
@@ -90,8 +91,9 @@ class LoraConfig(TargetedConfig):
                    "every rank in the pattern must be a positive integer", "pass e.g. {'q_proj': 16}")
         self.check(all(_is_number(v) for v in self.alpha_pattern.values()), "alpha_pattern",
                    "every alpha in the pattern must be a number", "pass e.g. {'q_proj': 32}")
-        for key in (*self.rank_pattern, *self.alpha_pattern):
-            _check_regex(self, key)
+        for field in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, field):
+                _check_regex(self, field, key)
 
     def trained_biases(self) -> str:
         return {"none": "none", "all": "all", "lora_only": "adapted"}[self.bias]
@@ -102,6 +104,11 @@ class LoraConfig(TargetedConfig):
         alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, key), self.lora_alpha)
         return int(r), float(alpha)
 
+    def rank_pattern_entry(self, key: str) -> str | None:
+        """The rank_pattern key that sets the rank of the module named ``key``, or None when ``r`` does."""
+        entry = _pattern_key(self.rank_pattern, key)
+        return entry if entry in self.rank_pattern else None
+
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -111,16 +118,25 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_regex(config: LoraConfig, key: str) -> None:
-    try:
-        re.compile(key)
-    except re.error as err:
-        config.check(False, "rank_pattern", f"the key {key!r} is not a valid regular expression ({err})",
-                     "use module names or valid regular expressions as keys")
+def _check_regex(config: LoraConfig, field: str, key: object) -> None:
+    """``key`` of the pattern mapping ``field`` must be a string that compiles as a regular expression."""
+    why = f"the key {key!r} is not a string"
+    if isinstance(key, str):
+        try:
+            re.compile(key)
+            return
+        except re.error as err:
+            why = f"the key {key!r} is not a valid regular expression ({err})"
+    config.check(False, field, why, "use module names or valid regular expressions as keys")
 
 
 def _pattern_key(patterns: Mapping[str, Any], key: str) -> str:
     return next((p for p in patterns if re.match(rf"(.*\.)?({p})$", key)), key)
+
+
+def _takes_weight(init: bool | str) -> bool:
+    """Whether ``init`` builds A and B from the layer's weight (PiSSA, OLoRA)."""
+    return init in ("pissa", "olora") or (isinstance(init, str) and init.startswith("pissa_niter_"))
 
 
 class LoraDelta(Delta):
@@ -178,7 +194,7 @@ class LoraDelta(Delta):
     @torch.no_grad()
     def initialize(self, init: bool | str) -> None:
         """Fill A and B per ``init_lora_weights`` (see the module docstring)."""
-        if init in ("pissa", "olora") or (isinstance(init, str) and init.startswith("pissa_niter_")):
+        if _takes_weight(init):
             self._init_from_weight(str(init))
         elif self.base.kind == "embedding":
             nn.init.zeros_(self.A) if init is not False else nn.init.normal_(self.A)
@@ -215,6 +231,7 @@ class LoraDelta(Delta):
 def make_lora(base: BaseLayer, config: DeltaConfig, key: str, shared: ModelDelta | None = None) -> LoraDelta:
     assert isinstance(config, LoraConfig)
     r, alpha = config.rank_and_alpha(key)
+    _check_rank_fits(base, config, key, r)
     scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
     if config.use_dora:
         from .dora import make_dora  # dora.py builds on this module
@@ -223,6 +240,29 @@ def make_lora(base: BaseLayer, config: DeltaConfig, key: str, shared: ModelDelta
     delta = LoraDelta(base, r, scaling, config.lora_dropout)
     delta.initialize(config.init_lora_weights)
     return delta
+
+
+def _check_rank_fits(base: BaseLayer, config: LoraConfig, key: str, r: int) -> None:
+    """PiSSA and OLoRA take r directions (singular vectors, columns of Q) from a weight that has
+    only min(out, in) of them. Refuse a larger r here, while ``inject.plan`` builds the deltas and
+    the model is still untouched. peft instead silently shrinks A and B to min(out, in), which
+    leaves tensors that do not match the config's r."""
+    init = config.init_lora_weights
+    out, fan_in = base.out_features, base.in_features
+    limit = min(out, fan_in)
+    if not _takes_weight(init) or base.kind != "linear" or r <= limit:
+        return  # other kinds: _init_from_weight raises its own TargetError
+    why = (f"init_lora_weights={init!r} takes the adapter's {r} directions from the weight of layer {key!r} "
+           f"({base.describe()}, weight shape (out, in) = ({out}, {fan_in})), which has only min({out}, {fan_in}) "
+           f"= {limit}")
+    name = type(config).__name__
+    entry = config.rank_pattern_entry(key)
+    if entry is None:
+        raise ConfigError(name, "r", r, why, f"lower r to at most {limit}, or give this layer a smaller rank with "
+                                             f"rank_pattern={{{key!r}: {limit}}}")
+    raise ConfigError(name, "rank_pattern", {entry: r}, f"{why} (the rank_pattern entry {entry!r} sets its rank)",
+                      f"lower that entry to at most {limit}, or put an entry for this layer before it, "
+                      f"e.g. rank_pattern={{{key!r}: {limit}, ...}}")
 
 
 def finalize_lora(config: DeltaConfig, views: Mapping[str, BaseLayer]) -> DeltaConfig:

@@ -3,7 +3,8 @@
 Every ``nn.Linear`` and transformers ``Conv1D`` (GPT-2; its ``(in, out)`` weight is transposed
 first, as transformers does when it loads GPT-2 in 4 bits) is quantized, except the modules the
 config skips (by default the output head). The replacements are all built before the first one
-is swapped in, so a failure leaves the model as it was. ``prepare_for_training`` then does what
+is swapped in, so a failure leaves the model as it was; a weight holding NaN or inf is refused
+(it would turn its whole layer to NaN). ``prepare_for_training`` then does what
 peft's ``prepare_model_for_kbit_training`` does for a frozen 4-bit base: freeze every
 parameter, keep unquantized parameters (norms above all) in fp32, and make the
 input embeddings' output require grad, because gradient checkpointing only recomputes segments
@@ -35,11 +36,14 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     if skip is None:
         head = hf.output_head_name(model, None)
         skip = (head,) if head else ()
-    new = {name: _quantized(name, module, config) for name, module in model.named_modules()
-           if _is_dense_linear(module) and not _skipped(name, skip)}
-    if not new:
+    targets = {name: module for name, module in model.named_modules()
+               if _is_dense_linear(module) and not _skipped(name, skip)}
+    if not targets:
         raise QuantError(f"quantize found no linear layer to quantize (skip_modules={list(skip)}); "
                          "the model has no nn.Linear or transformers Conv1D outside the skipped modules")
+    for name, module in targets.items():  # every layer before quantizing any: a bad one fails fast
+        _check_finite(name, module.weight, skip)
+    new = {name: _quantized(name, module, config) for name, module in targets.items()}
     for name, layer in new.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
@@ -55,6 +59,23 @@ def _is_dense_linear(module: nn.Module) -> bool:
 
 def _skipped(name: str, skip: tuple[str, ...]) -> bool:
     return any(name == s or name.endswith(f".{s}") for s in skip)
+
+
+def _check_finite(name: str, weight: Tensor, skip: tuple[str, ...]) -> None:
+    """Refuse NaN/inf: a block's absmax scales all its values, and double quantization shares
+    scales across blocks, so one inf turns thousands of weights into NaN, silently."""
+    bad = ~torch.isfinite(weight.detach())
+    count = int(bad.sum())
+    if count == 0:
+        return
+    flat = int(bad.reshape(-1).nonzero()[0])
+    index = [int(i) for i in torch.unravel_index(torch.tensor(flat), weight.shape)]
+    value = weight.detach().reshape(-1)[flat].item()
+    raise QuantError(
+        f"cannot quantize {name!r}: its weight (shape {list(weight.shape)}) holds {count} non-finite "
+        f"value{'s' if count > 1 else ''}, the first {value} at weight{index}; quantizing would spread NaN over "
+        "the layer. Nothing was changed. Fix: load or repair finite weights (check for an fp16 overflow), "
+        f"or leave the layer dense with QuantConfig(skip_modules={[*skip, name]})")
 
 
 def _quantized(name: str, module: nn.Module, config: QuantConfig) -> Linear4bit:

@@ -188,6 +188,10 @@ def test_kill_during_training_then_resume_gives_the_straight_result(
     resumed = load_file(killed / "adapter" / "adapter_model.safetensors")
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    # the log reads as one run: what the killed run logged after its checkpoint is not repeated, tokens continue
+    logs = [[{k: v for k, v in json.loads(line).items() if k != "time"} for line in (run / "metrics.jsonl").open()]
+            for run in (tmp_path / "straight", killed)]
+    assert logs[1] == logs[0] and [r["step"] for r in logs[1] if r["event"] == "train"] == [10, 20, 24]
 
 
 def test_qlora_run_trains_on_a_4bit_base_and_merges_dense(tmp_path: Path, tiny_bert_dir: Path,
@@ -254,3 +258,20 @@ def test_adalora_resumes_after_its_ranks_were_cut(tmp_path: Path, tiny_bert_dir:
     assert any(not all(mask) for mask in saved["rank_pattern"].values())  # ranks were cut by step 10
     assert main([*args, "--resume"]) == 0
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 14
+
+
+def test_run_checkpoint_and_merged_files_follow_the_umask(tmp_path: Path, tiny_bert_dir: Path,
+                                                          sentiment_file: Path) -> None:
+    """Adapters, checkpoints and merged models get the mode the umask gives new files (safetensors
+    alone would write 0600)."""
+    old = os.umask(0o027)
+    try:
+        out = tmp_path / "run"
+        assert main(train_args(tiny_bert_dir, sentiment_file, out, "--max-steps", "2", "--save-every", "1")) == 0
+        assert main(["merge", str(out), "--output", str(tmp_path / "merged")]) == 0
+    finally:
+        os.umask(old)
+    files = [p for folder in (out, tmp_path / "merged") for p in folder.rglob("*") if p.is_file()]
+    assert any(p.name == "adapter_state.safetensors" for p in files) and any(p.suffix == ".safetensors" for p in files)
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {oct(0o640)}, modes

@@ -145,6 +145,12 @@ def _predict_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [{column: text} for text in args.text]
 
 
+def _fail(command: str, message: str, status: int) -> int:
+    """One line on stderr (no traceback) and the exit status."""
+    print(f"deltatune {command}: " + " ".join(message.split("\n")), file=sys.stderr)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``deltatune`` command; returns the exit status."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -155,11 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run_train(args) if args.command == "train" else run_other(args)
     except TrainingError as error:
-        print(f"deltatune {args.command}: training stopped: {error}", file=sys.stderr)
-        return 1
+        if error.__cause__ is not None:  # raised from a failure around the run (a full disk), not by the training
+            return _fail(args.command, f"error: {error}", 2)
+        return _fail(args.command, f"training stopped: {error}", 1)
     except DeltatuneError as error:
-        print(f"deltatune {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return _fail(args.command, f"error: {error}", 2)
+    except OSError as error:  # the system refused a read or write (disk full, permissions)
+        return _fail(args.command, f"error: {error}. Free disk space or fix the permissions, then run the command "
+                     "again" + (" with --resume" if args.command == "train" else ""), 2)
     except KeyboardInterrupt:
         print(f"deltatune {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..adapters import adapter_names
 from ..errors import TrainingError
+from ..files import follow_umask
 from ..io import adapter_tensors, save
 
 STATE_FILE = "trainer_state.pt"
@@ -68,24 +70,52 @@ def _write_text_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_checkpoint(root: Path, model: nn.Module, trainer_state: dict[str, Any],
-                     info: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint ``step-<step>`` under ``root`` atomically and prune old ones."""
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{trainer_state['step']:07d}"
-    staging = root / f".{final.name}.tmp"
+def _assemble(staging: Path, model: nn.Module, trainer_state: dict[str, Any], info: dict[str, Any]) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     save(model, staging / ADAPTER_DIR)
     save_file(live_tensors(model), staging / LIVE_FILE)
     torch.save(trainer_state, staging / STATE_FILE)
     (staging / "checkpoint.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    follow_umask(staging)  # safetensors writes its files private (0600)
     _fsync_tree(staging)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(staging, final)
-    _write_text_atomically(root / LATEST, final.name + "\n")
+
+
+def write_checkpoint(root: Path, model: nn.Module, trainer_state: dict[str, Any],
+                     info: dict[str, Any], keep: int) -> Path:
+    """Write checkpoint ``step-<step>`` under ``root`` atomically and prune old ones.
+
+    A write that fails (disk full, permissions) removes what it wrote and raises a TrainingError
+    from the OSError: the previous checkpoint and ``latest`` are left exactly as they were.
+    """
+    final = root / f"step-{trainer_state['step']:07d}"
+    staging = root / f".{final.name}.tmp"
+    moved = False
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _assemble(staging, model, trainer_state, info)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        moved = True
+        _write_text_atomically(root / LATEST, final.name + "\n")
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if moved:  # ``latest`` still names the previous checkpoint; this one must not linger half-adopted
+            shutil.rmtree(final, ignore_errors=True)
+        (root / f".{LATEST}.tmp").unlink(missing_ok=True)
+        if not isinstance(error, (OSError, SafetensorError)):  # safetensors reports a full disk as its own error
+            raise
+        raise TrainingError(_write_failed(root, final, error)) from error
     _prune(root, keep)
     return final
+
+
+def _write_failed(root: Path, final: Path, error: BaseException) -> str:
+    why = f"{error.strerror} (errno {error.errno})" if isinstance(error, OSError) and error.strerror else str(error)
+    previous = latest_checkpoint(root) if (root / LATEST).is_file() else None
+    kept = f"the last checkpoint, {previous}, is intact" if previous else "no earlier checkpoint exists"
+    return (f"cannot write checkpoint {final}: {why}; the partial checkpoint was removed and {kept}. "
+            "Free disk space (or fix permissions), then continue with --resume")
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -11,7 +11,8 @@ from torch import nn
 
 from ..adapters import adapter_names
 from ..analysis import LayerDelta, layer_deltas
-from ..errors import DataError
+from ..errors import ConfigError, DataError
+from ..files import follow_umask
 from ..io import CONFIG_NAME, load, read_config, read_tensors
 from ..merge import unload
 from ..hf import from_pretrained, load_tokenizer
@@ -34,8 +35,7 @@ def evaluate_run(run_dir: Path, data: str = "", split: str = "", adapter: str = 
             rows = split_rows(rows, run.split_column, split)
     else:
         _, rows = load_data(replace(run, eval_split=split or run.eval_split))
-    rows = spread(rows, max_rows)
-    task.check(rows)
+    rows = task.usable(spread(rows, max_rows), run.skip_bad_rows)
     return task.evaluate(model, task.encode(rows), 64)
 
 
@@ -86,6 +86,7 @@ def model_for_adapter(folder: Path, model_path: str = "") -> tuple[nn.Module, An
 
 def merge_to_folder(source: Path, output: Path, model_path: str = "", adapter: str = "adapter") -> Path:
     """Base + adapter -> a merged model folder that transformers loads without deltatune."""
+    check_output_folder(output)  # before the model is built: a bad --output must not cost a model load
     if is_run(source):
         model, task, _ = rebuild(source, adapter)
         tokenizer = task.tokenizer
@@ -96,7 +97,19 @@ def merge_to_folder(source: Path, output: Path, model_path: str = "", adapter: s
     plain.save_pretrained(output)  # type: ignore[operator]
     if tokenizer is not None:
         tokenizer.save_pretrained(output)
+    follow_umask(output)  # safetensors writes its files private (0600)
     return output
+
+
+def check_output_folder(output: Path) -> None:
+    """Refuse an ``--output`` that is a file, or under one, before anything is written."""
+    for path in (output, *output.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is an existing file" if path == output else f"is under {path}, which is a file"
+                raise ConfigError("deltatune merge", "output", str(output), f"{where}, not a folder",
+                                  "pass a new folder path (or an existing folder) for the merged model")
+            return
 
 
 def inspect_adapter(folder: Path, model_path: str = "") -> dict[str, Any]:

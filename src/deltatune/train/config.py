@@ -13,6 +13,8 @@ from typing import Any
 from ..errors import ConfigError
 
 SCHEDULES = ("linear", "cosine", "constant")
+MAX_LR = 1.0
+"""AdamW moves every trainable value by up to about ``lr`` per step, so above 1 a run can only wreck the weights."""
 OPTIMIZERS = ("adamw", "adamw8bit")
 
 
@@ -53,6 +55,11 @@ class TrainConfig:
                               default=False)
     progress: bool = _help("show a progress bar on a terminal", default=True)
     seed: int = _help("seed for initialisation, data order and dropout", default=0)
+    max_norm_growth: float = _help("stop as diverged when one optimizer step grows the trainable parameters' joint "
+                                   "L2 norm by more than this factor (a norm below 1 counts as 1); 0 = off",
+                                   default=10.0)
+    max_param_value: float = _help("stop as diverged when a trainable parameter's magnitude exceeds this "
+                                   "(adapter weights stay far below); 0 = off", default=1e4)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "eval_every", "early_stopping", "save_every"):
@@ -62,6 +69,11 @@ class TrainConfig:
         self._check(self.max_steps > 0 or (math.isfinite(self.epochs) and self.epochs > 0), "epochs",
                     "must be > 0 when max_steps is 0", "pass --epochs > 0 or --max-steps")
         self._check(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number", "e.g. 5e-4")
+        self._check(self.lr <= MAX_LR, "lr", f"must be at most {MAX_LR:g}: AdamW moves every trainable value by up to "
+                    "about lr per step, so a larger lr can only wreck the weights", "e.g. 2e-3 (LoRA: 1e-4 to 1e-2)")
+        self._check(self.max_norm_growth == 0 or self.max_norm_growth > 1, "max_norm_growth", "must be 0 (off) or > 1",
+                    "e.g. 10")
+        self._check(self.max_param_value >= 0, "max_param_value", "must be >= 0", "pass 0 to disable the check")
         self._check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)", "e.g. 0.1")
         self._check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0", "pass 0 to disable clipping")
         self._check(self.weight_decay >= 0, "weight_decay", "must be >= 0", "e.g. 0.01")

@@ -1,8 +1,10 @@
 """Rows of training data from local JSONL, CSV or Parquet files, or from objects in memory.
 
 A row is a plain ``dict`` from column name to value. Reading is strict by default: a line
-that is not a JSON object stops the run with the file and line number; ``skip_bad_rows``
-skips and counts such lines instead. Column checks (which columns a task needs) happen in
+that is not a JSON object, or not valid UTF-8, stops the run with the file and line number;
+``skip_bad_rows`` skips and counts such lines instead. Each row read from a file remembers
+where it came from (``file:line``), so a later check of a cell (a null label, a text that is
+not text) names the line too. Column checks (which columns a task needs) happen in
 :func:`require_columns`, so the error can list the columns that were found.
 """
 
@@ -10,7 +12,8 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,15 +22,32 @@ from ..errors import DataError
 
 Row = dict[str, Any]
 FORMATS = ("jsonl", "csv", "parquet")
+SKIP_HINT = "pass --skip-bad-rows to skip and count bad rows"
 
 
 @dataclass
 class Rows:
-    """The rows read from one source, and how many bad ones were skipped (with where)."""
+    """The rows read from one source, where each came from, and which bad ones were skipped."""
 
     rows: list[Row]
     source: str
     skipped: list[str] = field(default_factory=list)
+    origins: list[str] = field(default_factory=list)
+    """``file:line`` (``file, row N`` for Parquet) of each row; empty for rows from memory."""
+
+    def where(self, index: int) -> str:
+        """Where row ``index`` (0-based) came from: ``file:line``, else ``source, row N``."""
+        return self.origins[index] if self.origins else f"{self.source}, row {index + 1}"
+
+    def subject(self, index: int) -> str:
+        """Row ``index`` as the subject of a sentence: ``file:line``, else ``source: row N``."""
+        return self.origins[index] if self.origins else f"{self.source}: row {index + 1}"
+
+    def subset(self, indices: Sequence[int], source: str | None = None) -> Rows:
+        """The rows at ``indices``, keeping their origins and the skipped list."""
+        origins = [self.origins[i] for i in indices] if self.origins else []
+        return Rows([self.rows[i] for i in indices], self.source if source is None else source,
+                    list(self.skipped), origins)
 
 
 def file_format(path: Path) -> str:
@@ -40,30 +60,63 @@ def file_format(path: Path) -> str:
     raise DataError(f"{path}: unknown data format {suffix!r}; use a .jsonl, .csv or .parquet file")
 
 
+class Lines:
+    """The lines of a text file, decoded as UTF-8 one at a time.
+
+    Decoding line by line (not the whole file through ``open(encoding=...)``) is what lets a bad
+    byte be reported with its line, or skipped with it. ``number`` is the line last read.
+    """
+
+    def __init__(self, path: Path, skip_bad_rows: bool, skipped: list[str]) -> None:
+        self.path, self.skip_bad_rows, self.skipped = path, skip_bad_rows, skipped
+        self.number = 0
+
+    def __iter__(self) -> Iterator[str]:
+        with self.path.open("rb") as f:
+            for self.number, raw in enumerate(f, start=1):
+                try:
+                    # a byte-order mark (as Windows tools write) is not part of the first line's text
+                    yield raw.decode("utf-8-sig" if self.number == 1 else "utf-8")
+                except UnicodeDecodeError as error:
+                    self.bad(f"not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})",
+                             "Save the file as UTF-8")
+
+    def bad(self, why: str, fix: str = "Fix the line") -> None:
+        """Stop at the current line, or (``skip_bad_rows``) record it as skipped."""
+        where = f"{self.path}:{self.number}"
+        if not self.skip_bad_rows:
+            raise DataError(f"{where}: {why}. {fix}, or {SKIP_HINT}.")
+        self.skipped.append(where)
+
+
 def _read_jsonl(path: Path, skip_bad_rows: bool) -> Rows:
     result = Rows([], str(path))
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"a JSON {type(row).__name__}, not an object")
-            except ValueError as error:
-                where = f"{path}:{number}"
-                if not skip_bad_rows:
-                    raise DataError(f"{where}: not a JSON object ({error}). Fix the line, or pass "
-                                    "--skip-bad-rows to skip and count bad lines.") from None
-                result.skipped.append(where)
-                continue
-            result.rows.append(row)
+    lines = Lines(path, skip_bad_rows, result.skipped)
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not an object")
+        except ValueError as error:
+            lines.bad(f"not a JSON object ({error})")
+            continue
+        result.rows.append(row)
+        result.origins.append(f"{path}:{lines.number}")
     return result
 
 
-def _read_csv(path: Path) -> Rows:
-    with path.open(encoding="utf-8", newline="") as f:
-        return Rows([dict(row) for row in csv.DictReader(f)], str(path))
+def _read_csv(path: Path, skip_bad_rows: bool) -> Rows:
+    result = Rows([], str(path))
+    lines = Lines(path, skip_bad_rows, result.skipped)
+    try:
+        for row in csv.DictReader(lines):
+            result.rows.append(dict(row))
+            result.origins.append(f"{path}:{lines.number}")  # a quoted multi-line row: its last line
+    except csv.Error as error:
+        raise DataError(f"{path}:{lines.number}: not valid CSV ({error}); fix the line") from None
+    return result
 
 
 def _read_parquet(path: Path) -> Rows:
@@ -71,7 +124,11 @@ def _read_parquet(path: Path) -> Rows:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
-    return Rows(pq.read_table(path).to_pylist(), str(path))
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise DataError(f"{path}: not a readable Parquet file ({error})") from None
+    return Rows(rows, str(path), origins=[f"{path}, row {n}" for n in range(1, len(rows) + 1)])
 
 
 def read_rows(path: str | Path, skip_bad_rows: bool = False) -> Rows:
@@ -80,7 +137,8 @@ def read_rows(path: str | Path, skip_bad_rows: bool = False) -> Rows:
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     fmt = file_format(path)
-    rows = _read_jsonl(path, skip_bad_rows) if fmt == "jsonl" else _read_csv(path) if fmt == "csv" else _read_parquet(path)
+    rows = (_read_jsonl(path, skip_bad_rows) if fmt == "jsonl" else _read_csv(path, skip_bad_rows) if fmt == "csv"
+            else _read_parquet(path))
     if not rows.rows:
         raise DataError(f"{path}: the file has no rows" + (f" ({len(rows.skipped)} bad lines skipped)" if rows.skipped else ""))
     return rows
@@ -97,19 +155,48 @@ def rows_from(data: Iterable[Mapping[str, Any]], source: str = "data") -> Rows:
 def split_rows(rows: Rows, column: str, value: str) -> Rows:
     """The rows whose ``column`` equals ``value`` (one file holding train/validation/test)."""
     require_columns(rows, [column])
-    chosen = [r for r in rows.rows if str(r[column]) == value]
+    chosen = [i for i, r in enumerate(rows.rows) if str(r[column]) == value]
     if not chosen:
         found = sorted({str(r[column]) for r in rows.rows})
         raise DataError(f"{rows.source}: no row has {column}={value!r}; values found: {found}")
-    return Rows(chosen, f"{rows.source} [{column}={value}]", rows.skipped)
+    return rows.subset(chosen, f"{rows.source} [{column}={value}]")
 
 
 def require_columns(rows: Rows, columns: Sequence[str]) -> None:
     """Fail, naming the columns found, if a row lacks one of ``columns``."""
-    for number, row in enumerate(rows.rows, start=1):
+    for index, row in enumerate(rows.rows):
         missing = [c for c in columns if c not in row]
         if missing:
             raise DataError(
-                f"{rows.source}: row {number} has no column {missing[0]!r}; columns found: {sorted(row)}. "
+                f"{rows.subject(index)} has no column {missing[0]!r}; columns found: {sorted(row)}. "
                 "Rename the column in the data, or map it with --columns ROLE=COLUMN."
             )
+
+
+def is_null(value: Any) -> bool:
+    """JSON null, or NaN (how Parquet/pandas write a missing number)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def drop_null_rows(rows: Rows, columns: Sequence[str], skip_bad_rows: bool) -> Rows:
+    """``rows`` without those whose cell in one of ``columns`` is null.
+
+    A null cell is an error naming the row's file and line: kept, it would train on the text
+    "None" (or a class named "None"). With ``skip_bad_rows`` such rows are skipped and counted.
+    """
+    kept, skipped = [], list(rows.skipped)
+    for index, row in enumerate(rows.rows):
+        null = next((c for c in columns if is_null(row.get(c))), None)
+        if null is None:
+            kept.append(index)
+        elif skip_bad_rows:
+            skipped.append(rows.where(index))
+        else:
+            raise DataError(f"{rows.where(index)}: column {null!r} is null (no value). Fix the row, or {SKIP_HINT}.")
+    if len(kept) == len(rows.rows):
+        return rows
+    if not kept:
+        raise DataError(f"{rows.source}: every row has a null in one of the columns {list(columns)}")
+    result = rows.subset(kept)
+    result.skipped = skipped
+    return result

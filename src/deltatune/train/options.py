@@ -45,7 +45,8 @@ class RunOptions:
     columns: tuple[str, ...] = _opt("map task roles to your column names, e.g. text=sentence label=stars", ())
     max_length: int = _opt("maximum tokens per example", 64)
     max_eval_rows: int = _opt("evaluate on at most this many rows (spread over the split); 0 = all", 0)
-    skip_bad_rows: bool = _opt("skip (and count) lines that are not JSON objects instead of stopping", False)
+    skip_bad_rows: bool = _opt("skip (and count) bad lines and rows instead of stopping: not a JSON object, not "
+                               "UTF-8, a null in a column the task needs", False)
     method: str = _opt("delta-tuning method", "lora", choices=METHODS)
     r: int = _opt("rank (LoRA/DoRA; VeRA's shared projection; AdaLoRA's final average rank)", 8)
     lora_alpha: float = _opt("LoRA scaling numerator (scale = alpha / r)", 16.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -51,24 +52,61 @@ class Progress:
             self.stream.flush()
 
 
-class MetricsLog:
-    """Appends one JSON object per event to ``metrics.jsonl``; mirrors scalars to TensorBoard."""
+def _step_of(line: str) -> int | None:
+    try:
+        record = json.loads(line)
+    except ValueError:  # a line cut short by a kill
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None) -> None:
+
+def rewind_log(path: Path, records: int | None, step: int) -> int:
+    """Keep the log's first ``records`` records (``records`` None: those up to ``step``); returns how many.
+
+    A run killed after its last checkpoint had logged steps that the resumed run logs again, so
+    without this the log would repeat them. The kept lines go to a temporary file that then
+    replaces the log, so a kill during the rewind leaves the old log or the new one, never half.
+    """
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    if records is not None:
+        kept = lines[:records]
+    else:  # a checkpoint from before records were counted
+        kept = [line for line in lines if (line_step := _step_of(line)) is not None and line_step <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(kept)
+
+
+class MetricsLog:
+    """Appends one JSON object per event to ``metrics.jsonl``; mirrors scalars to TensorBoard.
+
+    ``records`` counts the lines in the log (those kept on resume, then each one written), so a
+    checkpoint can say how much of the log belongs to it. ``purge_step`` (on resume) tells
+    TensorBoard to drop the events the killed run wrote from that step on.
+    """
+
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, records: int = 0,
+                 purge_step: int | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.records = records
         self.writer: Any = None
         if tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise ImportError("tensorboard logging needs the tensorboard package: pip install tensorboard") from None
-            self.writer = SummaryWriter(str(tensorboard_dir))
+            self.writer = SummaryWriter(str(tensorboard_dir), purge_step=purge_step)
 
     def write(self, event: str, step: int, values: dict[str, Any]) -> None:
         record = {"event": event, "step": step, "time": round(time.time(), 3), **values}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        self.records += 1
         if self.writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)):

@@ -7,6 +7,7 @@ label set), so ``deltatune eval`` / ``predict`` / ``merge`` can rebuild exactly 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +30,7 @@ from ..methods.vera import VeraConfig
 from ..quant import QuantConfig, quantize
 from .config import TrainConfig
 from .data import Rows, read_rows, split_rows
+from .lock import own_folder
 from .options import RunOptions, default_data_file, default_model_dir, split_options
 from .tasks import Task, task_class
 from .trainer import LossTerm, StepCallback, Trainer, TrainResult, planned_steps, seed_everything
@@ -42,7 +44,7 @@ def spread(rows: Rows, limit: int) -> Rows:
     if not limit or len(rows.rows) <= limit:
         return rows
     stride = len(rows.rows) // limit
-    return Rows(rows.rows[::stride][:limit], rows.source, rows.skipped)
+    return rows.subset(range(0, len(rows.rows), stride)[:limit])
 
 
 def load_data(run: RunOptions) -> tuple[Rows, Rows]:
@@ -108,17 +110,39 @@ def prepare_base(run: RunOptions, task: Task, model: nn.Module) -> nn.Module:
 
 
 def write_run_file(folder: Path, run: RunOptions, train: TrainConfig, model_path: str, task: Task) -> None:
+    """run.json, written to a temporary file and renamed, so a failed write leaves the earlier one."""
     folder.mkdir(parents=True, exist_ok=True)
     record = {"model": model_path, "task_state": task.state(), "options": asdict(run), "train": asdict(train)}
-    (folder / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    tmp = folder / f".{RUN_FILE}.tmp"
+    try:
+        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, folder / RUN_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+RUN_KEYS = {"model": str, "task_state": dict, "options": dict}
 
 
 def read_run_file(folder: Path) -> dict[str, Any]:
+    """The record of a finished run; a missing, corrupt or incomplete run.json is a DataError that says so."""
     path = Path(folder) / RUN_FILE
     if not path.is_file():
         raise DataError(f"{folder} is not a deltatune run folder (no {RUN_FILE}); pass the --output-dir of a "
                         "`deltatune train` run")
-    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    damaged = f"the run folder is damaged: train the run again (same --output-dir), or restore {RUN_FILE} from a copy"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg}, column {error.colno}); {damaged}") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not valid UTF-8 (byte {error.start}); {damaged}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: holds a JSON {type(data).__name__}, not an object; {damaged}")
+    for key, kind in RUN_KEYS.items():
+        if not isinstance(data.get(key), kind):
+            raise DataError(f"{path}: {key!r} is missing or not a JSON {'string' if kind is str else 'object'}; "
+                            f"{damaged}")
     return data
 
 
@@ -129,17 +153,25 @@ def setup_device(run: RunOptions) -> torch.device:
 
 
 def train_run(run: RunOptions, train: TrainConfig, say: Print = print) -> TrainResult:
-    """Train as the options say, printing what happens; returns the trainer's result."""
+    """Train as the options say, printing what happens; returns the trainer's result.
+
+    The output folder is locked first, so a second run on it is refused before any work; a run
+    that fails before training starts leaves the folder as it was.
+    """
+    with own_folder(Path(train.output_dir)):
+        return _train_run(run, train, say)
+
+
+def _train_run(run: RunOptions, train: TrainConfig, say: Print) -> TrainResult:
     device = setup_device(run)
     seed_everything(train.seed)
     model_path = run.model or default_model_dir()
     train_rows, eval_rows = load_data(run)
+    task = task_class(run.task)(load_tokenizer(model_path), run.max_length, run.column_map())
+    train_rows, eval_rows = task.usable(train_rows, run.skip_bad_rows), task.usable(eval_rows, run.skip_bad_rows)
     for rows in (train_rows, eval_rows):
         if rows.skipped:
             say(f"skipped {len(rows.skipped)} bad line(s) in {rows.source}, first at {rows.skipped[0]}")
-    task = task_class(run.task)(load_tokenizer(model_path), run.max_length, run.column_map())
-    task.check(train_rows)
-    task.check(eval_rows)
     task.fit(train_rows)
     train_features, eval_features = task.encode(train_rows), task.encode(eval_rows)
     say(f"data: {len(train_features)} training rows ({train_rows.source}), "
@@ -147,12 +179,12 @@ def train_run(run: RunOptions, train: TrainConfig, say: Print = print) -> TrainR
     model = prepare_base(run, task, task.load_model(model_path).to(device))
     attach(model, adapter_config(run, task, model, planned_steps(len(train_features), train)))
     say(summary(model))
-    write_run_file(Path(train.output_dir), run, train, model_path, task)
     callbacks, loss_terms = training_hooks(run, model)
     trainer = Trainer(model, task, train_features, eval_features, train, callbacks=callbacks, loss_terms=loss_terms)
     if not run.resume:
         before = trainer.evaluate()
         say("before training: " + _format(before))
+    write_run_file(Path(train.output_dir), run, train, model_path, task)  # only now: all checks have passed
     say(f"training {trainer.total_steps} steps: batch {train.batch_size} x {train.grad_accum}, lr {train.lr}, "
         f"{train.schedule} schedule, {torch.get_num_threads()} threads, {device}")
     result = trainer.fit(resume=run.resume)

@@ -4,7 +4,20 @@ The data order is a pure function of (seed, epoch, position): epoch ``e`` visits
 features in the order of ``randperm(n)`` drawn from a generator seeded with ``seed + e``, and
 only whole micro-batches are used. Together with the optimizer, scheduler and random-generator
 states stored in a checkpoint, this is what makes 10 steps + resume + 10 steps give the same
-adapter as 20 straight steps.
+adapter as 20 straight steps. The checkpoint also keeps the running counters of the log (tokens
+seen, the losses since the last log line, how many log records there were), so a resumed run's
+``metrics.jsonl`` reads as one run.
+
+Divergence is checked on every step, not only on the loss, so that nothing is ever saved from a
+broken state. A step stops the run (TrainingError) when
+
+* the loss of a micro-batch is NaN/inf, or the gradient norm is: the update is not applied;
+* after the update, a trainable parameter is NaN/inf, their joint L2 norm grew by more than
+  ``max_norm_growth`` (default 10x; a norm below 1 counts as 1) in this one step, or a
+  trainable value exceeds ``max_param_value`` in magnitude (default 1e4): the update is in the
+  model in memory, but no checkpoint, ``best/`` or final adapter is written from it.
+
+The checks run before the step is counted or saved, so every checkpoint on disk passed them.
 """
 
 from __future__ import annotations
@@ -16,7 +29,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +39,8 @@ from ..fast import accelerate, retain_freed_memory
 from ..io import save
 from .checkpoint import latest_checkpoint, read_trainer_state, restore_adapters, rng_state, set_rng_state, write_checkpoint
 from .config import TrainConfig
-from .progress import MetricsLog, Progress
+from .lock import own_folder
+from .progress import MetricsLog, Progress, rewind_log
 from .schedule import make_scheduler
 from .tasks.base import Batch, Features, Task, tokens_in
 
@@ -87,6 +101,39 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+@torch.no_grad()
+def parameter_stats(params: Sequence[Tensor]) -> tuple[float, float]:
+    """(joint L2 norm, largest magnitude) of ``params``, in fp32, with one device sync; NaN/inf propagate."""
+    params = [p for p in params if p.numel()]  # the max of an empty tensor is undefined
+    if not params:
+        return 0.0, 0.0
+    device = params[0].device
+    norms = torch.stack([torch.linalg.vector_norm(p, dtype=torch.float32).to(device) for p in params])
+    peaks = torch.stack([torch.linalg.vector_norm(p, ord=math.inf, dtype=torch.float32).to(device) for p in params])
+    norm, peak = torch.stack([torch.linalg.vector_norm(norms), peaks.max()]).tolist()
+    return norm, peak
+
+
+def gradient_norm(params: Sequence[Tensor]) -> float:
+    """The joint L2 norm of the gradients that exist (0.0 when there are none)."""
+    return parameter_stats([p.grad for p in params if p.grad is not None])[0]
+
+
+def divergence(before: float, after: float, peak: float, config: TrainConfig) -> str:
+    """Why parameters of norm ``after`` (``before`` one step earlier) and largest magnitude ``peak`` have
+    diverged, or "" when they have not. See the module docstring for the criterion."""
+    if not math.isfinite(peak):  # the largest magnitude: the norm may overflow to inf while every value is finite
+        return f"a trainable parameter became {peak}"
+    growth = config.max_norm_growth
+    if growth and after > growth * max(before, 1.0):
+        return (f"the trainable parameters' norm grew more than max_norm_growth={growth:g}x in one update "
+                f"(from {before:.4g} to {after:.4g})")
+    if config.max_param_value and peak > config.max_param_value:
+        return (f"a trainable parameter exceeded max_param_value={config.max_param_value:g} in magnitude "
+                f"(reached {peak:.4g})")
+    return ""
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW (fp32 or blockwise 8-bit states, ``config.optimizer``) over the trainable parameters."""
     params = trainable(model)
@@ -129,13 +176,20 @@ class Trainer:
         self.total_steps = planned_steps(len(self.train_features), cfg)
         self.stream = MicroBatches(len(self.train_features), cfg.batch_size, cfg.seed)
         self.optimizer = optimizer or make_optimizer(model, cfg)
-        self.device = trainable(model)[0].device  # batches go where the adapter lives
+        self.params = trainable(model)
+        self.device = self.params[0].device  # batches go where the adapter lives
         self.scheduler = make_scheduler(self.optimizer, cfg.schedule, self.total_steps, cfg.warmup_ratio)
         self.callbacks, self.loss_terms = list(callbacks), list(loss_terms)
         self.output = Path(cfg.output_dir)
         self.step = 0
         self.best: float | None = None
         self.evals_without_improvement = 0
+        # running counters of the log, kept in checkpoints so that a resumed run continues them
+        self.tokens = 0
+        self.window: list[float] = []  # losses of the steps since the last "train" log record
+        self.last_loss = math.nan
+        self.log_records: int | None = 0  # records in metrics.jsonl; None: unknown (an older checkpoint)
+        self.param_norm = math.nan  # the trainable parameters' norm after the last step (for divergence)
         if cfg.accelerate:  # first: it refuses an unsupported model before anything changes it
             accelerate(model)
         if cfg.gradient_checkpointing:
@@ -145,10 +199,14 @@ class Trainer:
                           stacklevel=2)
 
     # -- state ---------------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
+    def state(self, log_records: int | None = None) -> dict[str, Any]:
+        """What a checkpoint stores besides the adapters; ``log_records``: the lines metrics.jsonl holds
+        (None: unknown, then a resume cuts the log at the step instead)."""
         return {"step": self.step, "micro_batches": self.step * self.config.grad_accum,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "best": self.best, "evals_without_improvement": self.evals_without_improvement, "rng": rng_state()}
+                "best": self.best, "evals_without_improvement": self.evals_without_improvement, "rng": rng_state(),
+                "tokens": self.tokens, "loss_window": list(self.window), "last_loss": self.last_loss,
+                "log_records": log_records}
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint in ``output_dir``; False when there is none."""
@@ -162,7 +220,22 @@ class Trainer:
         self.step, self.best = int(state["step"]), state["best"]
         self.evals_without_improvement = int(state["evals_without_improvement"])
         set_rng_state(state["rng"])
+        # checkpoints written before these counters existed: tokens restart at 0, the log is cut by step
+        self.tokens = int(state.get("tokens", 0))
+        self.window = [float(x) for x in state.get("loss_window", [])]
+        self.last_loss = float(state.get("last_loss", math.nan))
+        records = state.get("log_records")
+        self.log_records = int(records) if records is not None else None
+        self._check_resumed(folder)
         return True
+
+    def _check_resumed(self, folder: Path) -> None:
+        """A checkpoint written before divergence was checked on every step may hold broken weights."""
+        norm, peak = parameter_stats(self.params)
+        why = divergence(norm, norm, peak, self.config)
+        if why:
+            raise TrainingError(f"{folder} is not a good checkpoint: {why}. Resume from an earlier one (write its "
+                                f"name into {folder.parent / 'latest'}), or start afresh without --resume")
 
     # -- one step ------------------------------------------------------------------------
     def _batch(self, k: int) -> Batch:
@@ -179,14 +252,14 @@ class Trainer:
                 loss = self.task.loss(self.model, batch)
                 for term in self.loss_terms:
                     loss = loss + term()
-            if not torch.isfinite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise TrainingError(self._diverged_message(float(loss)))
+            value = float(loss.detach())  # detached: a scalar of a graph tensor warns, and needs no graph
+            if not math.isfinite(value):
+                self._stop(f"the training loss became {value}", applied=False)
             (loss / cfg.grad_accum).backward()
-            losses.append(float(loss.detach()))
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(trainable(self.model), cfg.max_grad_norm)
+            losses.append(value)
+        self._clip_and_check_gradients()
         self.optimizer.step()
+        self._check_update()
         self.scheduler.step()
         self.step += 1
         for callback in self.callbacks:
@@ -194,11 +267,32 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return sum(losses) / len(losses), tokens
 
-    def _diverged_message(self, loss: float) -> str:
+    def _clip_and_check_gradients(self) -> None:
+        """Clip to ``max_grad_norm``; a NaN/inf gradient norm stops before the update is applied."""
+        if self.config.max_grad_norm > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
+        else:
+            norm = gradient_norm(self.params)
+        if not math.isfinite(norm):
+            self._stop(f"the gradient norm became {norm}", applied=False)
+
+    def _check_update(self) -> None:
+        """Stop if the update just applied diverged (see the module docstring); else remember the new norm."""
+        norm, peak = parameter_stats(self.params)
+        why = divergence(self.param_norm, norm, peak, self.config)
+        if why:
+            self._stop(why, applied=True)
+        self.param_norm = norm
+
+    def _stop(self, why: str, applied: bool) -> NoReturn:
+        """Raise the TrainingError of a diverged step, naming it and the last checkpoint (all on disk are good)."""
+        self.optimizer.zero_grad(set_to_none=True)
         latest = latest_checkpoint(self.output / "checkpoints")
         kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
-        return (f"the training loss became {loss} at step {self.step + 1}; the update was not applied and "
-                f"training stopped ({kept}). Try a lower --lr, --max-grad-norm 1.0, or fp32 instead of --bf16.")
+        done = ("the update is in the model in memory, but nothing was saved from it" if applied
+                else "the update was not applied")
+        raise TrainingError(f"{why} at step {self.step + 1}; {done} and training stopped ({kept}). "
+                            "Try a lower --lr, --max-grad-norm 1.0, or fp32 instead of --bf16.")
 
     # -- evaluation ----------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -225,6 +319,14 @@ class Trainer:
         self.evals_without_improvement += 1
         return 0 < self.config.early_stopping <= self.evals_without_improvement
 
+    def _resume_log(self) -> MetricsLog:
+        """The metrics log, cut back to what it held at the checkpoint resumed from."""
+        cfg = self.config
+        path = self.output / "metrics.jsonl"
+        records = rewind_log(path, self.log_records, self.step)
+        return MetricsLog(path, self.output / "tensorboard" if cfg.tensorboard else None, records,
+                          purge_step=self.step + 1)
+
     def _clear_earlier_run(self) -> bool:
         """A fresh run must not leave an earlier run's checkpoints for a later --resume to pick up."""
         stale = [p for p in (self.output / "checkpoints", self.output / "metrics.jsonl") if p.exists()]
@@ -234,40 +336,49 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> TrainResult:
-        """Train to ``total_steps`` (or until early stopping); save the final adapter."""
+        """Train to ``total_steps`` (or until early stopping); save the final adapter.
+
+        The output folder is locked for the whole call: a second run on it (another process)
+        is refused with a ConfigError before it changes anything.
+        """
+        with own_folder(self.output):
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> TrainResult:
         cfg = self.config
-        if self.output.exists() and not self.output.is_dir():
-            raise TrainingError(f"output_dir {self.output} is a file; pass a folder for the run")
         resumed = resume and self.resume()
         progress = Progress(self.total_steps, self.step, cfg.progress)
         if resumed:
             progress.message(f"resumed from step {self.step} ({self.output / 'checkpoints'})")
-        elif self._clear_earlier_run():
-            progress.message(f"{self.output}: removed the checkpoints and metrics of an earlier run (fresh start; "
-                             "pass resume=True / --resume to continue a run instead)")
-        log = MetricsLog(self.output / "metrics.jsonl", self.output / "tensorboard" if cfg.tensorboard else None)
+            log = self._resume_log()
+        else:
+            if self._clear_earlier_run():
+                progress.message(f"{self.output}: removed the checkpoints and metrics of an earlier run (fresh start; "
+                                 "pass resume=True / --resume to continue a run instead)")
+            log = MetricsLog(self.output / "metrics.jsonl", self.output / "tensorboard" if cfg.tensorboard else None)
+        self.param_norm = parameter_stats(self.params)[0]
         self.model.train()
-        window: list[float] = []
-        last_loss, stopped_early, metrics = math.nan, False, {}
+        stopped_early, metrics = False, {}
         try:
             while self.step < self.total_steps and not stopped_early:
                 loss, tokens = self._train_step()
-                window.append(loss)
-                last_loss = loss
+                self.window.append(loss)
+                self.last_loss = loss
+                self.tokens += tokens
                 line = progress.update(self.step, loss, float(self.scheduler.get_last_lr()[0]), tokens)
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    log.write("train", self.step, {"loss": sum(window) / len(window),
-                                                   "lr": self.scheduler.get_last_lr()[0], "tokens": progress.tokens})
+                    log.write("train", self.step, {"loss": sum(self.window) / len(self.window),
+                                                   "lr": self.scheduler.get_last_lr()[0], "tokens": self.tokens})
                     if not progress.live:
                         progress.message(line)
-                    window.clear()
+                    self.window.clear()
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
                     metrics = self.evaluate()
                     log.write("eval", self.step, metrics)
                     progress.message(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                     stopped_early = self._record_eval(metrics)
                 if cfg.save_every and self.step % cfg.save_every == 0:
-                    write_checkpoint(self.output / "checkpoints", self.model, self.state(),
+                    write_checkpoint(self.output / "checkpoints", self.model, self.state(log.records),
                                      {"step": self.step, "loss": loss}, cfg.keep_checkpoints)
         finally:
             progress.close()
@@ -277,4 +388,4 @@ class Trainer:
             self._record_eval(metrics)
         log.close()
         adapter_dir = save(self.model, self.output / "adapter")
-        return TrainResult(self.step, last_loss, metrics, self.best, stopped_early, adapter_dir)
+        return TrainResult(self.step, self.last_loss, metrics, self.best, stopped_early, adapter_dir)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import DataError
-from ..data import Row, Rows, require_columns
+from ..data import Row, Rows, drop_null_rows, require_columns
 
 Features = dict[str, Any]
 """One encoded example: token ids and targets as plain Python lists and numbers."""
@@ -60,6 +60,12 @@ class Task(ABC):
     def check(self, rows: Rows) -> None:
         """Fail with a clear message if the rows lack a required column."""
         require_columns(rows, [self.column(role) for role in self.columns])
+
+    def usable(self, rows: Rows, skip_bad_rows: bool = False) -> Rows:
+        """``rows`` after :meth:`check`, less those with a null required cell: an error naming the row's
+        file and line, or with ``skip_bad_rows`` skipped and counted like other bad rows."""
+        self.check(rows)
+        return drop_null_rows(rows, [self.column(role) for role in self.columns], skip_bad_rows)
 
     def fit(self, rows: Rows) -> None:
         """Learn what the task needs from the training rows (default: nothing)."""

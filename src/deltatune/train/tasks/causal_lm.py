@@ -56,11 +56,16 @@ class CausalLM(Task):
     def check(self, rows: Rows) -> None:
         """Every row needs prompt + completion, or messages."""
         prompt, completion, messages = self.column("prompt"), self.column("completion"), self.column("messages")
-        for number, row in enumerate(rows.rows, start=1):
+        for index, row in enumerate(rows.rows):
             if not _has(row, messages) and not (_has(row, prompt) and _has(row, completion)):
-                raise DataError(f"{rows.source}: row {number} has neither {prompt!r} + {completion!r} nor "
+                raise DataError(f"{rows.subject(index)} has neither {prompt!r} + {completion!r} nor "
                                 f"{messages!r}; columns found: {sorted(row)}. Rename the columns, or map them "
                                 "with --columns prompt=... completion=... (or messages=...)")
+
+    def usable(self, rows: Rows, skip_bad_rows: bool = False) -> Rows:
+        """A null prompt is normal in a chat row, so :meth:`check` alone says which rows are usable."""
+        self.check(rows)
+        return rows
 
     def _check_inputs(self, rows: Sequence[Row]) -> None:
         prompt, messages = self.column("prompt"), self.column("messages")
@@ -149,8 +154,8 @@ class CausalLM(Task):
     # -- features and batches --------------------------------------------------------------
     def encode(self, rows: Rows) -> list[Features]:
         features = []
-        for number, row in enumerate(rows.rows, start=1):
-            where = f"{rows.source}, row {number}"
+        for index, row in enumerate(rows.rows):
+            where = rows.where(index)
             pieces = self._pieces(row, where)
             ids = [i for piece, _ in pieces for i in piece][-self.max_length:]
             labels = [i if learn else IGNORE for piece, learn in pieces for i in piece][-self.max_length:]

@@ -79,9 +79,9 @@ class FeatureExtraction(Task):
         model: nn.Module = hf.from_pretrained("AutoModel", model_path, dtype=dtype)
         return model
 
-    def _ids(self, rows: Sequence[Row], role: str, source: str) -> list[list[int]]:
+    def _ids(self, rows: Rows, role: str) -> list[list[int]]:
         column = self.column(role)
-        texts = [text(r[column], column, f"{source}, row {n}") for n, r in enumerate(rows, start=1)]
+        texts = [text(r[column], column, rows.where(i)) for i, r in enumerate(rows.rows)]
         ids: list[list[int]] = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         return ids
 
@@ -96,11 +96,11 @@ class FeatureExtraction(Task):
             raise DataError(f"{where}: {column!r} must be a number, found {row[column]!r}") from None
 
     def encode(self, rows: Rows) -> list[Features]:
-        first, second = self._ids(rows.rows, "sentence1", rows.source), self._ids(rows.rows, "sentence2", rows.source)
+        first, second = self._ids(rows, "sentence1"), self._ids(rows, "sentence2")
         features: list[Features] = [{"input_ids": a, "input_ids_2": b} for a, b in zip(first, second, strict=True)]
         if self.scored:
-            for number, (row, feature) in enumerate(zip(rows.rows, features, strict=True), start=1):
-                feature["score"] = self._score(row, f"{rows.source}, row {number}")
+            for index, (row, feature) in enumerate(zip(rows.rows, features, strict=True)):
+                feature["score"] = self._score(row, rows.where(index))
         return features
 
     def collate(self, features: Sequence[Features]) -> Batch:
@@ -145,7 +145,7 @@ class FeatureExtraction(Task):
         """The embedding (a list of floats) of each row's ``sentence1``, or of its ``text``."""
         role = "sentence1" if rows and self.column("sentence1") in rows[0] else "text"
         require_inputs(rows, [self.column(role)])
-        ids = self._ids(rows, role, "input")
+        ids = self._ids(Rows(list(rows), "input"), role)
         vectors = [embed(model, **to_device(self.collate([{"input_ids": i} for i in chunk]), device_of(model)))
                    for chunk in batches(ids, batch_size)]
         return torch.cat(vectors).float().tolist() if vectors else []

@@ -47,7 +47,7 @@ class QuestionAnswering(Task):
         require_fast(tokenizer, self.name, "it maps answer characters to tokens")
 
     def fit(self, rows: Rows) -> None:
-        self.unanswerable = any(not a.texts for a in self._answers(rows.rows, rows.source))
+        self.unanswerable = any(not a.texts for a in self._answers(rows))
 
     def state(self) -> dict[str, Any]:
         return {"unanswerable": self.unanswerable}
@@ -63,29 +63,29 @@ class QuestionAnswering(Task):
         """The new span head (``qa_outputs`` in transformers' QA models)."""
         return ["qa_outputs"] if isinstance(getattr(model, "qa_outputs", None), nn.Module) else []
 
-    def _answers(self, rows: Sequence[Row], source: str) -> list[Answers]:
+    def _answers(self, rows: Rows) -> list[Answers]:
         answers, context, start = self.column("answers"), self.column("context"), self.column("answer_start")
-        return [read_answers(r[answers], r.get(start), text(r[context], context, f"{source}, row {n}"),
-                             f"{source}, row {n}") for n, r in enumerate(rows, start=1)]
+        return [read_answers(r[answers], r.get(start), text(r[context], context, rows.where(i)), rows.where(i))
+                for i, r in enumerate(rows.rows)]
 
-    def _features(self, rows: Sequence[Row], source: str) -> list[Features]:
+    def _features(self, rows: Rows) -> list[Features]:
         """Token ids of (question, context) pairs with the context offsets needed to read spans back."""
         q, c = self.column("question"), self.column("context")
-        questions = [text(r[q], q, f"{source}, row {n}") for n, r in enumerate(rows, start=1)]
-        contexts = [text(r[c], c, f"{source}, row {n}") for n, r in enumerate(rows, start=1)]
+        questions = [text(r[q], q, rows.where(i)) for i, r in enumerate(rows.rows)]
+        contexts = [text(r[c], c, rows.where(i)) for i, r in enumerate(rows.rows)]
         encoded = self.tokenizer(questions, contexts, truncation="only_second", max_length=self.max_length,
                                  return_offsets_mapping=True)
         features: list[Features] = [{"input_ids": encoded["input_ids"][i], "context": contexts[i],
                                      "offsets": context_offsets(encoded["offset_mapping"][i], encoded.sequence_ids(i))}
-                                    for i in range(len(rows))]
+                                    for i in range(len(rows.rows))]
         if "token_type_ids" in encoded:  # BERT-style models tell question from context by segment
             for feature, types in zip(features, encoded["token_type_ids"], strict=True):
                 feature["token_type_ids"] = types
         return features
 
     def encode(self, rows: Rows) -> list[Features]:
-        features = self._features(rows.rows, rows.source)
-        for feature, answers in zip(features, self._answers(rows.rows, rows.source), strict=True):
+        features = self._features(rows)
+        for feature, answers in zip(features, self._answers(rows), strict=True):
             # train on the first gold answer; score against all of them
             start, end = (token_span(feature["offsets"], answers.starts[0], answers.starts[0] + len(answers.texts[0]))
                           if answers.texts else (0, 0))
@@ -130,4 +130,4 @@ class QuestionAnswering(Task):
     def predict(self, model: nn.Module, rows: Sequence[Row], batch_size: int = 32) -> list[Any]:
         """The answer text for each row's question and context ("" for no answer)."""
         require_inputs(rows, [self.column("question"), self.column("context")])
-        return self._predicted(model, self._features(rows, "input"), batch_size)
+        return self._predicted(model, self._features(Rows(list(rows), "input")), batch_size)

@@ -39,17 +39,17 @@ class Seq2SeqLM(Task):
         model: nn.Module = hf.from_pretrained("AutoModelForSeq2SeqLM", model_path, dtype=dtype)
         return model
 
-    def _sources(self, rows: Sequence[Row], source: str) -> list[list[int]]:
+    def _sources(self, rows: Rows) -> list[list[int]]:
         column = self.column("source")
-        texts = [text(r[column], column, f"{source}, row {n}") for n, r in enumerate(rows, start=1)]
+        texts = [text(r[column], column, rows.where(i)) for i, r in enumerate(rows.rows)]
         ids: list[list[int]] = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         return ids
 
     def encode(self, rows: Rows) -> list[Features]:
         column = self.column("target")
-        targets = [text(r[column], column, f"{rows.source}, row {n}") for n, r in enumerate(rows.rows, start=1)]
+        targets = [text(r[column], column, rows.where(i)) for i, r in enumerate(rows.rows)]
         labels = self.tokenizer(text_target=targets, truncation=True, max_length=self.max_length)["input_ids"]
-        sources = self._sources(rows.rows, rows.source)
+        sources = self._sources(rows)
         return [{"input_ids": s, "labels": t} for s, t in zip(sources, labels, strict=True)]
 
     def collate(self, features: Sequence[Features]) -> Batch:
@@ -82,7 +82,7 @@ class Seq2SeqLM(Task):
     def predict(self, model: nn.Module, rows: Sequence[Row], batch_size: int = 32) -> list[Any]:
         """The greedy generation (up to ``max_new_tokens``) for each row's source."""
         require_inputs(rows, [self.column("source")])
-        sources = self._sources(rows, "input")
+        sources = self._sources(Rows(list(rows), "input"))
         outputs: list[str] = [""] * len(rows)
         for chunk in batches(sorted(range(len(rows)), key=lambda i: len(sources[i])), batch_size):
             batch = to_device(self.collate([{"input_ids": sources[i]} for i in chunk]), device_of(model))

@@ -12,6 +12,7 @@ from ..data import Row, Rows
 from ..labels import LabelledTask, LabelSet
 from ..metrics import accuracy, macro_f1
 from .base import Batch, Features, Task, batches
+from .common import text
 
 
 class SequenceClassification(LabelledTask, Task):
@@ -25,7 +26,8 @@ class SequenceClassification(LabelledTask, Task):
 
 
     def fit(self, rows: Rows) -> None:
-        self.labels = LabelSet.learn((r[self.column("label")] for r in rows.rows), rows.source)
+        column = self.column("label")
+        self.labels = LabelSet.learn(((r[column], rows.where(i)) for i, r in enumerate(rows.rows)), rows.source)
 
     def load_model(self, model_path: str, dtype: torch.dtype | None = None) -> nn.Module:
         return self.labelled_model("AutoModelForSequenceClassification", model_path, dtype)
@@ -35,20 +37,24 @@ class SequenceClassification(LabelledTask, Task):
         trained (all-MiniLM-L6-v2's is near its initialisation); train it with the head (d*d + d weights)."""
         return [name for name, _ in model.named_modules() if name.split(".")[-1] == "pooler"][:1]
 
-    def _tokenize(self, rows: Sequence[Row]) -> dict[str, list[list[int]]]:
-        texts = [str(r[self.column("text")]) for r in rows]
-        pair_column = self.column("text_pair")
-        pairs = [str(r[pair_column]) for r in rows] if rows and pair_column in rows[0] else None
+    def _tokenize(self, rows: Rows) -> dict[str, list[list[int]]]:
+        """Token ids of the texts (and text pairs); a cell that is not text (null, a number) is an error,
+        not the string "None" or "3"."""
+        column, pair_column = self.column("text"), self.column("text_pair")
+        texts = [text(r[column], column, rows.where(i)) for i, r in enumerate(rows.rows)]
+        pairs = None
+        if rows.rows and pair_column in rows.rows[0]:
+            pairs = [text(r.get(pair_column), pair_column, rows.where(i)) for i, r in enumerate(rows.rows)]
         encoded = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length)
         return dict(encoded)
 
     def encode(self, rows: Rows) -> list[Features]:
-        encoded = self._tokenize(rows.rows)
+        encoded = self._tokenize(rows)
         label_column = self.column("label")
         features = []
         for i, row in enumerate(rows.rows):
             feature: Features = {key: values[i] for key, values in encoded.items()}
-            feature["labels"] = self.labels.id(row[label_column], f"{rows.source}, row {i + 1}")
+            feature["labels"] = self.labels.id(row[label_column], rows.where(i))
             features.append(feature)
         return features
 
@@ -72,6 +78,6 @@ class SequenceClassification(LabelledTask, Task):
         return {"accuracy": accuracy(predicted, gold), "macro_f1": macro_f1(predicted, gold, len(self.labels))}
 
     def predict(self, model: nn.Module, rows: Sequence[Row], batch_size: int = 32) -> list[Any]:
-        encoded = self._tokenize(rows)
+        encoded = self._tokenize(Rows(list(rows), "input"))
         features = [{key: values[i] for key, values in encoded.items()} for i in range(len(rows))]
         return [self.labels.names[i] for i in self._predicted_ids(model, features, batch_size)]

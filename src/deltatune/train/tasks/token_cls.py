@@ -39,8 +39,8 @@ class TokenClassification(LabelledTask, Task):
 
     def fit(self, rows: Rows) -> None:
         column = self.column("tags")
-        tags = (t for n, r in enumerate(rows.rows, 1) for t in words(r[column], column, f"{rows.source}, row {n}"))
-        self.labels = LabelSet.learn(tags, rows.source)
+        cells = ((t, rows.where(i)) for i, r in enumerate(rows.rows) for t in words(r[column], column, rows.where(i)))
+        self.labels = LabelSet.learn(cells, rows.source)
 
     def load_model(self, model_path: str, dtype: torch.dtype | None = None) -> nn.Module:
         return self.labelled_model("AutoModelForTokenClassification", model_path, dtype)
@@ -49,9 +49,9 @@ class TokenClassification(LabelledTask, Task):
         """The new tag head (``classifier`` in BERT-like models, ``score`` in some decoders)."""
         return [name for name in ("classifier", "score") if isinstance(getattr(model, name, None), nn.Module)]
 
-    def _words(self, rows: Sequence[Row], source: str) -> list[list[str]]:
+    def _words(self, rows: Rows) -> list[list[str]]:
         column = self.column("tokens")
-        return [words(r[column], column, f"{source}, row {n}") for n, r in enumerate(rows, start=1)]
+        return [words(r[column], column, rows.where(i)) for i, r in enumerate(rows.rows)]
 
     def _features(self, sentences: list[list[str]]) -> list[Features]:
         """Token ids and, per word that survived truncation, the position of its first sub-token."""
@@ -66,11 +66,11 @@ class TokenClassification(LabelledTask, Task):
         return features
 
     def encode(self, rows: Rows) -> list[Features]:
-        sentences = self._words(rows.rows, rows.source)
+        sentences = self._words(rows)
         features = self._features(sentences)
         column = self.column("tags")
-        for number, (row, feature) in enumerate(zip(rows.rows, features, strict=True), start=1):
-            where = f"{rows.source}, row {number}"
+        for index, (row, feature) in enumerate(zip(rows.rows, features, strict=True)):
+            where = rows.where(index)
             tags = [self.labels.id(t, where) for t in words(row[column], column, where)]
             if len(tags) != feature["words"]:
                 raise DataError(f"{where}: {feature['words']} tokens but {len(tags)} tags; give every token one tag")
@@ -112,5 +112,5 @@ class TokenClassification(LabelledTask, Task):
     def predict(self, model: nn.Module, rows: Sequence[Row], batch_size: int = 32) -> list[Any]:
         """One tag name per word of each row's ``tokens``."""
         require_inputs(rows, [self.column("tokens")])
-        features = self._features(self._words(rows, "input"))
+        features = self._features(self._words(Rows(list(rows), "input")))
         return [[self.labels.names[t] for t in tags] for tags in self._predicted_tags(model, features, batch_size)]

@@ -12,7 +12,7 @@ import deltatune.registry as registry
 
 SRC = Path(deltatune.__file__).parent
 GENERIC = ["adapters", "bases", "config", "hf", "inject", "io", "layer", "merge", "registry", "state", "targets"]
-METHOD_WORDS = re.compile(r"(?<![a-z])(?i:lora|ia3|dora|adalora|vera|bitfit|prompt.?tuning|p.?tuning|prefix.?tuning)")
+METHOD_WORDS = re.compile(r"(?<![A-Za-z])(?i:lora|ia3|dora|adalora|vera|bitfit|prompt.?tuning|p.?tuning|prefix.?tuning)")
 """A method name not inside a lower-case word ("several" is fine; "LoraConfig" and "use_dora" are not)."""
 
 

@@ -265,7 +265,7 @@ def test_unmerge_restores_weights(kind: Kind, dtype: torch.dtype) -> None:
         assert_close(run(model, x), out, dtype, "output after unmerge")
         return
     delta = delta_of(model)
-    full = kind.to_canonical(original.float()) + delta.delta_weight().detach()
+    full = kind.to_canonical(original.float()) + delta.low_rank_weight().detach()
     bound = 0.5 * bf16_ulp(original) + kind.from_canonical(full.abs() * 2.0 ** -8) * 1.01
     err = (weight.detach().float() - original.float()).abs()
     assert (err <= bound).all(), f"unmerge error up to {(err / bound).max().item():.3g} x the bound"

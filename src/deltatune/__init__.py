@@ -15,6 +15,7 @@ from .adapters import (
     summary,
     trainable_parameters,
 )
+from .compose import Average, BatchSplit, Composition, Stack, Sum
 from .config import DeltaConfig, TargetedConfig
 from .errors import AdapterError, AdapterFileError, ConfigError, DeltatuneError, TargetError
 from .inject import attach
@@ -38,7 +39,10 @@ __all__ = [
     "AdaLoraScheduler",
     "AdapterError",
     "AdapterFileError",
+    "Average",
+    "BatchSplit",
     "BitFitConfig",
+    "Composition",
     "ConfigError",
     "DeltaConfig",
     "DeltatuneError",
@@ -46,6 +50,8 @@ __all__ = [
     "LoraConfig",
     "QuantConfig",
     "QuantError",
+    "Stack",
+    "Sum",
     "TargetError",
     "TargetedConfig",
     "VeraConfig",

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .errors import AdapterError
+from .layer import WeightDelta
 from .state import delta_layers
 
 
@@ -31,9 +33,9 @@ class LayerDelta:
 
 
 @torch.no_grad()
-def delta_weight(weight: Tensor, merged: Tensor) -> Tensor:
+def delta_matrix(delta: WeightDelta, weight: Tensor) -> Tensor:
     """ΔW as a matrix (convolution kernels flattened to (out, in * k))."""
-    return (merged - weight).reshape(weight.shape[0], -1)
+    return delta.delta_weight(weight).reshape(weight.shape[0], -1)
 
 
 def effective_rank(singular_values: Tensor) -> float:
@@ -53,8 +55,12 @@ def layer_deltas(model: nn.Module, name: str) -> list[LayerDelta]:
     for key, layer in delta_layers(model):
         if name not in layer.deltas or name in layer.merged:
             continue
+        delta = layer.delta(name)
+        if not isinstance(delta, WeightDelta):
+            raise AdapterError(f"adapter {name!r} is not a weight change ({type(delta).__name__} on {key!r}): "
+                               "it has no ΔW to analyse")
         weight = layer.view.read_weight().float()
-        dw = delta_weight(weight, layer.delta(name).merge(weight.clone()))
+        dw = delta_matrix(delta, weight)
         s = torch.linalg.svdvals(dw)
         tol = max(dw.shape) * torch.finfo(s.dtype).eps * (float(s[0]) if s.numel() else 0.0)
         norm = float(dw.norm())

@@ -35,7 +35,7 @@ class BaseLayer(ABC):
     """Whether the stored weight is ``(in, out)``; peft records this in adapter_config.json."""
     dense_linear: ClassVar[bool] = False
     """Whether forward is exactly ``F.linear(x, read_weight(), bias)`` with a stored dense weight,
-    so a method may compute the whole layer in one fused function (see ``Delta.forward_with_base``)."""
+    so a method may compute the whole layer in one fused function (see ``layer.FUSED_FORWARD``)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -115,7 +115,11 @@ class BaseLayer(ABC):
 
     def expand(self, y: Tensor, h: Tensor, weight: Tensor, scale: float) -> Tensor:
         """``y + (h mapped by the (out, r) weight) * scale``, returned in y's dtype."""
-        return add_scaled(y, F.linear(h, weight), scale)
+        return add_scaled(y, self.mapped(h, weight), scale)
+
+    def mapped(self, h: Tensor, weight: Tensor) -> Tensor:
+        """A hidden tensor ``h`` mapped to the layer's output by a pointwise ``(out, r)`` weight."""
+        return F.linear(h, weight)
 
     def describe(self) -> str:
         return f"{type(self.module).__name__}({self.in_features} -> {self.out_features})"
@@ -213,9 +217,9 @@ class ConvBase(BaseLayer):
         m = self.module
         return self._conv()(x, weight, None, m.stride, m.padding, m.dilation)
 
-    def expand(self, y: Tensor, h: Tensor, weight: Tensor, scale: float) -> Tensor:
+    def mapped(self, h: Tensor, weight: Tensor) -> Tensor:
         pointwise = weight.reshape(*weight.shape[:2], *(1,) * len(self.kernel_size))
-        return add_scaled(y, self._conv()(h, pointwise), scale)
+        return self._conv()(h, pointwise)
 
 
 class Linear4bitBase(BaseLayer):

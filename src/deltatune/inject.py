@@ -15,9 +15,10 @@ from torch import Tensor, nn
 
 from . import hf
 from .bases import BaseLayer, base_layer_for, is_linear
+from .compose import without
 from .config import DeltaConfig, TargetedConfig
 from .errors import AdapterError, TargetError
-from .layer import Delta, DeltaLayer, ModelDelta, SavedModule, adapter_dtype
+from .layer import Delta, DeltaLayer, ModelDelta, MovesBase, SavedModule, adapter_dtype
 from .registry import method_for
 from .state import STATE_ATTR, check_name, delta_layers, logical_modules, parent_of, set_active, state_of
 from .targets import ALL_LINEAR, condense, is_target, nearest_names
@@ -165,7 +166,7 @@ def plan(model: nn.Module, config: DeltaConfig, name: str) -> AttachPlan:
         assert method.make_delta is not None
         delta = method.make_delta(view, config, key, result.model_delta)
         delta.to(device=view.weight.device, dtype=adapter_dtype(view.dtype))
-        residual = delta.adjust_base(view.read_weight())
+        residual = delta.take_residual() if isinstance(delta, MovesBase) else None
         if residual is not None:
             view.check_writable()  # before anything changes: apply cannot fail
             result.base_weights[key] = residual
@@ -184,7 +185,7 @@ def apply(model: nn.Module, attach_plan: AttachPlan) -> None:
         parent, child = parent_of(model, key)
         layer = getattr(parent, child)
         if not isinstance(layer, DeltaLayer):
-            layer = DeltaLayer(layer, attach_plan.views[key])
+            layer = DeltaLayer(layer, attach_plan.views[key], state.active_set)
             setattr(parent, child, layer)
         layer.deltas[attach_plan.name] = delta
         layer.train(layer.base_layer.training)  # new modules follow the mode of what they wrap (dropout)
@@ -194,7 +195,7 @@ def apply(model: nn.Module, attach_plan: AttachPlan) -> None:
         parent, child = parent_of(model, key)
         wrapper = getattr(parent, child)
         if not isinstance(wrapper, SavedModule):
-            wrapper = SavedModule(wrapper)
+            wrapper = SavedModule(wrapper, state.active_set)
             setattr(parent, child, wrapper)
         wrapper.copies[attach_plan.name] = clone
         wrapper.training = wrapper.original_module.training
@@ -209,7 +210,8 @@ def apply(model: nn.Module, attach_plan: AttachPlan) -> None:
     for name, config in state.configs.items():
         for param in trainable_biases(model, name).values():
             param.requires_grad_(param.requires_grad or not config.inference_mode)
-    set_active(model, state.active or (attach_plan.name,))
+    if not state.active:
+        set_active(model, attach_plan.name)
 
 
 def _freeze_base(model: nn.Module) -> None:
@@ -283,4 +285,4 @@ def remove(model: nn.Module, name: str) -> None:
         part.switch(model, False)
     state.undo_base_writes(name)
     del state.configs[name]
-    set_active(model, tuple(n for n in state.active if n != name))
+    set_active(model, without(state.active_set.composition, name))

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from .bases import base_layer_for
+from .compose import Composition, Sum
+from .errors import AdapterError
 from .state import delta_layers, drop_state, parent_of, saved_modules, state_of
 
 
@@ -29,8 +31,15 @@ def _fold(model: nn.Module, names: str | Sequence[str] | None) -> None:
         state.require(name)
         if name not in state.active:
             raise ValueError(f"merge: adapter {name!r} is not active; activate it with dt.set_active first")
+    _require_sum(state.active_set.composition, "merge")
     for _, layer in delta_layers(model):
         layer.merge(todo)
+
+
+def _require_sum(composition: Composition, what: str) -> None:
+    if type(composition) is not Sum:
+        raise AdapterError(f"{what}: the active composition {composition!r} is not a plain sum, and a weight holds "
+                           "only a sum of changes. Activate a name or a list of names to merge them.")
 
 
 def unmerge(model: nn.Module) -> None:
@@ -56,12 +65,10 @@ def unload(model: nn.Module, merge: bool = True, requantize: bool = False) -> nn
     """
     state = state_of(model)
     if merge:
-        state = state_of(model)
-        for name in state.active:
-            state.require(name)
+        _require_sum(state.active_set.composition, "unload(merge=True)")
     else:
         unmerge(model)
-    state.switch_model_deltas(model, state.active if merge else ())  # model-level changes stay only when merging
+    state.switch_model_deltas(model, state.active if merge else (), final=True)  # they stay only when merging
     for key, layer in list(delta_layers(model)):
         parent, child = parent_of(model, key)
         setattr(parent, child, layer.unloaded(requantize) if merge else layer.base_layer)

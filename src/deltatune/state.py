@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .compose import Active, Composition, Sum, as_composition
 from .config import DeltaConfig
 from .errors import AdapterError
 from .layer import DeltaLayer, ModelDelta, SavedModule
@@ -56,7 +57,8 @@ class ModelState:
     """The adapters on one model, in the order they were added."""
 
     configs: dict[str, DeltaConfig] = field(default_factory=dict)
-    active: tuple[str, ...] = ()
+    active_set: Active = field(default_factory=Active)
+    """The active composition; every wrapper on the model holds this same object."""
     model_deltas: dict[str, ModelDelta] = field(default_factory=dict)
     """The model-level part of the adapters whose method has one, by adapter name."""
     base_writes: dict[str, list[BaseWrite]] = field(default_factory=dict)
@@ -83,14 +85,18 @@ class ModelState:
             with torch.no_grad():
                 write.target.copy_(write.before)
 
-    def switch_model_deltas(self, model: nn.Module, active: tuple[str, ...]) -> None:
-        """Switch off the model-level parts of inactive adapters, then on those of ``active`` in order."""
-        for name, part in self.model_deltas.items():
-            if name not in active:
-                part.switch(model, False)
-        for name in active:
-            if name in self.model_deltas:
-                self.model_deltas[name].switch(model, True)
+    @property
+    def active(self) -> tuple[str, ...]:
+        """The names in the active composition, in order."""
+        return self.active_set.names()
+
+    def switch_model_deltas(self, model: nn.Module, active: tuple[str, ...], final: bool = False) -> None:
+        """Make the model compute with the model-level parts of ``active`` (summed) and without the
+        others; each class of part decides how its active parts combine (``ModelDelta.combine``)."""
+        for kind in dict.fromkeys(type(part) for part in self.model_deltas.values()):
+            every = [p for p in self.model_deltas.values() if type(p) is kind]
+            on = [self.model_deltas[n] for n in active if type(self.model_deltas.get(n)) is kind]
+            kind.combine(model, on, every, final)
 
     def require(self, name: str) -> DeltaConfig:
         if name not in self.configs:
@@ -150,28 +156,34 @@ def parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_path) if parent_path else model), child
 
 
-def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
-    """Make ``names`` the active adapters; with several, their changes are summed in that order.
+def set_active(model: nn.Module, names: str | Sequence[str] | Composition) -> None:
+    """Make ``names`` the active composition: a name, a list of names (their changes summed, in
+    any order alike), or a composition such as ``dt.Stack("a", "b")`` (see ``compose``).
 
-    Adapters merged into the weights stay merged (merged ones are active by definition);
-    trainability is not changed.
+    Adapters merged into the weights stay merged (merged ones are active by definition, in a
+    plain sum); trainability is not changed. Checked in full before anything changes.
     """
     state = state_of(model)
-    active = (names,) if isinstance(names, str) else tuple(names)
+    composition = as_composition(names)
+    active = composition.names()
     for name in active:
         state.require(name)
-    if len(set(active)) != len(active):
-        raise ValueError(f"set_active: adapter names repeat in {list(active)}; give each name once")
+    if len(active) != _count_names(composition):
+        raise AdapterError(f"set_active: adapter names repeat in {composition!r}; give each name once")
     layers = [layer for _, layer in delta_layers(model)]
-    stray = sorted({n for layer in layers for n in layer.merged if n not in active})
-    if stray:  # checked for every layer before any changes, so an error changes nothing
-        raise ValueError(
+    merged = sorted({n for layer in layers for n in layer.merged})
+    stray = [n for n in merged if n not in active]
+    if stray:
+        raise AdapterError(
             f"set_active: adapters {stray} are merged into the weights; call dt.unmerge(model) before "
             "switching them off"
         )
-    for layer in layers:
-        layer.active = active
-    for _, module in saved_modules(model):
-        module.active = active
+    if merged and type(composition) is not Sum:
+        raise AdapterError(f"set_active: adapters {merged} are merged into the weights, which holds a plain sum "
+                           f"only; call dt.unmerge(model) before activating {composition!r}")
+    state.active_set.composition = composition
     state.switch_model_deltas(model, active)
-    state.active = active
+
+
+def _count_names(composition: Composition) -> int:
+    return sum(1 if isinstance(m, str) else _count_names(m) for m in composition.members)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..bases import BaseLayer
 from ..config import DeltaConfig
 from ..errors import AdapterError, TargetError
-from ..layer import Delta, ModelDelta
+from ..layer import ModelDelta, WeightDelta
 from ..registry import Method, last_fan_in_fan_out, register
 from ..state import delta_layers, state_of
 from .lora import LoraConfig
@@ -89,7 +89,7 @@ class AdaLoraConfig(LoraConfig):
         return self.init_r if flags is None else sum(flags)
 
 
-class AdaLoraDelta(Delta):
+class AdaLoraDelta(WeightDelta):
     """``y + s / (n + 1e-5) * P (Λ ⊙ Q x)`` in peft's operation order (see the module docstring)."""
 
     ranknum: Tensor
@@ -118,17 +118,11 @@ class AdaLoraDelta(Delta):
             return (y + self.base.project(x, kernel)).to(y.dtype)
         return (y + self._scaled(x @ (self.lora_A * self.lora_E).T @ self.lora_B.T)).to(y.dtype)
 
-    def delta_weight(self) -> Tensor:
+    def delta_weight(self, weight: Tensor | None = None) -> Tensor:
         """``s / (n + 1e-5) * P Λ Q`` in the canonical ``(out, in, *kernel)`` layout, in fp32."""
         product = self.lora_B.float() @ (self.lora_A.float() * self.lora_E.float())
         return (product * self.scaling / (self.ranknum.float() + 1e-5)).view(-1, self.base.in_features,
                                                                              *self.base.kernel_size)
-
-    def merge(self, weight: Tensor) -> Tensor:
-        return weight + self.delta_weight().to(weight)
-
-    def unmerge(self, weight: Tensor) -> Tensor:
-        return weight - self.delta_weight().to(weight)
 
     def tensors(self) -> dict[str, Tensor]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_E": self.lora_E}

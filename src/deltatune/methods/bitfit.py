@@ -10,6 +10,7 @@ BitFit changes no layer's computation, so it is a model-level method: it keeps a
 each selected bias and, while the adapter is active, the module's ``bias`` attribute points to
 that copy; switched off (``dt.disabled``, another adapter active, ``dt.delete_adapter``,
 ``dt.unload(merge=False)``) the original Parameter is put back, so the base output is exact.
+Several active BitFit adapters are summed, ``b + Σ (b_i - b)``, like every other method.
 Init: the copies equal the originals (the identity). Parameter count: the sum of the selected
 bias sizes. peft has no BitFit: the file keys are ``base_model.model.<module path>.bias`` (what
 peft writes for the biases it trains with ``bias="all"``) and adapter_config.json has
@@ -19,11 +20,13 @@ peft writes for the biases it trains with ``bias="all"``) and adapter_config.jso
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import ClassVar
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ..bases import BaseLayer
 from ..config import DeltaConfig, TargetedConfig
@@ -56,7 +59,12 @@ def _follow(param: nn.Parameter, like: Tensor) -> None:
 
 
 class BiasSelection(ModelDelta):
-    """Trained copies of selected biases, swapped into their modules while the adapter is active."""
+    """Trained copies of selected biases, swapped into their modules while the adapter is active.
+
+    Several active BitFit adapters on one module add up: the module computes with
+    ``b + Σ (b_i - b)``, substituted for its bias by a forward pre-hook (and put back after the
+    call), so each copy keeps its gradient; one active adapter simply has its copy swapped in.
+    """
 
     def __init__(self, owners: Mapping[str, nn.Module], originals: Mapping[str, nn.Parameter]) -> None:
         super().__init__()
@@ -73,16 +81,63 @@ class BiasSelection(ModelDelta):
     def tensors(self) -> dict[str, Tensor]:
         return {f"{FILE_PREFIX}{path}.bias": bias for path, bias in zip(self.paths, self.biases)}
 
+    def slots(self) -> list[tuple[nn.Module, nn.Parameter, nn.Parameter]]:
+        """(module, original bias, this adapter's copy) for every selected bias."""
+        return list(zip(self._owners, self._originals, self.biases))
+
     def switch(self, model: nn.Module, on: bool) -> None:
-        for owner, original, bias in zip(self._owners, self._originals, self.biases):
-            current = owner._parameters["bias"]
-            assert current is not None
-            if on and current is not bias:
-                _follow(bias, current)
-                owner.bias = bias
-            elif not on and current is bias:
-                _follow(original, bias)
+        type(self).combine(model, [self] if on else [], [self])
+
+    @classmethod
+    def combine(cls, model: nn.Module, active: Sequence[ModelDelta], every: Sequence[ModelDelta],
+                final: bool = False) -> None:
+        copies: dict[nn.Module, tuple[nn.Parameter, list[nn.Parameter]]] = {}
+        for part in every:
+            assert isinstance(part, BiasSelection)
+            for owner, original, copy in part.slots():
+                copies.setdefault(owner, (original, []))[1].extend([copy] if part in active else [])
+        for owner, (original, on) in copies.items():
+            _unhook(owner)
+            if len(on) == 1:
+                _follow(on[0], owner._parameters["bias"])  # type: ignore[arg-type]
+                owner.bias = on[0]
+            elif not on:
+                _follow(original, owner._parameters["bias"])  # type: ignore[arg-type]
                 owner.bias = original
+            elif final:  # the sum, fixed as the module's own bias
+                with torch.no_grad():
+                    owner.bias = nn.Parameter(_summed(original, on).detach(), requires_grad=False)
+            else:
+                owner.bias = original
+                _hook(owner, original, on)
+
+
+def _summed(original: Tensor, copies: Sequence[Tensor]) -> Tensor:
+    """``b + Σ (b_i - b)``: every copy's change from the same base bias, added."""
+    total = original
+    for copy in copies:
+        total = total + (copy - original)
+    return total
+
+
+_SUM_HOOKS: weakref.WeakKeyDictionary[nn.Module, list[RemovableHandle]] = weakref.WeakKeyDictionary()
+"""Hooks that put a sum of biases in place during a module's forward, by module."""
+
+
+def _hook(owner: nn.Module, original: nn.Parameter, copies: Sequence[nn.Parameter]) -> None:
+    def put_sum(module: nn.Module, args: Any) -> None:
+        module._parameters["bias"] = _summed(original, copies)  # type: ignore[assignment]
+
+    def put_back(module: nn.Module, args: Any, output: Any) -> None:
+        module._parameters["bias"] = original
+
+    _SUM_HOOKS[owner] = [owner.register_forward_pre_hook(put_sum),
+                         owner.register_forward_hook(put_back, always_call=True)]
+
+
+def _unhook(owner: nn.Module) -> None:
+    for handle in _SUM_HOOKS.pop(owner, []):
+        handle.remove()
 
 
 def _base_bias(model: nn.Module, param: nn.Parameter) -> nn.Parameter:

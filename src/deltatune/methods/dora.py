@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..bases import BaseLayer
-from ..errors import AdapterError
+from ..layer import register_fused
 from . import lora_kernel
 from .lora import LoraDelta
 
@@ -39,7 +39,6 @@ class DoraDelta(LoraDelta):
         kernel = base.kernel_size
         shape = (1, base.out_features, *(1,) * len(kernel)) if kernel else (base.out_features,)
         self.magnitude = nn.Parameter(torch.empty(shape, device=base.weight.device))
-        self._merged_norm: Tensor | None = None  # ||W + s B A|| at merge time, for an exact unmerge
 
     def _per_output(self, t: Tensor) -> Tensor:
         """A per-output vector shaped to broadcast over the layer output (channels are dim 1 for conv)."""
@@ -57,16 +56,9 @@ class DoraDelta(LoraDelta):
         """``m = ||W + s B A||`` for the base weight as it will be once attached."""
         weight = self.base.read_weight().float()
         # PiSSA / OLoRA: the residual plus s B A is W itself
-        norm = torch.linalg.vector_norm(weight.flatten(1), dim=1) if self.moves_base else self.weight_norm(weight)
+        took = self._residual is not None
+        norm = torch.linalg.vector_norm(weight.flatten(1), dim=1) if took else self.weight_norm(weight)
         self.magnitude.copy_(norm.view(self.magnitude.shape))
-
-    def forward_with_base(self, x: Tensor) -> Tensor | None:
-        """Base, LoRA and the magnitude in one autograd function (``lora_kernel.DoraLinear``)."""
-        weight = self.fused_weight(x)
-        if weight is None or self.magnitude.dtype != x.dtype:
-            return None
-        return lora_kernel.DoraLinear.apply(x, weight, self.base.bias, self.A, self.B, self.magnitude,
-                                            self.weight_norm(weight), self.scaling)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         g = self.magnitude.flatten() / self.weight_norm()
@@ -85,27 +77,44 @@ class DoraDelta(LoraDelta):
         scaled_b = g.view(-1, *(1,) * (self.B.dim() - 1)) * self.B
         return self.base.expand(out, self.base.project(x, self.A), scaled_b, self.scaling).to(y.dtype)
 
+    depends_on_weight = True  # ΔW = m (W + s B A) / ||W + s B A|| - W
+
     def _factor(self, norm: Tensor, weight: Tensor) -> Tensor:
         """``m / norm`` shaped to scale the rows of a canonical ``(out, in, *kernel)`` weight."""
-        factor = self.magnitude.detach().to(weight).flatten() / norm.to(weight)
-        return factor.view(-1, *(1,) * (weight.dim() - 1))
+        return (self.magnitude.detach().float().flatten() / norm).view(-1, *(1,) * (weight.dim() - 1))
+
+    def contribution(self, x: Tensor, y: Tensor) -> Tensor:
+        return self(x, y) - y  # the rescaling touches the base output too, not only the low-rank part
 
     def merge(self, weight: Tensor) -> Tensor:
-        norm = self.weight_norm(weight).float()
-        self._merged_norm = norm
-        return self._factor(norm, weight) * (weight + self.delta_weight().to(weight))
+        """``m (W + s B A) / ||W + s B A||`` (the norm per output) for the fp32 base weight ``W``."""
+        return self._factor(self.merge_state(weight), weight) * (weight + self.low_rank_weight())
 
-    def unmerge(self, weight: Tensor) -> Tensor:
-        if self._merged_norm is None:
-            raise AdapterError("DoRA unmerge without a preceding merge: the norm at merge time is unknown")
-        norm, self._merged_norm = self._merged_norm, None
-        return weight / self._factor(norm, weight) - self.delta_weight().to(weight)
+    def merge_state(self, weight: Tensor) -> Tensor:
+        """``||W + s B A||`` per output: the merged weight alone does not tell it."""
+        return self.weight_norm(weight).float()
 
-    def adjust_base(self, weight: Tensor) -> Tensor | None:
-        return LoraDelta.unmerge(self, weight.float()) if self.moves_base else None
+    def inverse(self, merged: Tensor, state: Tensor | None) -> Tensor:
+        assert state is not None
+        return merged / self._factor(state, merged) - self.low_rank_weight()
+
+    def delta_weight(self, weight: Tensor) -> Tensor:
+        return self.merge(weight) - weight
 
     def tensors(self) -> dict[str, Tensor]:
         return {**super().tensors(), "lora_magnitude_vector": self.magnitude}
+
+
+def fused_dora(delta: DoraDelta, x: Tensor) -> Tensor | None:
+    """Base, LoRA and the magnitude in one autograd function (``lora_kernel.DoraLinear``)."""
+    weight = delta.fused_weight(x)
+    if weight is None or delta.magnitude.dtype != x.dtype:
+        return None
+    return lora_kernel.DoraLinear.apply(x, weight, delta.base.bias, delta.A, delta.B, delta.magnitude,
+                                        delta.weight_norm(weight), delta.scaling)
+
+
+register_fused(DoraDelta, "linear", fused_dora)
 
 
 def make_dora(base: BaseLayer, r: int, scaling: float, dropout: float, init: bool | str) -> DoraDelta:

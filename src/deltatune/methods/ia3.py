@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..bases import BaseLayer
 from ..config import DeltaConfig, TargetedConfig
 from ..errors import TargetError
-from ..layer import Delta, ModelDelta
+from ..layer import ModelDelta, WeightDelta
 from ..registry import Method, last_fan_in_fan_out, register
 
 _NOT_IN_PEFT = ("layers_to_transform", "layers_pattern")
@@ -92,15 +92,17 @@ class IA3Config(TargetedConfig):
         return any(key.endswith(name) for name in ff or ())
 
 
-class IA3Delta(Delta):
+class IA3Delta(WeightDelta):
     """Output scaling ``y * l`` (and ``W' = diag(l) W``, ``b' = l * b`` when merged)."""
 
-    def __init__(self, base: BaseLayer, features: int, shape: tuple[int, ...]) -> None:
+    depends_on_weight = True  # ΔW = (l - 1) W
+
+    def __init__(self, base: BaseLayer, features: int, shape: tuple[int, ...], scales_input: bool = False) -> None:
         super().__init__()
         self.base = base
         self.ia3_l = nn.Parameter(torch.ones(shape, device=base.weight.device))
         # l laid along the canonical (out, in, *kernel) weight: output rows here, input columns if feed-forward
-        rows_cols = (1, features) if self.changes_input else (features, 1)
+        rows_cols = (1, features) if scales_input else (features, 1)
         self._weight_shape: tuple[int, ...] = (*rows_cols, *(1,) * len(base.kernel_size))
 
     def scale(self) -> Tensor:
@@ -110,36 +112,44 @@ class IA3Delta(Delta):
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         return (y * self.scale()).to(y.dtype)
 
+    def _laid_out(self, weight: Tensor) -> Tensor:
+        return self.ia3_l.detach().to(weight).reshape(self._weight_shape)
+
     def merge(self, weight: Tensor) -> Tensor:
-        return weight * self.ia3_l.detach().to(weight).reshape(self._weight_shape)
+        return weight * self._laid_out(weight)
 
-    def unmerge(self, weight: Tensor) -> Tensor:
-        return weight / self.ia3_l.detach().to(weight).reshape(self._weight_shape)
+    def delta_weight(self, weight: Tensor) -> Tensor:
+        return weight * (self._laid_out(weight) - 1)
 
-    def merge_bias(self, bias: Tensor) -> Tensor:
-        return bias * self.ia3_l.detach().to(bias).flatten()
+    def inverse(self, merged: Tensor, state: Tensor | None) -> Tensor:
+        return merged / self._laid_out(merged)  # exact division (peft adds 1e-8 to l first)
 
-    def unmerge_bias(self, bias: Tensor) -> Tensor:
-        return bias / self.ia3_l.detach().to(bias).flatten()
+    def delta_bias(self, bias: Tensor) -> Tensor | None:
+        return bias * (self.ia3_l.detach().to(bias).flatten() - 1)
 
     def tensors(self) -> dict[str, Tensor]:
         return {"ia3_l": self.ia3_l}
 
 
 class IA3FeedForwardDelta(IA3Delta):
-    """Input scaling ``base(x * l)`` (and ``W' = W diag(l)``, bias unchanged, when merged)."""
+    """Input scaling ``base(x * l)`` (and ``W' = W diag(l)``, bias unchanged, when merged); an
+    ``InputTransform``: alone on its layer, the layer runs ``base(transform_input(x))``."""
 
-    changes_input: ClassVar[bool] = True
+    def __init__(self, base: BaseLayer, features: int, shape: tuple[int, ...]) -> None:
+        super().__init__(base, features, shape, scales_input=True)
 
-    def before(self, x: Tensor) -> Tensor:
+    def transform_input(self, x: Tensor) -> Tensor:
         return (x.to(self.ia3_l.dtype) * self.scale()).to(x.dtype)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        return y
+        return y  # the layer already ran the base on the transformed input
 
-    # scaling the input leaves the bias alone: back to Delta's identity
-    merge_bias = Delta.merge_bias
-    unmerge_bias = Delta.unmerge_bias
+    def contribution(self, x: Tensor, y: Tensor) -> Tensor:
+        """``base(x * l) - base(x)``: in a sum with other adapters, one more run of the base layer."""
+        return self.base.module(self.transform_input(x)) - y
+
+    def delta_bias(self, bias: Tensor) -> Tensor | None:
+        return None  # scaling the input leaves the bias alone
 
 
 def make_ia3(base: BaseLayer, config: DeltaConfig, key: str, shared: ModelDelta | None = None) -> IA3Delta:

@@ -27,10 +27,11 @@ from torch import Tensor, nn
 
 from ..bases import BaseLayer
 from ..config import DeltaConfig, TargetedConfig
-from ..errors import ConfigError, TargetError
-from ..layer import Delta, ModelDelta
+from ..errors import TargetError
+from ..layer import ModelDelta, WeightDelta, register_fused
 from ..registry import Method, register
 from . import lora_kernel
+from .lora_init import check_rank_fits, factors_from_weight, takes_weight
 
 _INITS = (True, False, "gaussian", "pissa", "olora")
 _PISSA_NITER = re.compile(r"pissa_niter_\d+")
@@ -134,12 +135,7 @@ def _pattern_key(patterns: Mapping[str, Any], key: str) -> str:
     return next((p for p in patterns if re.match(rf"(.*\.)?({p})$", key)), key)
 
 
-def _takes_weight(init: bool | str) -> bool:
-    """Whether ``init`` builds A and B from the layer's weight (PiSSA, OLoRA)."""
-    return init in ("pissa", "olora") or (isinstance(init, str) and init.startswith("pissa_niter_"))
-
-
-class LoraDelta(Delta):
+class LoraDelta(WeightDelta):
     """``y + s * B(A(dropout(x)))`` on any base kind; A and B kept in peft's shapes."""
 
     def __init__(self, base: BaseLayer, r: int, scaling: float, dropout: float) -> None:
@@ -150,19 +146,23 @@ class LoraDelta(Delta):
         self.A = nn.Parameter(torch.empty(r, base.in_features, *kernel, device=base.weight.device))
         self.B = nn.Parameter(torch.empty(base.out_features, r, *(1,) * len(kernel), device=base.weight.device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.moves_base = False  # set by the PiSSA / OLoRA inits
+        self._residual: Tensor | None = None  # the base weight less what a PiSSA / OLoRA init took
 
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+    def take_residual(self) -> Tensor | None:
+        """The base weight less what the init moved into A and B (PiSSA, OLoRA), handed over once."""
+        residual, self._residual = self._residual, None
+        return residual
+
+    def _hidden(self, x: Tensor) -> Tensor:
         if x.is_floating_point():
             x = self.dropout(x).to(self.A.dtype)
-        return self.base.expand(y, self.base.project(x, self.A), self.B, self.scaling)
+        return self.base.project(x, self.A)
 
-    def forward_with_base(self, x: Tensor) -> Tensor | None:
-        """Base + LoRA in one autograd function on a dense linear base (``lora_kernel``)."""
-        weight = self.fused_weight(x)
-        if weight is None:
-            return None
-        return lora_kernel.LoraLinear.apply(x, weight, self.base.bias, self.A, self.B, self.scaling)
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.base.expand(y, self._hidden(x), self.B, self.scaling)
+
+    def contribution(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.base.mapped(self._hidden(x), self.B) * self.scaling  # peft's operations, so sums match it
 
     def fused_weight(self, x: Tensor) -> Tensor | None:
         """The base weight when a ``lora_kernel`` function computes this call exactly as the
@@ -172,29 +172,23 @@ class LoraDelta(Delta):
         weight = self.base.read_weight()
         return weight if lora_kernel.applies(x, weight, self.A, self.B) else None
 
-    def delta_weight(self) -> Tensor:
+    def low_rank_weight(self) -> Tensor:
         """``s * B @ A`` in the canonical ``(out, in, *kernel)`` layout, in fp32."""
         product = self.B.float().flatten(1) @ self.A.float().flatten(1)
         return (product * self.scaling).view(self.B.shape[0], *self.A.shape[1:])
 
-    def merge(self, weight: Tensor) -> Tensor:
-        return weight + self.delta_weight().to(weight)
-
-    def unmerge(self, weight: Tensor) -> Tensor:
-        return weight - self.delta_weight().to(weight)
+    def delta_weight(self, weight: Tensor) -> Tensor:
+        return self.low_rank_weight()
 
     def tensors(self) -> dict[str, Tensor]:
         if self.base.kind == "embedding":
             return {"lora_embedding_A": self.A, "lora_embedding_B": self.B}
         return {"lora_A.weight": self.A, "lora_B.weight": self.B}
 
-    def adjust_base(self, weight: Tensor) -> Tensor | None:
-        return self.unmerge(weight.float()) if self.moves_base else None
-
     @torch.no_grad()
     def initialize(self, init: bool | str) -> None:
         """Fill A and B per ``init_lora_weights`` (see the module docstring)."""
-        if _takes_weight(init):
+        if takes_weight(init):
             self._init_from_weight(str(init))
         elif self.base.kind == "embedding":
             nn.init.zeros_(self.A) if init is not False else nn.init.normal_(self.A)
@@ -210,28 +204,17 @@ class LoraDelta(Delta):
     def _init_from_weight(self, init: str) -> None:
         if self.base.kind != "linear":
             raise TargetError(f"init_lora_weights={init!r} needs a linear layer, got {self.base.describe()}")
-        weight, r = self.base.read_weight().float(), self.A.shape[0]
-        if init == "olora":
-            q, upper = torch.linalg.qr(weight)
-            b, a = q[:, :r], upper[:r]
-        else:
-            if init == "pissa":
-                u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-                u, s, vh = u[:, :r], s[:r], vh[:r]
-            else:
-                u, s, v = torch.svd_lowrank(weight, r, niter=int(init.rsplit("_", 1)[1]))
-                vh = v.t()
-            root = torch.sqrt(s / self.scaling)
-            b, a = u * root, root[:, None] * vh
+        weight = self.base.read_weight().float()
+        b, a = factors_from_weight(weight, self.A.shape[0], self.scaling, init)
         self.A.copy_(a)
         self.B.copy_(b)
-        self.moves_base = True
+        self._residual = weight - self.low_rank_weight()
 
 
 def make_lora(base: BaseLayer, config: DeltaConfig, key: str, shared: ModelDelta | None = None) -> LoraDelta:
     assert isinstance(config, LoraConfig)
     r, alpha = config.rank_and_alpha(key)
-    _check_rank_fits(base, config, key, r)
+    check_rank_fits(base, config.init_lora_weights, key, r, type(config).__name__, config.rank_pattern_entry(key))
     scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
     if config.use_dora:
         from .dora import make_dora  # dora.py builds on this module
@@ -242,27 +225,15 @@ def make_lora(base: BaseLayer, config: DeltaConfig, key: str, shared: ModelDelta
     return delta
 
 
-def _check_rank_fits(base: BaseLayer, config: LoraConfig, key: str, r: int) -> None:
-    """PiSSA and OLoRA take r directions (singular vectors, columns of Q) from a weight that has
-    only min(out, in) of them. Refuse a larger r here, while ``inject.plan`` builds the deltas and
-    the model is still untouched. peft instead silently shrinks A and B to min(out, in), which
-    leaves tensors that do not match the config's r."""
-    init = config.init_lora_weights
-    out, fan_in = base.out_features, base.in_features
-    limit = min(out, fan_in)
-    if not _takes_weight(init) or base.kind != "linear" or r <= limit:
-        return  # other kinds: _init_from_weight raises its own TargetError
-    why = (f"init_lora_weights={init!r} takes the adapter's {r} directions from the weight of layer {key!r} "
-           f"({base.describe()}, weight shape (out, in) = ({out}, {fan_in})), which has only min({out}, {fan_in}) "
-           f"= {limit}")
-    name = type(config).__name__
-    entry = config.rank_pattern_entry(key)
-    if entry is None:
-        raise ConfigError(name, "r", r, why, f"lower r to at most {limit}, or give this layer a smaller rank with "
-                                             f"rank_pattern={{{key!r}: {limit}}}")
-    raise ConfigError(name, "rank_pattern", {entry: r}, f"{why} (the rank_pattern entry {entry!r} sets its rank)",
-                      f"lower that entry to at most {limit}, or put an entry for this layer before it, "
-                      f"e.g. rank_pattern={{{key!r}: {limit}, ...}}")
+def fused_lora(delta: LoraDelta, x: Tensor) -> Tensor | None:
+    """Base + LoRA in one autograd function on a dense linear base (``lora_kernel``)."""
+    weight = delta.fused_weight(x)
+    if weight is None:
+        return None
+    return lora_kernel.LoraLinear.apply(x, weight, delta.base.bias, delta.A, delta.B, delta.scaling)
+
+
+register_fused(LoraDelta, "linear", fused_lora)
 
 
 def finalize_lora(config: DeltaConfig, views: Mapping[str, BaseLayer]) -> DeltaConfig:

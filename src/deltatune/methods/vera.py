@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..bases import BaseLayer
 from ..config import DeltaConfig, TargetedConfig
 from ..errors import TargetError
-from ..layer import Delta, ModelDelta
+from ..layer import ModelDelta, WeightDelta
 from ..registry import Method, last_fan_in_fan_out, register
 
 
@@ -104,7 +104,7 @@ class VeraProjection(ModelDelta):
         return {"base_model.vera_A": self.vera_A, "base_model.vera_B": self.vera_B} if self.saved else {}
 
 
-class VeraDelta(Delta):
+class VeraDelta(WeightDelta):
     """``y + b * (B[:out] (d * (A[:, :in] x)))`` with the adapter's shared A and B."""
 
     def __init__(self, base: BaseLayer, projection: VeraProjection, dropout: float) -> None:
@@ -124,16 +124,10 @@ class VeraDelta(Delta):
         x = self.dropout(x.to(self.vera_lambda_d.dtype))
         return (y + self.vera_lambda_b * F.linear(self.vera_lambda_d * F.linear(x, a), b)).to(y.dtype)
 
-    def delta_weight(self) -> Tensor:
+    def delta_weight(self, weight: Tensor | None = None) -> Tensor:
         """``diag(b) B diag(d) A`` in the canonical ``(out, in)`` layout, in fp32."""
         a, b = (t.float() for t in self._sliced())
         return (self.vera_lambda_b.float()[:, None] * b) @ (self.vera_lambda_d.float()[:, None] * a)
-
-    def merge(self, weight: Tensor) -> Tensor:
-        return weight + self.delta_weight().to(weight)
-
-    def unmerge(self, weight: Tensor) -> Tensor:
-        return weight - self.delta_weight().to(weight)
 
     def tensors(self) -> dict[str, Tensor]:
         return {"vera_lambda_b": self.vera_lambda_b, "vera_lambda_d": self.vera_lambda_d}

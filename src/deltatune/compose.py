@@ -1,0 +1,162 @@
+"""The active set as data: which adapters run, and how their changes combine.
+
+A composition is a small frozen value built from adapter names:
+
+- ``Sum("a", "b")``: every member's change is computed from the same input and base output and
+  the changes are added (what ``dt.set_active(model, ["a", "b"])`` means). Order never matters.
+- ``Stack("a", "b")``: ``b`` reads ``a``'s output (activation adapters: AdapterHub's Stack).
+- ``Parallel("a", "b")``: the batch is repeated, one copy per member, outputs concatenated along
+  the batch (AdapterHub's Parallel).
+- ``BatchSplit("a", "b", sizes=[2, 2])``: each member adapts its own slice of rows.
+- ``Average("a", "b", weights=[0.3, 0.7])``: a weighted average of the members' outputs.
+- ``Fuse("a", "b")``: AdapterFusion, attention over the members' outputs.
+
+The model keeps one ``Active`` holder; every wrapper holds that same object, so switching is
+one assignment, never a copy into each layer. What a composition means at one site is decided by
+the site (a layer wrapper, a module-output site), which refuses what it cannot compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .errors import AdapterError
+
+
+@dataclass(frozen=True, init=False)
+class Composition:
+    """Adapter names (or nested compositions) combined in one way; see the module docstring."""
+
+    members: tuple[str | Composition, ...]
+
+    def __init__(self, *members: str | Composition) -> None:
+        if not members:
+            raise AdapterError(f"{type(self).__name__}() needs at least one adapter name, e.g. {type(self).__name__}('a', 'b')")
+        for member in members:
+            if not isinstance(member, (str, Composition)):
+                raise AdapterError(
+                    f"{type(self).__name__} members are adapter names or compositions, got {member!r} "
+                    f"({type(member).__name__}); e.g. {type(self).__name__}('a', 'b')"
+                )
+        object.__setattr__(self, "members", tuple(members))
+
+    def names(self) -> tuple[str, ...]:
+        """Every adapter name in the composition, depth first, each once."""
+        out: list[str] = []
+        for member in self.members:
+            for name in (member,) if isinstance(member, str) else member.names():
+                if name not in out:
+                    out.append(name)
+        return tuple(out)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(repr(m) for m in self.members)
+        extra = self._extra_repr()
+        return f"{type(self).__name__}({inner}{', ' + extra if extra else ''})"
+
+    def _extra_repr(self) -> str:
+        return ""
+
+
+class Sum(Composition):
+    """Changes computed from the same input and base output, added."""
+
+
+class Stack(Composition):
+    """Each member reads the previous member's output."""
+
+
+class Parallel(Composition):
+    """The batch repeated once per member, outputs concatenated along the batch."""
+
+
+class Fuse(Composition):
+    """AdapterFusion over the members' outputs (needs a fusion layer trained for these members)."""
+
+
+@dataclass(frozen=True, init=False, repr=False)
+class BatchSplit(Composition):
+    """Member i adapts ``sizes[i]`` consecutive rows of the batch."""
+
+    sizes: tuple[int, ...] = field(default=())
+
+    def __init__(self, *members: str | Composition, sizes: Sequence[int]) -> None:
+        super().__init__(*members)
+        sizes = tuple(sizes)
+        if len(sizes) != len(members) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                 for s in sizes):
+            raise AdapterError(
+                f"BatchSplit sizes={list(sizes)} must give one non-negative row count per member "
+                f"({len(members)} members), e.g. BatchSplit('a', 'b', sizes=[2, 2])"
+            )
+        object.__setattr__(self, "sizes", sizes)
+
+    def _extra_repr(self) -> str:
+        return f"sizes={list(self.sizes)}"
+
+
+@dataclass(frozen=True, init=False, repr=False)
+class Average(Composition):
+    """The members' outputs averaged with ``weights`` (equal weights by default)."""
+
+    weights: tuple[float, ...] = field(default=())
+
+    def __init__(self, *members: str | Composition, weights: Sequence[float] | None = None) -> None:
+        super().__init__(*members)
+        values = tuple(float(w) for w in weights) if weights is not None else (1.0 / len(members),) * len(members)
+        if len(values) != len(members):
+            raise AdapterError(
+                f"Average weights={list(values)} must give one weight per member ({len(members)} members), "
+                "e.g. Average('a', 'b', weights=[0.3, 0.7])"
+            )
+        object.__setattr__(self, "weights", values)
+
+    def _extra_repr(self) -> str:
+        return f"weights={list(self.weights)}"
+
+
+NOTHING = Sum.__new__(Sum)
+object.__setattr__(NOTHING, "members", ())
+"""The empty composition: no adapter runs (the base model)."""
+
+
+def as_composition(value: str | Sequence[str] | Composition) -> Composition:
+    """A name means ``Sum(name)``, a list or tuple of names ``Sum(*names)``; a composition stays."""
+    if isinstance(value, Composition):
+        return value
+    if isinstance(value, str):
+        return Sum(value)
+    names = tuple(value)
+    return Sum(*names) if names else NOTHING
+
+
+@dataclass
+class Active:
+    """The model's current composition, one object shared by reference by every wrapper."""
+
+    composition: Composition = NOTHING
+
+    def names(self) -> tuple[str, ...]:
+        return self.composition.names()
+
+
+def without(composition: Composition, name: str) -> Composition:
+    """``composition`` with adapter ``name`` taken out (a member left empty goes too, with its
+    batch size or weight); used when an adapter is deleted."""
+    kept: list[tuple[str | Composition, int]] = []
+    for index, member in enumerate(composition.members):
+        if isinstance(member, Composition):
+            member = without(member, name)
+            if member.members:
+                kept.append((member, index))
+        elif member != name:
+            kept.append((member, index))
+    members = tuple(m for m, _ in kept)
+    if not members:
+        return NOTHING
+    if isinstance(composition, BatchSplit):
+        return BatchSplit(*members, sizes=[composition.sizes[i] for _, i in kept])
+    if isinstance(composition, Average):
+        return Average(*members, weights=[composition.weights[i] for _, i in kept])
+    return type(composition)(*members)

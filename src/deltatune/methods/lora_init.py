@@ -1,0 +1,59 @@
+"""LoRA inits that take the adapter from the layer's own weight: PiSSA and OLoRA.
+
+PiSSA (Meng et al. 2024): the top-r singular triplets of ``W = U S Vᵀ`` split evenly between the
+factors, ``B = U_r sqrt(S_r / s)``, ``A = sqrt(S_r / s) V_rᵀ``, so ``s B A`` is W's best rank-r
+part (``pissa_niter_K``: the same from K subspace iterations of a randomized SVD). OLoRA
+(Büyükakyüz 2024): ``W = Q R``, ``B = Q[:, :r]``, ``A = R[:r]``. Either way the base keeps the
+residual ``W - s B A``, and r can be at most min(out, in).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..bases import BaseLayer
+from ..errors import ConfigError
+
+
+def takes_weight(init: bool | str) -> bool:
+    """Whether ``init`` builds A and B from the layer's weight (PiSSA, OLoRA)."""
+    return init in ("pissa", "olora") or (isinstance(init, str) and init.startswith("pissa_niter_"))
+
+
+def factors_from_weight(weight: Tensor, r: int, scaling: float, init: str) -> tuple[Tensor, Tensor]:
+    """(B, A) for the fp32 canonical ``weight`` per ``init`` (see the module docstring)."""
+    if init == "olora":
+        q, upper = torch.linalg.qr(weight)
+        return q[:, :r], upper[:r]
+    if init == "pissa":
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        u, s, vh = u[:, :r], s[:r], vh[:r]
+    else:
+        u, s, v = torch.svd_lowrank(weight, r, niter=int(init.rsplit("_", 1)[1]))
+        vh = v.t()
+    root = torch.sqrt(s / scaling)
+    return u * root, root[:, None] * vh
+
+
+def check_rank_fits(base: BaseLayer, init: bool | str, key: str, r: int, config_name: str,
+                    pattern_entry: str | None) -> None:
+    """PiSSA and OLoRA take r directions (singular vectors, columns of Q) from a weight that has
+    only min(out, in) of them. Refuse a larger r here, while ``inject.plan`` builds the deltas and
+    the model is still untouched. peft instead silently shrinks A and B to min(out, in), which
+    leaves tensors that do not match the config's r. ``pattern_entry``: the rank_pattern key that
+    set this layer's rank, if any."""
+    out, fan_in = base.out_features, base.in_features
+    limit = min(out, fan_in)
+    if not takes_weight(init) or base.kind != "linear" or r <= limit:
+        return  # other kinds: the init raises its own TargetError
+    why = (f"init_lora_weights={init!r} takes the adapter's {r} directions from the weight of layer {key!r} "
+           f"({base.describe()}, weight shape (out, in) = ({out}, {fan_in})), which has only min({out}, {fan_in}) "
+           f"= {limit}")
+    if pattern_entry is None:
+        raise ConfigError(config_name, "r", r, why, f"lower r to at most {limit}, or give this layer a smaller "
+                                                    f"rank with rank_pattern={{{key!r}: {limit}}}")
+    raise ConfigError(config_name, "rank_pattern", {pattern_entry: r},
+                      f"{why} (the rank_pattern entry {pattern_entry!r} sets its rank)",
+                      f"lower that entry to at most {limit}, or put an entry for this layer before it, "
+                      f"e.g. rank_pattern={{{key!r}: {limit}, ...}}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.hf import adapter_checkpoint_callback
+from deltatune.train import adapter_checkpoint_callback
 from deltatune.io import adapter_tensors
 from test_train import make_run
 

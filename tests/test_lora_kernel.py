@@ -207,7 +207,7 @@ def test_generic_path_when_dropout_is_active_or_dtypes_differ() -> None:
     dt.attach(layer, dt.LoraConfig(r=2, target_modules=["0"], lora_dropout=0.5))
     delta = next(m for m in layer.modules() if isinstance(m, dt.methods.lora.LoraDelta))
     x = torch.randn(3, 8)
-    assert dt.methods.lora.fused_lora(delta, x) is None  # training with dropout
+    assert dt.methods.lora_fused.fused_lora(delta, x) is None  # training with dropout
     layer.eval()
-    assert dt.methods.lora.fused_lora(delta, x) is not None
-    assert dt.methods.lora.fused_lora(delta, x.bfloat16()) is None
+    assert dt.methods.lora_fused.fused_lora(delta, x) is not None
+    assert dt.methods.lora_fused.fused_lora(delta, x.bfloat16()) is None

@@ -21,7 +21,8 @@ from .errors import AdapterError, AdapterFileError, ConfigError, DeltatuneError,
 from .inject import attach
 from .io import load, save
 from .merge import merge, unload, unmerge
-from .methods.adalora import AdaLoraConfig, AdaLoraScheduler
+from .methods.adalora import AdaLoraConfig
+from .methods.adalora_schedule import AdaLoraScheduler
 from .methods.bitfit import BitFitConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig

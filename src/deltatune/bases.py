@@ -5,9 +5,9 @@ weight in one canonical layout ``(out, in, *kernel)`` (so GPT-2's transposed ``C
 embedding table look like any linear map), and the two operations a low-rank method needs:
 ``project`` (apply a ``(r, in, *kernel)`` weight the way the layer applies its own) and
 ``expand`` (add a pointwise ``(out, r)`` map of a hidden tensor into the layer's output).
-Methods build on these and never ask which torch class they are wrapping. A 4-bit base
-(``quant.Linear4bit``) is read as its dequantized weight; it cannot be written in place, so
-merging it builds a new module (``merged_module``).
+Methods build on these and never ask which torch class they are wrapping. Other kinds register
+themselves (``register_base_kind``): the 4-bit base of ``quant`` is read as its dequantized weight;
+it cannot be written in place, so merging it builds a new module (``merged_module``).
 """
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import hf
-from .errors import QuantError
-from .quant.linear import Linear4bit
-from .quant.merge import dense_linear, requantized
 
 
 class BaseLayer(ABC):
@@ -222,59 +219,6 @@ class ConvBase(BaseLayer):
         return self._conv()(h, pointwise)
 
 
-class Linear4bitBase(BaseLayer):
-    """deltatune's ``Linear4bit``: read as its dequantized weight in the compute dtype.
-
-    The packed weight cannot take a dense weight back without re-quantizing, which would lose the
-    merge (and unmerge would not restore the base), so ``write_weight`` raises: in-place merges
-    and inits that rewrite the base are refused, and ``merged_module`` builds a new layer instead,
-    16-bit by default (dequant(W4) + dW, lossless with respect to what was trained) or
-    re-quantized on request, with a warning that gives the measured error.
-    """
-
-    kind = "linear"
-
-    @staticmethod
-    def accepts(module: nn.Module) -> bool:
-        return isinstance(module, Linear4bit)
-
-    @property
-    def in_features(self) -> int:
-        return self.module.in_features  # type: ignore[return-value]
-
-    @property
-    def out_features(self) -> int:
-        return self.module.out_features  # type: ignore[return-value]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.module.compute_dtype  # type: ignore[return-value]
-
-    def read_weight(self) -> Tensor:
-        return self.module.dequantize()  # type: ignore[operator]
-
-    def check_writable(self) -> None:
-        raise QuantError(
-            f"{self.describe()} stores its weight in 4 bits, so a changed dense weight cannot be written into it "
-            "exactly (merging in place, or an init that rewrites the base weight). Fix: keep the adapter unmerged "
-            "for training and inference, and use dt.unload(model, merge=True) for a 16-bit merged model "
-            "(requantize=True re-quantizes it, lossy); for inits that rewrite the base, attach to the "
-            "unquantized model."
-        )
-
-    def write_weight(self, canonical: Tensor) -> None:
-        self.check_writable()
-
-    def merged_module(self, canonical: Tensor | None, bias: Tensor | None, requantize: bool) -> nn.Module:
-        layer: Linear4bit = self.module  # type: ignore[assignment]
-        if requantize and canonical is None:
-            return layer  # nothing folded in: the 4-bit layer is already what re-quantizing would give
-        return requantized(layer, canonical, bias) if requantize else dense_linear(layer, canonical, bias)
-
-    def describe(self) -> str:
-        return f"Linear4bit({self.in_features} -> {self.out_features}, {self.module.quant_type})"
-
-
 def add_scaled(y: Tensor, z: Tensor, scale: float) -> Tensor:
     """``y + z * scale`` in y's dtype, in the order peft computes it, so outputs match peft's bit
     for bit; ``z`` is a fresh tensor that autograd does not keep, so it is reused in place
@@ -285,8 +229,14 @@ def add_scaled(y: Tensor, z: Tensor, scale: float) -> Tensor:
     return (y + z).to(y.dtype)  # half-precision base, fp32 adapter: sum in fp32 as peft does
 
 
-BASE_KINDS: list[type[BaseLayer]] = [LinearBase, Conv1DBase, EmbeddingBase, ConvBase, Linear4bitBase]
-"""Checked in order."""
+BASE_KINDS: list[type[BaseLayer]] = [LinearBase, Conv1DBase, EmbeddingBase, ConvBase]
+"""Checked in order. Kinds defined elsewhere (``quant``'s 4-bit linear) add themselves."""
+
+
+def register_base_kind(kind: type[BaseLayer]) -> None:
+    """Make ``base_layer_for`` see layers of another kind (checked after the built-in ones)."""
+    if kind not in BASE_KINDS:
+        BASE_KINDS.append(kind)
 
 
 def base_layer_for(module: nn.Module) -> BaseLayer | None:

@@ -1,6 +1,6 @@
 """The ``deltatune`` command: train, eval, predict, merge, inspect.
 
-``deltatune train`` with no arguments is the main job: LoRA on all-MiniLM-L6-v2 for sentiment,
+``deltatune train`` with no arguments is the main job: the default method on all-MiniLM-L6-v2 for sentiment,
 on the data shipped with the package. Every training option is a field of
 :class:`~deltatune.train.options.RunOptions` or :class:`~deltatune.train.TrainConfig`; this
 module turns those fields into flags (``max_steps`` -> ``--max-steps``) and YAML keys, so the
@@ -61,7 +61,7 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
     parser = Parser(prog="deltatune", description="Parameter-efficient fine-tuning: train, evaluate, "
                     "predict with, merge and inspect adapters (peft format).")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    train = commands.add_parser("train", help="fine-tune (no arguments: LoRA on MiniLM for sentiment)",
+    train = commands.add_parser("train", help="fine-tune (no arguments: the default method on MiniLM for sentiment)",
                                 description="Fine-tune with a delta-tuning method. Flags override --config.")
     train.add_argument("--config", type=Path, help="YAML file of options (keys as the flags, - or _)")
     for _, f in option_table():

@@ -8,6 +8,8 @@ the classes we need to recognise.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -96,19 +98,10 @@ def auto_mapping(model: nn.Module, task_type: str | None) -> dict[str, str] | No
     return {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
 
 
-def adapter_checkpoint_callback() -> Any:
-    """A ``transformers.TrainerCallback`` that writes the adapters into every Trainer checkpoint.
-
-    The Trainer saves checkpoints with the model's own ``save_pretrained``, which stores the
-    whole adapted state dict; with this callback each ``checkpoint-N`` folder also holds the
-    adapters in peft's format (adapter_config.json + adapter_model.safetensors), which is what
-    ``dt.load`` and peft read.
-    """
-    from pathlib import Path
-
+def save_callback(save: Callable[[nn.Module, Path], object]) -> Any:
+    """A ``transformers.TrainerCallback`` that calls ``save(model, checkpoint_folder)`` on rank 0
+    whenever the Trainer writes a checkpoint (``deltatune.train.adapter_checkpoint_callback``)."""
     from transformers import TrainerCallback
-
-    from .io import save
 
     class SaveAdapters(TrainerCallback):
         def on_save(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:

@@ -1,15 +1,18 @@
 """The one list of methods: peft type name <-> config class <-> how the method attaches.
 
 Each method file registers itself when imported (``deltatune.methods`` imports them all), so
-adding a method touches its own file and the import list, and nothing else.
+adding a method touches its own file and the import list, and nothing else. A method file also
+registers its ``Recipe``s: the ``--method`` choices of the command line and trainer, how each
+builds its config from the run's options, and what the trainer must call for it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from .bases import BaseLayer
 from .config import DeltaConfig
@@ -83,3 +86,93 @@ def method_named(peft_type: str, source: str = "adapter_config.json") -> Method:
 
 def method_names() -> list[str]:
     return sorted(_METHODS)
+
+
+@dataclass(frozen=True)
+class RecipeInput:
+    """What a recipe builds a config from: the run's option values and what the run settled."""
+
+    options: Mapping[str, Any]
+    """Every recipe-declared option by name (``MethodOption``), as the run set it."""
+    target_modules: tuple[str, ...] | str | None
+    """From ``--target-modules`` ("all-linear" as a string), or None when not given."""
+    default_targets: tuple[str, ...] | None
+    """The architecture's usual attention projections, for recipes that need targets."""
+    common: Mapping[str, Any]
+    """Config fields every recipe passes through: ``task_type`` and ``modules_to_save``."""
+    total_steps: int
+
+
+TrainingHooks = Callable[[nn.Module], tuple[list[Callable[[int], None]], list[Callable[[], Tensor]]]]
+"""For a method that needs the trainer's help: (model) -> (per-step callbacks, extra loss terms)."""
+
+
+@dataclass(frozen=True)
+class MethodOption:
+    """A run option a method adds to the command line and YAML files (``--<name>``)."""
+
+    name: str
+    type: str
+    """"int", "float", "str", "bool" or "tuple[str, ...]" (a list of names)."""
+    default: Any
+    help: str
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A ``--method`` choice of the command line and trainer: its options, how to build its config
+    from them, and what the trainer must call for it."""
+
+    name: str
+    help: str
+    build: Callable[[RecipeInput], DeltaConfig]
+    hooks: TrainingHooks | None = None
+    options: tuple[MethodOption, ...] = ()
+    """Options this recipe reads that no earlier recipe declared (an option is declared once)."""
+    default: bool = False
+    """Whether this is the method a run uses when none is named (one recipe says so)."""
+
+
+_RECIPES: dict[str, Recipe] = {}
+_OPTIONS: dict[str, MethodOption] = {}
+
+
+def register_recipe(recipe: Recipe) -> Recipe:
+    """Add a command-line method; its name and the options it declares must be new."""
+    if recipe.name in _RECIPES:
+        raise DeltatuneError(f"a recipe named {recipe.name!r} is already registered")
+    taken = [o.name for o in recipe.options if o.name in _OPTIONS]
+    if taken:
+        raise DeltatuneError(f"recipe {recipe.name!r} declares options {taken} that another recipe already declared")
+    if recipe.default and any(r.default for r in _RECIPES.values()):
+        raise DeltatuneError(f"recipe {recipe.name!r} cannot be the default: {default_recipe()!r} already is")
+    _RECIPES[recipe.name] = recipe
+    _OPTIONS.update({o.name: o for o in recipe.options})
+    return recipe
+
+
+def method_options() -> tuple[MethodOption, ...]:
+    """Every option the registered recipes declared, in registration order."""
+    return tuple(_OPTIONS.values())
+
+
+def default_recipe() -> str:
+    """The ``--method`` a run uses when none is given."""
+    return next((r.name for r in _RECIPES.values() if r.default), next(iter(_RECIPES), ""))
+
+
+def recipe_names() -> tuple[str, ...]:
+    """Every ``--method`` choice, in registration order."""
+    return tuple(_RECIPES)
+
+
+def recipe_named(name: str) -> Recipe:
+    if name not in _RECIPES:
+        raise DeltatuneError(f"no method named {name!r}; methods: {list(_RECIPES)}")
+    return _RECIPES[name]
+
+
+def training_hooks(name: str, model: nn.Module) -> tuple[list[Callable[[int], None]], list[Callable[[], Tensor]]]:
+    """The per-step callbacks and loss terms recipe ``name`` needs (none for most methods)."""
+    hooks = recipe_named(name).hooks
+    return hooks(model) if hooks is not None else ([], [])

@@ -30,10 +30,9 @@ from torch import Tensor, nn
 
 from ..bases import BaseLayer
 from ..config import DeltaConfig
-from ..errors import AdapterError, TargetError
+from ..errors import TargetError
 from ..layer import ModelDelta, WeightDelta
 from ..registry import Method, last_fan_in_fan_out, register
-from ..state import delta_layers, state_of
 from .lora import LoraConfig
 
 
@@ -147,98 +146,6 @@ def make_adalora(base: BaseLayer, config: DeltaConfig, key: str, shared: ModelDe
         else:
             [nn.init.normal_(param) for param in (delta.lora_A, delta.lora_E, delta.lora_B)]
     return delta
-
-
-class AdaLoraScheduler:
-    """The rank allocator of one trainable AdaLoRA adapter; call ``step(global_step)`` every step,
-    after ``loss.backward()`` and before ``zero_grad()`` (peft's ``update_and_allocate``)."""
-
-    def __init__(self, model: nn.Module, adapter: str | None = None) -> None:
-        state = state_of(model)
-        names = [n for n, c in state.configs.items() if isinstance(c, AdaLoraConfig) and not c.inference_mode]
-        if adapter is None and len(names) != 1:
-            raise AdapterError(f"AdaLoraScheduler needs exactly one trainable AdaLoRA adapter, found {names}; "
-                               "pass adapter=<name> (load with trainable=True to train a loaded one)")
-        self.adapter = adapter or names[0]
-        if self.adapter not in names:
-            raise AdapterError(f"{self.adapter!r} is not a trainable AdaLoRA adapter; trainable ones: {names}")
-        self.model = model
-        self.deltas: dict[str, AdaLoraDelta] = {
-            k: layer.deltas[self.adapter] for k, layer in delta_layers(model) if self.adapter in layer.deltas}  # type: ignore[misc]
-        self.initial_budget = sum(d.lora_A.shape[0] for d in self.deltas.values())
-        self.target_budget = self.config.target_r * len(self.deltas)
-        self.smoothed: dict[int, Tensor] = {}
-        self.uncertainty: dict[int, Tensor] = {}
-
-    @property
-    def config(self) -> AdaLoraConfig:
-        config = state_of(self.model).require(self.adapter)
-        assert isinstance(config, AdaLoraConfig)
-        return config
-
-    def budget(self, step: int) -> tuple[int, bool]:
-        """(total rank allowed at ``step``, whether to mask now): flat, then cubic decay, then flat."""
-        c = self.config
-        assert c.total_step is not None
-        if step <= c.tinit:
-            return self.initial_budget, False
-        if step > c.total_step - c.tfinal:
-            return self.target_budget, True
-        left = 1 - (step - c.tinit) / (c.total_step - c.tfinal - c.tinit)
-        return int((self.initial_budget - self.target_budget) * left**3 + self.target_budget), step % c.deltaT == 0
-
-    def step(self, global_step: int) -> None:
-        c = self.config
-        final = (c.total_step or 0) - c.tfinal
-        if global_step < final:
-            self._update_importance()
-            budget, now = self.budget(global_step)
-            if now:
-                self._mask_to(budget)
-        elif global_step == final:  # the last allocation fixes the pattern; the statistics restart
-            self._mask_to(self.budget(global_step)[0])
-            self.smoothed, self.uncertainty = {}, {}
-        else:
-            with torch.no_grad():
-                for delta in self.deltas.values():
-                    delta.lora_E.masked_fill_(~delta.keep[:, None], 0.0)
-
-    def orth_loss(self) -> Tensor:
-        """``orth_reg_weight`` times the mean over P and Q matrices of ``||Q Qᵀ - I||_F`` / ``||Pᵀ P - I||_F``."""
-        covs = [c for d in self.deltas.values() for c in (d.lora_A @ d.lora_A.T, d.lora_B.T @ d.lora_B)]
-        norms = [torch.norm(c - torch.eye(*c.shape, dtype=c.dtype, device=c.device), p="fro") for c in covs]
-        return self.config.orth_reg_weight * (sum(norms[1:], norms[0]) / len(norms)) if norms else torch.zeros(())
-
-    @torch.no_grad()
-    def _update_importance(self) -> None:
-        c = self.config
-        for delta in self.deltas.values():
-            for param in (delta.lora_A, delta.lora_B, delta.lora_E):
-                if param.grad is None:
-                    raise AdapterError("AdaLoraScheduler.step needs gradients: call it after loss.backward() "
-                                       "and before optimizer.zero_grad()")
-                sensitivity = (param * param.grad).abs()
-                smooth = c.beta1 * self.smoothed.get(id(param), torch.zeros_like(param)) + (1 - c.beta1) * sensitivity
-                unc = self.uncertainty.get(id(param), torch.zeros_like(param))
-                self.uncertainty[id(param)] = c.beta2 * unc + (1 - c.beta2) * (sensitivity - smooth).abs()
-                self.smoothed[id(param)] = smooth
-
-    def _score(self, param: Tensor) -> Tensor:  # sensitivity times uncertainty, per entry
-        return self.smoothed[id(param)] * self.uncertainty[id(param)]
-
-    @torch.no_grad()
-    def _mask_to(self, budget: int) -> None:
-        """Zero the Λ entries of the lowest-scored triplets so that ``budget`` remain (ties go too)."""
-        scores = {key: self._score(d.lora_E).view(-1) + torch.cat(
-            [self._score(d.lora_A).mean(dim=1, keepdim=True), self._score(d.lora_B).mean(dim=0).view(-1, 1)], 1).sum(1)
-            for key, d in self.deltas.items()}
-        cut = self.initial_budget - budget
-        threshold = torch.kthvalue(torch.cat(list(scores.values())), cut)[0].item() if cut > 0 else -math.inf
-        for key, delta in self.deltas.items():
-            delta.keep.copy_(scores[key] > threshold)
-            delta.lora_E.masked_fill_(~delta.keep[:, None], 0.0)
-        pattern = {f"{key}.lora_E": tuple(d.keep.tolist()) for key, d in self.deltas.items()}
-        state_of(self.model).configs[self.adapter] = self.config.replace(rank_pattern=pattern)
 
 
 ADALORA = register(Method("ADALORA", AdaLoraConfig, make_adalora, last_fan_in_fan_out))

@@ -32,7 +32,7 @@ from ..bases import BaseLayer
 from ..config import DeltaConfig, TargetedConfig
 from ..errors import TargetError
 from ..layer import ModelDelta
-from ..registry import Method, register
+from ..registry import Method, Recipe, register, register_recipe
 from ..state import STATE_ATTR, logical_modules
 from ..targets import is_target, nearest_names
 
@@ -171,3 +171,8 @@ def select_biases(model: nn.Module, config: DeltaConfig, views: Mapping[str, Bas
 
 
 BITFIT = register(Method("BITFIT", BitFitConfig, None, make_model_delta=select_biases))
+
+
+register_recipe(Recipe("bitfit", "BitFit (Ben Zaken et al. 2022): train the biases only (all, or those of "
+                                 "--target-modules)",
+                       lambda run: BitFitConfig(target_modules=run.target_modules, **run.common)))

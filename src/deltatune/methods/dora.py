@@ -26,9 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..bases import BaseLayer
-from ..layer import register_fused
-from . import lora_kernel
-from .lora import LoraDelta
+from .lora import VARIANTS, LoraDelta
 
 
 class DoraDelta(LoraDelta):
@@ -105,20 +103,11 @@ class DoraDelta(LoraDelta):
         return {**super().tensors(), "lora_magnitude_vector": self.magnitude}
 
 
-def fused_dora(delta: DoraDelta, x: Tensor) -> Tensor | None:
-    """Base, LoRA and the magnitude in one autograd function (``lora_kernel.DoraLinear``)."""
-    weight = delta.fused_weight(x)
-    if weight is None or delta.magnitude.dtype != x.dtype:
-        return None
-    return lora_kernel.DoraLinear.apply(x, weight, delta.base.bias, delta.A, delta.B, delta.magnitude,
-                                        delta.weight_norm(weight), delta.scaling)
-
-
-register_fused(DoraDelta, "linear", fused_dora)
-
-
 def make_dora(base: BaseLayer, r: int, scaling: float, dropout: float, init: bool | str) -> DoraDelta:
     delta = DoraDelta(base, r, scaling, dropout)
     delta.initialize(init)
     delta.init_magnitude()
     return delta
+
+
+VARIANTS["use_dora"] = make_dora

@@ -30,7 +30,7 @@ from ..bases import BaseLayer
 from ..config import DeltaConfig, TargetedConfig
 from ..errors import TargetError
 from ..layer import ModelDelta, WeightDelta
-from ..registry import Method, last_fan_in_fan_out, register
+from ..registry import Method, MethodOption, Recipe, last_fan_in_fan_out, register, register_recipe
 
 _NOT_IN_PEFT = ("layers_to_transform", "layers_pattern")
 """TargetedConfig fields that peft's IA3Config lacks: kept unset, and never written."""
@@ -173,3 +173,12 @@ def make_ia3(base: BaseLayer, config: DeltaConfig, key: str, shared: ModelDelta 
 
 
 IA3 = register(Method("IA3", IA3Config, make_ia3, last_fan_in_fan_out))
+
+
+register_recipe(Recipe(
+    "ia3", "IA3 (Liu et al. 2022): learned scaling of keys, values and feed-forward inputs; needs --target-modules "
+           "and --feedforward-modules",
+    lambda run: IA3Config(target_modules=run.target_modules, feedforward_modules=run.options["feedforward_modules"],
+                          **run.common),
+    options=(MethodOption("feedforward_modules", "tuple[str, ...]", (),
+                          "IA3: which of --target-modules are feed-forward layers (their input is scaled)"),)))

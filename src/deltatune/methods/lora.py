@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -28,9 +28,8 @@ from torch import Tensor, nn
 from ..bases import BaseLayer
 from ..config import DeltaConfig, TargetedConfig
 from ..errors import TargetError
-from ..layer import ModelDelta, WeightDelta, register_fused
-from ..registry import Method, register
-from . import lora_kernel
+from ..layer import ModelDelta, WeightDelta
+from ..registry import Method, MethodOption, Recipe, RecipeInput, register, register_recipe
 from .lora_init import check_rank_fits, factors_from_weight, takes_weight
 
 _INITS = (True, False, "gaussian", "pissa", "olora")
@@ -164,14 +163,6 @@ class LoraDelta(WeightDelta):
     def contribution(self, x: Tensor, y: Tensor) -> Tensor:
         return self.base.mapped(self._hidden(x), self.B) * self.scaling  # peft's operations, so sums match it
 
-    def fused_weight(self, x: Tensor) -> Tensor | None:
-        """The base weight when a ``lora_kernel`` function computes this call exactly as the
-        generic path would (dense linear base, no active dropout, dtypes as `applies` allows), else None."""
-        if not self.base.dense_linear or (self.training and isinstance(self.dropout, nn.Dropout)):
-            return None
-        weight = self.base.read_weight()
-        return weight if lora_kernel.applies(x, weight, self.A, self.B) else None
-
     def low_rank_weight(self) -> Tensor:
         """``s * B @ A`` in the canonical ``(out, in, *kernel)`` layout, in fp32."""
         product = self.B.float().flatten(1) @ self.A.float().flatten(1)
@@ -211,29 +202,22 @@ class LoraDelta(WeightDelta):
         self._residual = weight - self.low_rank_weight()
 
 
+MakeVariant = Callable[[BaseLayer, int, float, float, "bool | str"], LoraDelta]
+VARIANTS: dict[str, MakeVariant] = {}
+"""Deltas for LoraConfig flags that switch on a variant built on LoRA's (``use_dora``): each
+variant's file adds itself here, so this file does not import it."""
+
+
 def make_lora(base: BaseLayer, config: DeltaConfig, key: str, shared: ModelDelta | None = None) -> LoraDelta:
     assert isinstance(config, LoraConfig)
     r, alpha = config.rank_and_alpha(key)
     check_rank_fits(base, config.init_lora_weights, key, r, type(config).__name__, config.rank_pattern_entry(key))
     scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
     if config.use_dora:
-        from .dora import make_dora  # dora.py builds on this module
-
-        return make_dora(base, r, scaling, config.lora_dropout, config.init_lora_weights)
+        return VARIANTS["use_dora"](base, r, scaling, config.lora_dropout, config.init_lora_weights)
     delta = LoraDelta(base, r, scaling, config.lora_dropout)
     delta.initialize(config.init_lora_weights)
     return delta
-
-
-def fused_lora(delta: LoraDelta, x: Tensor) -> Tensor | None:
-    """Base + LoRA in one autograd function on a dense linear base (``lora_kernel``)."""
-    weight = delta.fused_weight(x)
-    if weight is None:
-        return None
-    return lora_kernel.LoraLinear.apply(x, weight, delta.base.bias, delta.A, delta.B, delta.scaling)
-
-
-register_fused(LoraDelta, "linear", fused_lora)
 
 
 def finalize_lora(config: DeltaConfig, views: Mapping[str, BaseLayer]) -> DeltaConfig:
@@ -243,3 +227,23 @@ def finalize_lora(config: DeltaConfig, views: Mapping[str, BaseLayer]) -> DeltaC
 
 
 LORA = register(Method("LORA", LoraConfig, make_lora, finalize_lora))
+
+
+def lora_fields(run: RecipeInput) -> dict[str, Any]:
+    """The LoRA-family fields every LoRA recipe takes from the run options."""
+    options = run.options
+    return {"r": options["r"], "lora_alpha": options["lora_alpha"], "lora_dropout": options["lora_dropout"],
+            "use_rslora": options["use_rslora"], "target_modules": run.target_modules, **run.common}
+
+
+LORA_OPTIONS = (
+    MethodOption("r", "int", 8, "rank (LoRA/DoRA; VeRA's shared projection; AdaLoRA's final average rank)"),
+    MethodOption("lora_alpha", "float", 16.0, "LoRA scaling numerator (scale = alpha / r)"),
+    MethodOption("lora_dropout", "float", 0.1, "dropout on the LoRA input (also VeRA's and AdaLoRA's)"),
+    MethodOption("use_rslora", "bool", False, "rank-stabilised scaling alpha / sqrt(r)"),
+)
+
+register_recipe(Recipe("lora", "LoRA (Hu et al. 2021): W + (alpha / r) B A", lambda run: LoraConfig(**lora_fields(run)),
+                       options=LORA_OPTIONS, default=True))
+register_recipe(Recipe("dora", "DoRA (Liu et al. 2024): LoRA plus a trained magnitude per output",
+                       lambda run: LoraConfig(use_dora=True, **lora_fields(run))))

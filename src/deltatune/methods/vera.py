@@ -29,7 +29,7 @@ from ..bases import BaseLayer
 from ..config import DeltaConfig, TargetedConfig
 from ..errors import TargetError
 from ..layer import ModelDelta, WeightDelta
-from ..registry import Method, last_fan_in_fan_out, register
+from ..registry import Method, Recipe, last_fan_in_fan_out, register, register_recipe
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -159,3 +159,10 @@ def make_vera(base: BaseLayer, config: DeltaConfig, key: str, shared: ModelDelta
 
 
 VERA = register(Method("VERA", VeraConfig, make_vera, last_fan_in_fan_out, make_projection))
+
+
+register_recipe(Recipe(
+    "vera", "VeRA (Kopiczko et al. 2024): shared random projections, trained scaling vectors; --r sizes the "
+            "projection",
+    lambda run: VeraConfig(r=run.options["r"], vera_dropout=run.options["lora_dropout"],
+                           target_modules=run.target_modules or run.default_targets, **run.common)))

@@ -18,6 +18,7 @@ from .linear import Linear4bit
 from .model import dequantize, quantize
 from .optim import AdamW8bit
 from .paged import paged_adamw
+from . import view as _view  # registers the 4-bit layer as a base kind
 
 __all__ = [
     "AdamW8bit",

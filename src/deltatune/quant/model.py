@@ -20,14 +20,13 @@ from torch import Tensor, nn
 
 from .. import hf
 from ..errors import QuantError
+from ..state import STATE_ATTR
 from .config import QuantConfig
 from .linear import Linear4bit
 
 
 def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     """Quantize ``model``'s linear layers to 4 bits in place (see the module docstring); returns the model."""
-    from ..state import STATE_ATTR  # state -> layer -> bases -> quant: imported here to avoid the cycle
-
     config = config or QuantConfig()
     if STATE_ATTR in model.__dict__:
         raise QuantError("this model already has deltatune adapters; quantize the base first, then attach "

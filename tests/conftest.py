@@ -202,3 +202,33 @@ def sentiment_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A JSONL file with train (240 rows) and test (80 rows) splits of learnable sentiment data."""
     folder = tmp_path_factory.mktemp("sentiment")
     return write_jsonl(folder / "data.jsonl", sentiment_rows(240, 1, "train") + sentiment_rows(80, 2, "test"))
+
+
+def lm_losses(model: nn.Module, ids: torch.Tensor, steps: int, lr: float) -> list[float]:
+    """Train the trainable parameters with AdamW on the causal-LM loss of ``ids``; the losses per step."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture
+def keep_thread_count() -> Iterator[None]:
+    """`--threads` sets torch's process-wide thread count; later tests get theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_command(model: Path, data: Path, out: Path, *extra: str, options: tuple[str, ...] = ()) -> list[str]:
+    """``deltatune train`` arguments for a small, quiet, one-thread run of the tiny BERT: ``options``,
+    then LoRA targets (embeddings, query and value), then ``extra`` (later arguments win)."""
+    return ["train", "--model", str(model), "--train-file", str(data), "--output-dir", str(out), "--no-progress",
+            "--batch-size", "16", "--max-length", "32", "--threads", "1", *options,
+            "--target-modules", "word_embeddings", "query", "value", *extra]

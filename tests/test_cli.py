@@ -12,28 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import sentiment_rows, write_jsonl
+from conftest import sentiment_rows, train_command, write_jsonl
 from safetensors.torch import load_file
 
 from deltatune.cli import main
 from deltatune.errors import DataError
 from deltatune.train import read_rows
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def keep_thread_count() -> object:
-    """`--threads` sets torch's process-wide thread count; later tests get theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("keep_thread_count")]
 
 
 def train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--model", str(model), "--train-file", str(data), "--output-dir", str(out), "--no-progress",
-            "--batch-size", "16", "--lr", "1e-2", "--max-length", "32", "--threads", "1",
-            "--target-modules", "word_embeddings", "query", "value", *extra]
+    return train_command(model, data, out, *extra, options=("--lr", "1e-2"))
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +210,9 @@ def test_qlora_run_trains_on_a_4bit_base_and_merges_dense(tmp_path: Path, tiny_b
     ("adalora", "ADALORA", ()),
     ("bitfit", "BITFIT", ()),  # no targets: every bias
     ("ia3", "IA3", ("--target-modules", "key", "value", "output.dense", "--feedforward-modules", "output.dense")),
+    ("houlsby", "BOTTLENECK", ("--reduction-factor", "8")),
+    ("pfeiffer", "BOTTLENECK", ()),
+    ("parallel", "BOTTLENECK", ()),
 ])
 def test_every_method_trains_from_the_command_line(method: str, peft_type: str, extra: tuple[str, ...],
                                                    tmp_path: Path, tiny_bert_dir: Path, sentiment_file: Path,
@@ -231,6 +224,9 @@ def test_every_method_trains_from_the_command_line(method: str, peft_type: str, 
     assert config["peft_type"] == peft_type and config.get("use_dora", False) == (method == "dora")
     if method == "adalora":
         assert config["total_step"] == 12 and config["rank_pattern"]  # the allocator ran and its ranks were saved
+    if peft_type == "BOTTLENECK":
+        assert config["mh_adapter"] == (method == "houlsby") and config["is_parallel"] == (method == "parallel")
+        assert config["reduction_factor"] == {"houlsby": 8, "pfeiffer": 16, "parallel": 2}[method]
     capsys.readouterr()
     assert main(["eval", str(tmp_path)]) == 0
     assert 0.0 <= json.loads(capsys.readouterr().out)["accuracy"] <= 1.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import deltatune as dt
-from conftest import close, tiny_llama, token_ids
+from conftest import close, lm_losses, tiny_llama, token_ids
 
 
 def test_attach_train_merge_save_load(tmp_path) -> None:
@@ -14,15 +14,7 @@ def test_attach_train_merge_save_load(tmp_path) -> None:
     dt.attach(model, dt.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     trainable, total = dt.trainable_parameters(model)
     assert 0 < trainable < total
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(5):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = lm_losses(model, ids, steps=5, lr=1e-2)
     assert losses[-1] < losses[0]
     model.eval()
     out = model(ids).logits

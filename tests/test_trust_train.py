@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import sentiment_rows, write_jsonl
+from conftest import sentiment_rows, train_command, write_jsonl
 from safetensors.torch import load_file, save_file
 from test_train import StopAt, config, make_run
 from torch import Tensor, nn
@@ -31,21 +31,11 @@ from deltatune.train.progress import rewind_log
 from deltatune.train.tasks.seq_cls import SequenceClassification
 from deltatune.train.trainer import divergence, trainable
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def keep_thread_count() -> object:
-    """`--threads` sets torch's process-wide thread count; later tests get theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("keep_thread_count")]
 
 
 def train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--model", str(model), "--train-file", str(data), "--output-dir", str(out), "--no-progress",
-            "--batch-size", "16", "--max-length", "32", "--threads", "1",
-            "--target-modules", "word_embeddings", "query", "value", "--max-steps", "2", *extra]
+    return train_command(model, data, out, "--max-steps", "2", *extra)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

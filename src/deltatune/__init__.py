@@ -24,6 +24,7 @@ from .merge import merge, unload, unmerge
 from .methods.adalora import AdaLoraConfig
 from .methods.adalora_schedule import AdaLoraScheduler
 from .methods.bitfit import BitFitConfig
+from .methods.bottleneck import BnConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.loraplus import loraplus_optimizer
@@ -43,14 +44,18 @@ __all__ = [
     "Average",
     "BatchSplit",
     "BitFitConfig",
+    "BnConfig",
     "Composition",
     "ConfigError",
     "DeltaConfig",
     "DeltatuneError",
+    "DoubleSeqBnConfig",
     "IA3Config",
     "LoraConfig",
+    "ParBnConfig",
     "QuantConfig",
     "QuantError",
+    "SeqBnConfig",
     "Stack",
     "Sum",
     "TargetError",

@@ -71,11 +71,13 @@ def adapter_parameters(model: nn.Module, name: str) -> int:
 def summary(model: nn.Module) -> str:
     """A readable table of the adapters on the model and the parameter counts."""
     state = state_of(model)
-    rows = [("adapter", "method", "active", "layers", "params", "merged")]
+    rows = [("adapter", "method", "active", "modules", "params", "merged")]
     for name, config in state.configs.items():
         layers = [layer for _, layer in delta_layers(model) if name in layer.deltas]
+        part = state.model_deltas.get(name)
+        changed = len(layers) + (part.modules_changed() if part is not None else 0)
         rows.append((name, method_for(config).peft_type, "yes" if name in state.active else "no",
-                     str(len(layers)), f"{adapter_parameters(model, name):,}",
+                     str(changed), f"{adapter_parameters(model, name):,}",
                      "yes" if any(name in layer.merged for layer in layers) else "no"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]

@@ -7,12 +7,16 @@ the classes we need to recognise.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from .errors import TargetError
 
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "v_proj"),
@@ -140,3 +144,85 @@ def causal_lm_output(**fields: Any) -> Any:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     return CausalLMOutputWithPast(**fields)
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """Where one adapter site of a transformer layer is, as module paths relative to the layer.
+
+    The site computes ``LN(h + x)`` (post-LN models) or ``h + x`` (pre-LN models, where the layer
+    adds x itself): ``h`` is the sub-block's output, ``x`` the residual. Bottleneck adapters replace
+    that step (AdapterHub's placement; docs/adapterhub.md, section 3).
+    """
+
+    location: str
+    """AdapterHub's name: "mh_adapter" (after attention), "cross_adapter", "output_adapter" (after the FFN)."""
+    key: str
+    """The module under which AdapterHub's files keep this site's adapters ("-1": the last of a list)."""
+    hidden: str
+    """The module whose output (first item of a tuple) is ``h``."""
+    residual: str
+    """The module whose input ``residual_arg`` is ``x`` ("" is the layer itself)."""
+    residual_arg: int = 0
+    owner: str | None = None
+    """Post-LN: the module whose output is ``LN(h + x)`` (replaced); None for a pre-LN site."""
+    norm: str | None = None
+    """Post-LN: the layer norm of ``h + x``."""
+    needs: str | None = None
+    """A module the layer must have for this site to exist (T5: only decoder blocks have cross-attention)."""
+
+
+def _bert_sites() -> tuple[SiteSpec, ...]:
+    return (SiteSpec("mh_adapter", "attention.output", "attention.output.dropout", "attention.output", 1,
+                     "attention.output", "attention.output.LayerNorm"),
+            SiteSpec("output_adapter", "output", "output.dropout", "output", 1, "output", "output.LayerNorm"))
+
+
+def _decoder_sites(attention: str, first_norm: str, second_norm: str) -> tuple[SiteSpec, ...]:
+    return (SiteSpec("mh_adapter", "attention_adapters", attention, first_norm),
+            SiteSpec("output_adapter", "output_adapters", "mlp", second_norm))
+
+
+SITES: dict[str, tuple[tuple[str, ...], tuple[SiteSpec, ...]]] = {
+    "bert": ((r"encoder\.layer\.(\d+)",), _bert_sites()),
+    "roberta": ((r"encoder\.layer\.(\d+)",), _bert_sites()),
+    "distilbert": ((r"transformer\.layer\.(\d+)",), (
+        SiteSpec("mh_adapter", "attention_adapters", "attention", "", 0, "sa_layer_norm", "sa_layer_norm"),
+        SiteSpec("output_adapter", "output_adapters", "ffn", "ffn", 0, "output_layer_norm", "output_layer_norm"))),
+    "gpt2": ((r"h\.(\d+)",), _decoder_sites("attn", "ln_1", "ln_2")),
+    "llama": ((r"layers\.(\d+)",), _decoder_sites("self_attn", "input_layernorm", "post_attention_layernorm")),
+    "mistral": ((r"layers\.(\d+)",), _decoder_sites("self_attn", "input_layernorm", "post_attention_layernorm")),
+    "qwen2": ((r"layers\.(\d+)",), _decoder_sites("self_attn", "input_layernorm", "post_attention_layernorm")),
+    "qwen3": ((r"layers\.(\d+)",), _decoder_sites("self_attn", "input_layernorm", "post_attention_layernorm")),
+    "t5": ((r"encoder\.block\.(\d+)", r"decoder\.block\.(\d+)"), (
+        SiteSpec("mh_adapter", "layer.0", "layer.0.dropout", "layer.0"),
+        SiteSpec("cross_adapter", "layer.1", "layer.1.dropout", "layer.1", needs="layer.2"),
+        SiteSpec("output_adapter", "layer.-1", "layer.-1.dropout", "layer.-1"))),
+}
+"""Per model type: the layer-name patterns, in AdapterHub's numbering order (T5's decoder blocks
+after the encoder's), and the sites of one layer."""
+
+
+def site_table(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], tuple[SiteSpec, ...]]:
+    """The model's transformer layers (name, module) in AdapterHub's order, and their sites."""
+    kind = model_type(model)
+    if kind not in SITES:
+        raise TargetError(f"deltatune has no adapter sites for model type {kind!r}; known: {sorted(SITES)}. "
+                          "Fix: use a method that adapts layers (weight-space) on this model.")
+    patterns, specs = SITES[kind]
+    layers = []
+    for pattern in patterns:
+        found = [(int(m.group(1)), name, module) for name, module in model.named_modules()
+                 if (m := re.search(rf"(?:^|\.){pattern}$", name)) is not None]
+        layers += [(name, module) for _, name, module in sorted(found, key=lambda item: item[0])]
+    return layers, specs
+
+
+def hidden_size(model: nn.Module) -> int:
+    """The width of the residual stream (``hidden_size``, GPT-2's ``n_embd``, T5's ``d_model``)."""
+    config = getattr(model, "config", None)
+    for name in ("hidden_size", "n_embd", "d_model", "dim"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise TargetError(f"cannot tell the hidden size of {type(model).__name__}: its config has no hidden_size")

@@ -18,7 +18,7 @@ from .bases import BaseLayer, base_layer_for, is_linear
 from .compose import without
 from .config import DeltaConfig, TargetedConfig
 from .errors import AdapterError, TargetError
-from .layer import Delta, DeltaLayer, ModelDelta, MovesBase, SavedModule, adapter_dtype
+from .layer import ADAPTER_PARTS, Delta, DeltaLayer, ModelDelta, MovesBase, SavedModule, adapter_dtype
 from .registry import method_for
 from .state import STATE_ATTR, check_name, delta_layers, logical_modules, parent_of, set_active, state_of
 from .targets import ALL_LINEAR, condense, is_target, nearest_names
@@ -204,6 +204,7 @@ def apply(model: nn.Module, attach_plan: AttachPlan) -> None:
         state.record_base_write(attach_plan.name, target, value)
     if attach_plan.model_delta is not None:
         state.model_deltas[attach_plan.name] = attach_plan.model_delta
+        attach_plan.model_delta.place(model, attach_plan.name)
     _freeze_base(model)
     for param in attach_plan.parameters():
         param.requires_grad_(not attach_plan.config.inference_mode)
@@ -245,7 +246,7 @@ def trainable_biases(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
 
 def _inside_adapter(key: str) -> bool:
     """Whether a state-dict name lies in an adapter's own modules or a saved module's frozen original."""
-    return any(part in ("deltas", "copies", "original_module") for part in key.split(".")[:-1])
+    return any(part in (*ADAPTER_PARTS, "original_module") for part in key.split(".")[:-1])
 
 
 def attach(model: nn.Module, config: DeltaConfig, name: str = "default") -> nn.Module:
@@ -283,6 +284,7 @@ def remove(model: nn.Module, name: str) -> None:
     part = state.model_deltas.pop(name, None)
     if part is not None:
         part.switch(model, False)
+        part.unplace(model, name)
     state.undo_base_writes(name)
     del state.configs[name]
     set_active(model, without(state.active_set.composition, name))

@@ -28,7 +28,7 @@ from .config import DeltaConfig, TargetedConfig
 from .errors import AdapterFileError, ConfigError
 from .files import recover, replace_files
 from .inject import AttachPlan, apply, plan, trainable_biases
-from .layer import Delta
+from .layer import ADAPTER_PARTS, Delta
 from .registry import method_named
 from .state import check_name, delta_layers, saved_modules, state_of
 
@@ -148,7 +148,7 @@ def _base_params(model: nn.Module) -> dict[str, nn.Parameter]:
     out = {}
     for key, param in model.named_parameters(remove_duplicate=False):  # a tied head is named too
         parts = key.split(".")
-        if any(p in ("deltas", "copies") for p in parts[:-1]):
+        if any(p in ADAPTER_PARTS for p in parts[:-1]):
             continue
         out[".".join(p for p in parts if p not in ("base_layer", "original_module"))] = param
     return out

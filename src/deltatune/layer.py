@@ -87,6 +87,10 @@ class WeightDelta(Delta):
         return weight + self.delta_weight(weight).to(weight)
 
 
+ADAPTER_PARTS = ("deltas", "copies", "site_adapters")
+"""Child names under which adapters keep their modules in a model; everything else is the base."""
+
+
 @runtime_checkable
 class InputTransform(Protocol):
     """A change of what the base layer reads: the layer computes ``base(transform_input(x))``."""
@@ -120,6 +124,22 @@ class ModelDelta(nn.Module):
     have no layer of their own (e.g. a selection of existing parameters that the adapter trains).
     The model state keeps it by adapter name; save and load use ``tensors()`` with full file keys.
     """
+
+    mergeable: ClassVar[bool] = True
+    """Whether merging and ``unload(merge=True)`` can keep this change without deltatune (an
+    activation adapter cannot: there is no weight to fold it into)."""
+
+    def modules_changed(self) -> int:
+        """How many modules of the model this part changes by itself (not through layer deltas)."""
+        return 0
+
+    def place(self, model: nn.Module, name: str) -> None:
+        """Register this part's modules in the model's module tree (under an ``ADAPTER_PARTS``
+        name), so that ``model.parameters()``, ``model.to()`` and optimizers see them. Cannot fail:
+        whatever could go wrong is checked when the part is built. By default nothing to do."""
+
+    def unplace(self, model: nn.Module, name: str) -> None:
+        """Take out what ``place`` put in."""
 
     def tensors(self) -> dict[str, Tensor]:
         """Saved tensors by full file key (e.g. ``base_model.<name>``); live, so a load fills them."""

@@ -32,8 +32,19 @@ def _fold(model: nn.Module, names: str | Sequence[str] | None) -> None:
         if name not in state.active:
             raise ValueError(f"merge: adapter {name!r} is not active; activate it with dt.set_active first")
     _require_sum(state.active_set.composition, "merge")
+    _require_mergeable(model, todo, "merge")
     for _, layer in delta_layers(model):
         layer.merge(todo)
+
+
+def _require_mergeable(model: nn.Module, names: Sequence[str], what: str) -> None:
+    """Refuse, before anything changes, adapters whose change cannot live in the weights."""
+    parts = state_of(model).model_deltas
+    stuck = [n for n in names if n in parts and not parts[n].mergeable]
+    if stuck:
+        raise AdapterError(f"{what}: adapters {stuck} change activations, not weights ({type(parts[stuck[0]]).__name__}); "
+                           "there is no weight to fold them into. Keep them attached (dt.save stores them), or "
+                           "switch them off with dt.set_active before merging the others.")
 
 
 def _require_sum(composition: Composition, what: str) -> None:
@@ -66,6 +77,7 @@ def unload(model: nn.Module, merge: bool = True, requantize: bool = False) -> nn
     state = state_of(model)
     if merge:
         _require_sum(state.active_set.composition, "unload(merge=True)")
+        _require_mergeable(model, state.active, "unload(merge=True)")
     else:
         unmerge(model)
     state.switch_model_deltas(model, state.active if merge else (), final=True)  # they stay only when merging
@@ -80,6 +92,8 @@ def unload(model: nn.Module, merge: bool = True, requantize: bool = False) -> nn
     for name in reversed(list(state.base_writes)):  # what loads wrote into the base, newest first
         if not merge or name not in state.active:
             state.undo_base_writes(name)
+    for name, part in state.model_deltas.items():
+        part.unplace(model, name)
     drop_state(model)
     return model
 

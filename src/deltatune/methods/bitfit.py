@@ -81,6 +81,9 @@ class BiasSelection(ModelDelta):
     def tensors(self) -> dict[str, Tensor]:
         return {f"{FILE_PREFIX}{path}.bias": bias for path, bias in zip(self.paths, self.biases)}
 
+    def modules_changed(self) -> int:
+        return len(self.paths)
+
     def slots(self) -> list[tuple[nn.Module, nn.Parameter, nn.Parameter]]:
         """(module, original bias, this adapter's copy) for every selected bias."""
         return list(zip(self._owners, self._originals, self.biases))

@@ -1,0 +1,209 @@
+"""Bottleneck adapters at the sites of a transformer layer (``sites``), with AdapterHub's fields.
+
+Houlsby et al. 2019 (after attention and after the feed-forward block: ``DoubleSeqBnConfig``),
+Pfeiffer et al. 2020 (after the feed-forward block: ``SeqBnConfig``), He et al. 2022 (parallel,
+beside the feed-forward block: ``ParBnConfig``). Per site: ``u = up(act(down(a))) * scaling`` with
+``down: hidden -> hidden // reduction_factor``, the adapter's skip and the model's residual and
+layer norm placed as AdapterHub places them (``bottleneck_block``; docs/adapterhub.md). Init per
+``init_weights``: "bert" N(0, 0.02), "mam_adapter" up = 0 (the identity at start), "houlsby".
+Parameter count per site: ``2 * hidden * b + hidden + b`` (plus layer norms, scaling, gate).
+
+An activation adapter changes activations, not weights: merge and ``unload(merge=True)`` refuse
+it. At one site, ``dt.Stack`` chains adapters, ``dt.Average`` and ``dt.BatchSplit`` combine them
+as AdapterHub does; a plain sum of two bottleneck adapters at one site is not defined.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..config import DeltaConfig, TargetedConfig
+from ..errors import AdapterError, TargetError
+from ..hf import hidden_size
+from ..layer import ModelDelta
+from ..registry import Method, MethodOption, Recipe, RecipeInput, register, register_recipe
+from ..sites import HOLDER, Site, SiteContainer, SiteHooks, check_room, model_sites, site_holder
+from .bottleneck_compose import run_site
+from ..state import STATE_ATTR
+from .bottleneck_block import ACTIVATIONS, INIT_WEIGHTS, BottleneckBlock, bottleneck_size
+
+FILE_PREFIX = "base_model.model."
+LOCATIONS = ("mh_adapter", "cross_adapter", "output_adapter")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BnConfig(TargetedConfig):
+    """A bottleneck adapter, with AdapterHub's field names; defaults are ``SeqBnConfig``'s (Pfeiffer)."""
+
+    peft_type: ClassVar[str] = "BOTTLENECK"
+
+    mh_adapter: bool = False
+    output_adapter: bool = True
+    cross_adapter: bool = False
+    reduction_factor: float | Mapping[str, float] = 16
+    non_linearity: str = "relu"
+    original_ln_before: bool = True
+    original_ln_after: bool = True
+    residual_before_ln: bool | str = True
+    adapter_residual_before_ln: bool = False
+    ln_before: bool = False
+    ln_after: bool = False
+    init_weights: str = "bert"
+    is_parallel: bool = False
+    scaling: float | str = 1.0
+    use_gating: bool = False
+    dropout: float = 0.0
+    leave_out: tuple[int, ...] = ()
+
+    def validate(self) -> None:
+        super().validate()
+        for field in ("target_modules", "exclude_modules", "layers_to_transform"):
+            self.check(getattr(self, field) is None, field, "a bottleneck adapter attaches at the architecture's sites",
+                       "leave it unset; choose sites with mh_adapter / output_adapter and skip layers with leave_out")
+        self.check(self.mh_adapter or self.output_adapter or self.cross_adapter, "output_adapter",
+                   "no site is selected", "set output_adapter=True and/or mh_adapter=True")
+        factors = self.reduction_factor.values() if isinstance(self.reduction_factor, Mapping) else [self.reduction_factor]
+        self.check(all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in factors),
+                   "reduction_factor", "it must be a positive number, or a mapping of layer numbers to them",
+                   'pass e.g. 16, or {"0": 8, "default": 16}')
+        self.check(self.non_linearity.lower() in ACTIVATIONS, "non_linearity", "not a supported activation",
+                   f"use one of {sorted(ACTIVATIONS)}")
+        self.check(self.init_weights in INIT_WEIGHTS, "init_weights", "unknown init", f"use one of {INIT_WEIGHTS}")
+        self.check(self.residual_before_ln in (True, False, "post_add"), "residual_before_ln", "unknown value",
+                   'use True, False or "post_add"')
+        scaling = self.scaling
+        self.check(scaling in ("learned", "channel") or (isinstance(scaling, (int, float)) and not isinstance(scaling, bool)),
+                   "scaling", "it must be a number, 'learned' or 'channel'", "pass e.g. 1.0 or 'learned'")
+        self.check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout", "dropout must be in [0, 1)",
+                   "pass e.g. 0.1")
+        self.check(all(isinstance(i, int) and i >= 0 for i in self.leave_out), "leave_out",
+                   "it must list layer numbers", "pass e.g. [0, 1]")
+
+
+def SeqBnConfig(**fields: object) -> BnConfig:  # noqa: N802 - named as the preset users know
+    """Pfeiffer et al. 2020: after the feed-forward block, ReLU, reduction factor 16."""
+    return BnConfig(**fields)  # type: ignore[arg-type]
+
+
+def DoubleSeqBnConfig(**fields: object) -> BnConfig:  # noqa: N802
+    """Houlsby et al. 2019: after attention and after the feed-forward block, swish, factor 16."""
+    preset: dict[str, object] = {"mh_adapter": True, "original_ln_before": False, "non_linearity": "swish"}
+    return BnConfig(**{**preset, **fields})  # type: ignore[arg-type]
+
+
+def ParBnConfig(**fields: object) -> BnConfig:  # noqa: N802
+    """He et al. 2022: parallel to the feed-forward block, ReLU, factor 2, scaling 4, zero up-projection."""
+    preset: dict[str, object] = {"original_ln_before": False, "is_parallel": True, "reduction_factor": 2,
+                                 "init_weights": "mam_adapter", "scaling": 4.0}
+    return BnConfig(**{**preset, **fields})  # type: ignore[arg-type]
+
+
+def _block(config: BnConfig, width: int, layer: int) -> BottleneckBlock:
+    return BottleneckBlock(
+        width, bottleneck_size(width, config.reduction_factor, layer), non_linearity=config.non_linearity,
+        ln_before=config.ln_before, ln_after=config.ln_after, scaling=config.scaling, use_gating=config.use_gating,
+        dropout=config.dropout, init_weights=config.init_weights, is_parallel=config.is_parallel,
+        residual_before_ln=config.residual_before_ln, original_ln_before=config.original_ln_before,
+        original_ln_after=config.original_ln_after, adapter_residual_before_ln=config.adapter_residual_before_ln)
+
+
+_HOOKS: weakref.WeakKeyDictionary[nn.Module, list[SiteHooks]] = weakref.WeakKeyDictionary()
+"""The site hooks running the active bottleneck adapters, by model."""
+
+
+class BottleneckAdapter(ModelDelta):
+    """One adapter's blocks, one per selected site; hooks at the sites run the active composition."""
+
+    mergeable: ClassVar[bool] = False
+
+    def __init__(self, sites: Sequence[Site], blocks: Sequence[BottleneckBlock]) -> None:
+        super().__init__()
+        self.sites = {f"{site.layer}_{site.location}": site for site in sites}
+        self.blocks = nn.ModuleDict(dict(zip(self.sites, blocks)))
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {f"{FILE_PREFIX}{site.key_path}.bottleneck.{k}": t for key, site in self.sites.items()
+                for k, t in self.blocks[key].state_dict(keep_vars=True).items()}
+
+    def modules_changed(self) -> int:
+        return len(self.sites)
+
+    def place(self, model: nn.Module, name: str) -> None:
+        for key, site in self.sites.items():
+            holder = site_holder(model, site.key_path, create=True)
+            assert holder is not None
+            holder[name] = self.blocks[key]
+
+    def unplace(self, model: nn.Module, name: str) -> None:
+        for site in self.sites.values():
+            holder = site_holder(model, site.key_path, create=False)
+            if holder is not None and name in holder:
+                del holder[name]
+            if holder is not None and not len(holder):
+                owner = model.get_submodule(site.key_path)
+                delattr(owner, HOLDER)
+                parent_path, _, child = site.key_path.rpartition(".")
+                if isinstance(owner, SiteContainer) and not len(owner._modules):
+                    delattr(model.get_submodule(parent_path), child)
+
+    def switch(self, model: nn.Module, on: bool) -> None:
+        type(self).combine(model, [self] if on else [], [self])
+
+    @classmethod
+    def combine(cls, model: nn.Module, active: Sequence[ModelDelta], every: Sequence[ModelDelta],
+                final: bool = False) -> None:
+        for hooks in _HOOKS.pop(model, []):
+            hooks.remove()
+        state = model.__dict__.get(STATE_ATTR)
+        if not active or state is None:
+            return
+        names = {id(part): name for name, part in state.model_deltas.items()}
+        at_site: dict[str, tuple[Site, dict[str, BottleneckBlock]]] = {}
+        for part in active:
+            assert isinstance(part, BottleneckAdapter)
+            for key, site in part.sites.items():
+                block = part.blocks[key]
+                assert isinstance(block, BottleneckBlock)
+                at_site.setdefault(site.name, (site, {}))[1][names[id(part)]] = block
+        _HOOKS[model] = [SiteHooks(site, partial(run_site, state.active_set, blocks)) for site, blocks in at_site.values()]
+
+
+def make_bottleneck(model: nn.Module, config: DeltaConfig, views: Mapping[str, object]) -> BottleneckAdapter:
+    assert isinstance(config, BnConfig)
+    wanted = {loc for loc in LOCATIONS if getattr(config, loc)}
+    sites = [s for s in model_sites(model) if s.location in wanted and s.layer not in config.leave_out]
+    if not sites:
+        raise TargetError(f"BnConfig selects no site of this {type(model).__name__}: locations {sorted(wanted)}, "
+                          f"leave_out={list(config.leave_out)}. Fix: select output_adapter or mh_adapter, or leave out fewer layers.")
+    check_room(model, sites)
+    width = hidden_size(model)
+    like = next(model.parameters())
+    blocks = [_block(config, width, site.layer).to(device=like.device, dtype=like.dtype) for site in sites]
+    return BottleneckAdapter(sites, blocks)
+
+
+BOTTLENECK = register(Method("BOTTLENECK", BnConfig, None, make_model_delta=make_bottleneck))
+
+
+def _recipe(preset: Callable[..., BnConfig]) -> Callable[[RecipeInput], DeltaConfig]:
+    def build(run: RecipeInput) -> BnConfig:
+        factor = run.options["reduction_factor"]
+        return preset(**({"reduction_factor": factor} if factor else {}), **run.common)
+    return build
+
+
+REDUCTION = MethodOption("reduction_factor", "float", 0.0,
+                         "bottleneck adapters: hidden size / bottleneck size; 0 = the preset's (16; parallel: 2)")
+register_recipe(Recipe("houlsby", "Houlsby bottleneck adapters (2019) after attention and feed-forward blocks",
+                       _recipe(DoubleSeqBnConfig), options=(REDUCTION,)))
+register_recipe(Recipe("pfeiffer", "Pfeiffer bottleneck adapter (2020) after the feed-forward block",
+                       _recipe(SeqBnConfig)))
+register_recipe(Recipe("parallel", "parallel bottleneck adapter (He et al. 2022) beside the feed-forward block",
+                       _recipe(ParBnConfig)))

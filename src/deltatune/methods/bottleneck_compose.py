@@ -1,0 +1,78 @@
+"""What a site computes under a composition of bottleneck adapters, as AdapterHub computes it.
+
+``dt.Stack``: each member's own pre step on the previous member's output, the last member's post
+step. ``dt.Average``: the first member's pre step, the mean of ``w_i o_i`` with the weights
+normalised to sum 1 (so the weighted sum divided by the number of members, AdapterHub's rule), the
+last member's post step. ``dt.BatchSplit``: each member on its rows. A single adapter: pre step,
+block, post step. Where the model adds the residual itself (pre-LN sites) the result leaves it out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from ..compose import Active, Average, BatchSplit, Composition, Stack, Sum
+from ..errors import AdapterError
+from ..sites import Norm
+from .bottleneck_block import BottleneckBlock, site_input, site_output
+
+
+def run_site(active: Active, blocks: Mapping[str, BottleneckBlock], h: Tensor, x: Tensor, norm: Norm | None,
+              adds: bool) -> Tensor | None:
+    """The site's output under the active composition (None: no member has a block here)."""
+    return _evaluate(active.composition, blocks, h, x, norm, adds)
+
+
+def _evaluate(composition: Composition, blocks: Mapping[str, BottleneckBlock], h: Tensor, x: Tensor,
+              norm: Norm | None, adds: bool) -> Tensor | None:
+    here = [blocks[n] for n in composition.names() if n in blocks]
+    if not here:
+        return None
+    nested = [m for m in composition.members if not isinstance(m, str)]
+    if nested or not isinstance(composition, (Sum, Stack, Average, BatchSplit)):
+        raise AdapterError(f"{composition!r} is not supported at adapter sites yet: bottleneck adapters combine with "
+                           "dt.Stack, dt.Average and dt.BatchSplit of adapter names")
+    if isinstance(composition, BatchSplit):
+        return _split(composition, blocks, h, x, norm, adds)
+    if isinstance(composition, Stack):  # each member's own pre step, on the previous member's output
+        out = h
+        for block in here:
+            a, _, r = site_input(block, out, x, norm)
+            out = block(a, r)[0]
+        return _post(here[-1], out, h, x, norm, adds)
+    a, _, r = site_input(here[0], h, x, norm)
+    if isinstance(composition, Average):  # AdapterHub: mean of w_i o_i, weights normalised to sum 1
+        weights = [w for n, w in zip(composition.members, composition.weights) if n in blocks]
+        total = sum(weights)
+        out = torch.stack([block(a, r)[0] * (w / total) for block, w in zip(here, weights)]).mean(0)
+    elif len(here) == 1:
+        out = here[0](a, r)[0]
+    else:
+        raise AdapterError(f"{composition!r}: adapters {[n for n in composition.names() if n in blocks]} meet at one "
+                           "site; a sum of bottleneck adapters is not defined. Use dt.Stack or dt.Average.")
+    return _post(here[-1], out, h, x, norm, adds)
+
+
+def _post(block: BottleneckBlock, out: Tensor, h: Tensor, x: Tensor, norm: Norm | None, adds: bool) -> Tensor:
+    """AdapterHub's post step; where the model adds ``x`` itself, the result leaves it out."""
+    if not adds:
+        return site_output(block, out, h, x, norm)
+    result = site_output(block, out, h, torch.zeros_like(x), None)
+    return result if block.original_ln_after else result - x
+
+
+def _split(split: BatchSplit, blocks: Mapping[str, BottleneckBlock], h: Tensor, x: Tensor, norm: Norm | None,
+           adds: bool) -> Tensor:
+    if sum(split.sizes) != h.shape[0]:
+        raise AdapterError(f"{split!r}: the sizes add up to {sum(split.sizes)} rows but the batch has {h.shape[0]}")
+    parts, start = [], 0
+    for name, size in zip(split.members, split.sizes):
+        rows = slice(start, start + size)
+        result = _evaluate(Sum(name), blocks, h[rows], x[rows], norm, adds) if name in blocks else None
+        base = h[rows] if adds else (h[rows] + x[rows] if norm is None else norm(h[rows] + x[rows]))
+        parts.append(base if result is None else result)
+        start += size
+    return torch.cat(parts)

@@ -1,0 +1,193 @@
+"""Bottleneck adapters integrated at module-output sites: the invariants that hold without the
+AdapterHub oracle (which checks the numbers themselves, in tests/adapters_oracle)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import deltatune as dt
+from conftest import lm_losses, state_hash, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5, token_ids
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama, "t5": tiny_t5}
+
+
+def run(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    extra = {"decoder_input_ids": ids} if getattr(model.config, "model_type", "") == "t5" else {}
+    with torch.no_grad():
+        return model(ids, **extra)[0]
+
+
+def randomize(model: nn.Module, seed: int = 3) -> None:
+    """Every adapter tensor random (the up projections too), so no adapter is at its identity init."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "site_adapters" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1 + (1.0 if name.endswith("scaling") else 0))
+
+
+def structure(model: nn.Module) -> list[tuple[str, type]]:
+    return [(n, type(m)) for n, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_parallel_preset_starts_as_the_identity_and_disabled_is_the_base(arch: str) -> None:
+    model, ids = MODELS[arch]().eval(), token_ids()
+    base = run(model, ids)
+    dt.attach(model, dt.ParBnConfig())
+    assert torch.equal(run(model, ids), base)  # zero up projection: the site adds exactly nothing
+    dt.attach(model, dt.DoubleSeqBnConfig(), name="h")
+    dt.set_active(model, "h")
+    randomize(model)
+    assert not torch.allclose(run(model, ids), base)
+    with dt.disabled(model):
+        assert torch.equal(run(model, ids), base)
+    assert not torch.allclose(run(model, ids), base)
+
+
+@pytest.mark.parametrize("arch", MODELS)
+@pytest.mark.parametrize("preset", [dt.SeqBnConfig, dt.DoubleSeqBnConfig, dt.ParBnConfig])
+def test_save_load_gives_the_same_outputs_and_delete_restores_the_model(arch: str, preset: Callable[..., dt.BnConfig],
+                                                                       tmp_path: Path) -> None:
+    model, ids = MODELS[arch]().eval(), token_ids()
+    before, modules = state_hash(model), structure(model)
+    dt.attach(model, preset(reduction_factor=4))
+    randomize(model)
+    out = run(model, ids)
+    dt.save(model, tmp_path / "a")
+    fresh = dt.load(MODELS[arch]().eval(), tmp_path / "a")
+    assert torch.equal(run(fresh, ids), out)
+    dt.delete_adapter(model, "default")
+    assert state_hash(model) == before and structure(model) == modules
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_parameters_are_in_the_module_tree_and_counted(arch: str) -> None:
+    model = MODELS[arch]()
+    dt.attach(model, dt.DoubleSeqBnConfig(reduction_factor=4))
+    hidden = model.config.to_dict().get("hidden_size") or model.config.to_dict().get("n_embd") or model.config.d_model
+    bottleneck = hidden // 4
+    sites = sum(1 for name, _ in model.named_modules() if name.endswith("site_adapters.default"))
+    per_site = 2 * hidden * bottleneck + hidden + bottleneck  # down and up weights and biases
+    trainable, _ = dt.trainable_parameters(model)
+    assert trainable == sites * per_site == dt.adapter_parameters(model, "default")
+    assert all(p.requires_grad == ("site_adapters" in n) for n, p in model.named_parameters())
+
+
+def test_training_changes_only_the_adapter() -> None:
+    model, ids = tiny_llama(), token_ids()
+    dt.attach(model, dt.SeqBnConfig(reduction_factor=4))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    losses = lm_losses(model, ids, steps=5, lr=1e-2)
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+@pytest.mark.parametrize("call", [lambda m: dt.merge(m), lambda m: dt.unload(m, merge=True)])
+def test_merging_is_refused_with_the_model_unchanged(call: Callable[[nn.Module], object]) -> None:
+    model = tiny_bert()
+    dt.attach(model, dt.DoubleSeqBnConfig())
+    before, modules = state_hash(model), structure(model)
+    with pytest.raises(dt.AdapterError, match="change activations, not weights"):
+        call(model)
+    assert state_hash(model) == before and structure(model) == modules
+
+
+def test_unload_without_merge_gives_the_plain_model_back() -> None:
+    model, ids = tiny_gpt2().eval(), token_ids()
+    before, modules, base = state_hash(model), structure(model), run(model, ids)
+    dt.attach(model, dt.DoubleSeqBnConfig())
+    dt.attach(model, dt.LoraConfig(r=2, target_modules=["c_attn"]), name="lora")
+    dt.unload(model, merge=False)
+    assert state_hash(model) == before and structure(model) == modules and torch.equal(run(model, ids), base)
+
+
+def two_adapters(arch: str = "bert") -> nn.Module:
+    model = MODELS[arch]().eval()
+    dt.attach(model, dt.SeqBnConfig(reduction_factor=4), name="a")
+    dt.attach(model, dt.SeqBnConfig(reduction_factor=8), name="b")
+    randomize(model)
+    return model
+
+
+def outputs_of(model: nn.Module, active: object, ids: torch.Tensor) -> torch.Tensor:
+    dt.set_active(model, active)  # type: ignore[arg-type]
+    return run(model, ids)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_batch_split_rows_equal_each_adapter_alone(arch: str) -> None:
+    model, ids = two_adapters(arch), token_ids(batch=3)
+    a, b = outputs_of(model, "a", ids), outputs_of(model, "b", ids)
+    split = outputs_of(model, dt.BatchSplit("a", "b", sizes=[1, 2]), ids)
+    torch.testing.assert_close(split, torch.cat([a[:1], b[1:]]), atol=1e-6, rtol=0)
+
+
+def test_average_is_adapterhubs_mean_of_weighted_outputs() -> None:
+    """AdapterHub's Average is the mean of w_i * o_i (weights normalised): for two members at one
+    site, mean(0.5 o_a, 0.5 o_b) = (o_a + o_b) / 4. Checked against that formula at the first site
+    with the site inputs captured from the model."""
+    model, ids = two_adapters(), token_ids()
+    from deltatune.methods.bottleneck_block import site_input, site_output
+
+    layer = model.bert.encoder.layer[0].output
+    dt.set_active(model, dt.Average("a", "b", weights=[1.0, 3.0]))  # installs the site hooks before ours
+    seen: dict[str, torch.Tensor] = {}
+    handle = layer.dropout.register_forward_hook(lambda m, a, o: seen.__setitem__("h", o))
+    pre = layer.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[1]))
+    got: dict[str, torch.Tensor] = {}
+    post = layer.register_forward_hook(lambda m, a, o: got.__setitem__("y", o))
+    run(model, ids)
+    for h in (handle, pre, post):
+        h.remove()
+    blocks = layer.site_adapters
+    x_in, _, r = site_input(blocks["a"], seen["h"], seen["x"], layer.LayerNorm)
+    mixed = (0.25 * blocks["a"](x_in, r)[0] + 0.75 * blocks["b"](x_in, r)[0]) / 2
+    want = site_output(blocks["b"], mixed, seen["h"], seen["x"], layer.LayerNorm)
+    torch.testing.assert_close(got["y"], want, atol=1e-6, rtol=0)
+
+
+def test_two_bottleneck_adapters_summed_at_one_site_is_a_clear_error() -> None:
+    model, ids = two_adapters(), token_ids()
+    dt.set_active(model, ["a", "b"])
+    with pytest.raises(dt.AdapterError, match="dt.Stack or dt.Average"):
+        run(model, ids)
+
+
+def test_lora_and_a_bottleneck_adapter_sum_as_each_alone() -> None:
+    """Sum(lora, bottleneck): each acts at its own place (layers, sites); the base is run once."""
+    model, ids = tiny_bert().eval(), token_ids()
+    dt.attach(model, dt.LoraConfig(r=2, target_modules=["query"], init_lora_weights=False), name="lora")
+    dt.attach(model, dt.SeqBnConfig(), name="bn")
+    randomize(model)
+    both = outputs_of(model, ["lora", "bn"], ids)
+    assert not torch.allclose(both, outputs_of(model, "lora", ids))
+    assert not torch.allclose(both, outputs_of(model, "bn", ids))
+    assert torch.equal(outputs_of(model, ["bn", "lora"], ids), both)
+
+
+@pytest.mark.parametrize("bad", [dict(target_modules=["query"]), dict(output_adapter=False), dict(reduction_factor=0),
+                                 dict(non_linearity="nope"), dict(scaling="huge"), dict(residual_before_ln="x")])
+def test_bad_configs_are_named(bad: dict[str, object]) -> None:
+    with pytest.raises(dt.ConfigError, match=f"BnConfig.{next(iter(bad))}" if "output_adapter" not in bad else "site"):
+        dt.BnConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_unknown_architecture_is_refused_before_anything_changes() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    before = state_hash(model)
+    with pytest.raises(dt.TargetError, match="no adapter sites"):
+        dt.attach(model, dt.SeqBnConfig())
+    assert state_hash(model) == before
+
+
+def test_site_blocks_live_under_a_name_the_library_treats_as_adapter_modules() -> None:
+    from deltatune.layer import ADAPTER_PARTS
+    from deltatune.sites import HOLDER
+
+    assert HOLDER in ADAPTER_PARTS

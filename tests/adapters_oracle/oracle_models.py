@@ -36,8 +36,9 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*past_key_value.* is deprecated", category=FutureWarning)
 
 
-def build(arch: str, seed: int = 0) -> nn.Module:
-    """A tiny randomly initialised model of the architecture, in eval mode, with ``adapters.init`` applied."""
+def build(arch: str, seed: int = 0, init_adapters: bool = True) -> nn.Module:
+    """A tiny randomly initialised model of the architecture, in eval mode, with ``adapters.init`` applied
+    (a plain transformers model with ``init_adapters=False``; the same weights for the same seed)."""
     import transformers as tf
 
     _quiet()
@@ -61,7 +62,8 @@ def build(arch: str, seed: int = 0) -> nn.Module:
                                                           vocab_size=128, decoder_start_token_id=0))
     else:
         raise ValueError(arch)
-    adapters.init(model)
+    if init_adapters:
+        adapters.init(model)
     return model.eval()
 
 

@@ -1,6 +1,6 @@
 """BitFit on whole models: which biases it selects, its file, switching it off and on, several
-adapters, and the errors. peft has no BitFit, so there is no parity test; the battery on every
-base kind with a bias (and LayerNorm) is in test_method_battery.py.
+adapters, and the errors. peft has no BitFit, so there is no parity test; the invariant battery on
+every base kind with a bias (and LayerNorm) is in test_invariants.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
-from conftest import state_hash, tiny_bert, tiny_gpt2, tiny_llama, token_ids
+from conftest import close, state_hash, tiny_bert, tiny_gpt2, tiny_llama, token_ids
 from deltatune.errors import AdapterFileError, TargetError
 from deltatune.state import state_of
 
@@ -44,8 +44,8 @@ def test_all_biases_train_and_nothing_else() -> None:
     selected = state_of(model).model_deltas["default"].paths
     assert {f"{p}.bias" for p in selected} == wanted  # LayerNorm biases included, the head trained in full
     head = sum(p.numel() for p in base.classifier.parameters())
-    assert dt.trainable_parameters(model) == (sum(biases(base)[n].numel() for n in wanted) + head,
-                                              sum(p.numel() for p in base.parameters()) + head)
+    copies = sum(biases(base)[n].numel() for n in wanted)  # the trained copies join the model's parameters
+    assert dt.trainable_parameters(model) == (copies + head, sum(p.numel() for p in base.parameters()) + head + copies)
     weights_before = {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith("bias")}
     originals = {n: p.detach().clone() for n, p in biases(base).items()}
     train_step(model, x)
@@ -88,7 +88,7 @@ def test_unload_and_delete_restore_the_original_parameters() -> None:
     model = copy.deepcopy(base)
     originals = dict(biases(model))
     dt.attach(model, dt.BitFitConfig())
-    assert not any(model.get_parameter(n) is p for n, p in originals.items()), "the copies are swapped in"
+    assert all(model.get_parameter(n) is p for n, p in originals.items()), "the base biases stay in place"
     train_step(model, x)
     adapted = logits(model, x)
     dt.delete_adapter(model, "default")
@@ -99,7 +99,8 @@ def test_unload_and_delete_restore_the_original_parameters() -> None:
     train_step(model, x)
     merged_out = logits(model, x)
     dt.unload(model, merge=True)
-    assert torch.equal(logits(model, x), merged_out) and not hasattr(model, "deltatune_state")
+    # fp32: the merged model adds the change inside the module, the adapter after it (one rounding apart)
+    assert close(logits(model, x), merged_out) and not hasattr(model, "deltatune_state")
     assert not torch.equal(adapted, logits(base, x))
 
 

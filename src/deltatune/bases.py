@@ -251,3 +251,13 @@ def is_linear(module: nn.Module) -> bool:
     """Whether ``module`` counts as a linear layer for ``target_modules="all-linear"``."""
     view = base_layer_for(module)
     return view is not None and view.kind == "linear"
+
+
+CHANNELS_FIRST: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm,
+                                               nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def channel_dim(module: nn.Module) -> int:
+    """The output dimension a module's bias runs along: 1 for convolutions and batch/group/instance
+    norms (``(N, C, ...)``), the last one otherwise (linear layers, layer norms, embeddings)."""
+    return 1 if isinstance(module, CHANNELS_FIRST) else -1

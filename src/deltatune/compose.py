@@ -160,3 +160,35 @@ def without(composition: Composition, name: str) -> Composition:
     if isinstance(composition, Average):
         return Average(*members, weights=[composition.weights[i] for _, i in kept])
     return type(composition)(*members)
+
+
+def row_weights(composition: Composition | str, name: str, rows: int) -> list[float] | None:
+    """How much of adapter ``name``'s change each of ``rows`` batch rows gets under ``composition``
+    (None: the adapter is not in it). For changes that act on the whole output at once (a bias):
+    a ``Sum`` gives 1 to every row, ``Average`` the member's weight, ``BatchSplit`` 1 on its rows."""
+    if isinstance(composition, str):
+        return [1.0] * rows if composition == name else None
+    if type(composition) is Sum:
+        parts = [row_weights(m, name, rows) for m in composition.members]
+        return _add([p for p in parts if p is not None])
+    if isinstance(composition, Average):
+        parts = [row_weights(m, name, rows) for m in composition.members]
+        return _add([[w * v for v in p] for p, w in zip(parts, composition.weights) if p is not None])
+    if isinstance(composition, BatchSplit):
+        if sum(composition.sizes) != rows:
+            raise AdapterError(f"{composition!r}: the sizes add up to {sum(composition.sizes)} rows but the batch has {rows}")
+        out, start, found = [0.0] * rows, 0, False
+        for member, size in zip(composition.members, composition.sizes):
+            part = row_weights(member, name, size)
+            if part is not None:
+                out[start:start + size], found = part, True
+            start += size
+        return out if found else None
+    if name in composition.names():
+        raise AdapterError(f"{composition!r}: adapter {name!r} changes a whole output at once (a bias); it combines "
+                           "with dt.Sum, dt.Average and dt.BatchSplit only")
+    return None
+
+
+def _add(parts: list[list[float]]) -> list[float] | None:
+    return [sum(values) for values in zip(*parts)] if parts else None

@@ -213,6 +213,8 @@ def apply(model: nn.Module, attach_plan: AttachPlan) -> None:
             param.requires_grad_(param.requires_grad or not config.inference_mode)
     if not state.active:
         set_active(model, attach_plan.name)
+    else:  # layers may have been wrapped: model-level parts hook in again where they belong
+        state.switch_model_deltas(model, state.active)
 
 
 def _freeze_base(model: nn.Module) -> None:

@@ -7,10 +7,14 @@ the modules ``target_modules`` selects with peft's matching rules (any module ty
 Conv, LayerNorm, ...). Modules to save (task heads) are trained in full instead.
 
 BitFit changes no layer's computation, so it is a model-level method: it keeps a trained copy of
-each selected bias and, while the adapter is active, the module's ``bias`` attribute points to
-that copy; switched off (``dt.disabled``, another adapter active, ``dt.delete_adapter``,
-``dt.unload(merge=False)``) the original Parameter is put back, so the base output is exact.
-Several active BitFit adapters are summed, ``b + Σ (b_i - b)``, like every other method.
+each selected bias (in the module tree under ``site_adapters.<adapter>``) and, while the adapter
+is active, a forward hook adds ``b_i - b`` to the module's output: after every other adapter's
+change on that layer (the hook sits on the layer's wrapper when it has one), so in a ``dt.Sum``
+each change comes from the same base output; ``dt.Average`` weights it, ``dt.BatchSplit`` gives
+it to its rows only. The module's own bias is never replaced, so switched off (``dt.disabled``,
+another adapter active, ``dt.delete_adapter``, ``dt.unload(merge=False)``) the base is exact, and a
+merge of other adapters writes the true base bias; ``dt.unload(merge=True)`` adds the summed
+changes into the biases.
 Init: the copies equal the originals (the identity). Parameter count: the sum of the selected
 bias sizes. peft has no BitFit: the file keys are ``base_model.model.<module path>.bias`` (what
 peft writes for the biases it trains with ``bias="all"``) and adapter_config.json has
@@ -22,16 +26,19 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..bases import BaseLayer
+from ..bases import BaseLayer, channel_dim
+from ..compose import Active, row_weights
 from ..config import DeltaConfig, TargetedConfig
 from ..errors import TargetError
-from ..layer import ModelDelta
+from ..layer import DeltaLayer, ModelDelta
+from ..sites import HOLDER
 from ..registry import Method, Recipe, register, register_recipe
 from ..state import STATE_ATTR, logical_modules
 from ..targets import is_target, nearest_names
@@ -51,20 +58,17 @@ class BitFitConfig(TargetedConfig):
                    "layer selection needs a list of target names", "also pass target_modules as a list of names")
 
 
-def _follow(param: nn.Parameter, like: Tensor) -> None:
-    """Bring a parameter that was outside the module tree to where the model is now (a ``model.to``
-    while it was swapped out did not move it); keeps the Parameter object, so optimizers hold."""
-    if param.device != like.device or param.dtype != like.dtype:
-        param.data = param.data.to(like)
+class TrainedBias(nn.Module):
+    """One trained copy, registered next to the bias it changes (``<module>.site_adapters.<adapter>.bias``),
+    so that ``model.parameters()``, ``model.to()`` and optimizers see it."""
+
+    def __init__(self, bias: nn.Parameter) -> None:
+        super().__init__()
+        self.bias = bias
 
 
 class BiasSelection(ModelDelta):
-    """Trained copies of selected biases, swapped into their modules while the adapter is active.
-
-    Several active BitFit adapters on one module add up: the module computes with
-    ``b + Σ (b_i - b)``, substituted for its bias by a forward pre-hook (and put back after the
-    call), so each copy keeps its gradient; one active adapter simply has its copy swapped in.
-    """
+    """Trained copies of selected biases; while active, their changes are added to the outputs."""
 
     def __init__(self, owners: Mapping[str, nn.Module], originals: Mapping[str, nn.Parameter]) -> None:
         super().__init__()
@@ -74,19 +78,27 @@ class BiasSelection(ModelDelta):
         self._originals = [originals[p] for p in self.paths]
         self.biases = nn.ParameterList(nn.Parameter(originals[p].detach().clone()) for p in self.paths)
 
-    def original_of(self, param: nn.Parameter) -> nn.Parameter:
-        """The base bias behind ``param`` if it is one of this adapter's copies, else ``param``."""
-        return next((o for o, b in zip(self._originals, self.biases) if b is param), param)
-
     def tensors(self) -> dict[str, Tensor]:
         return {f"{FILE_PREFIX}{path}.bias": bias for path, bias in zip(self.paths, self.biases)}
 
     def modules_changed(self) -> int:
         return len(self.paths)
 
-    def slots(self) -> list[tuple[nn.Module, nn.Parameter, nn.Parameter]]:
-        """(module, original bias, this adapter's copy) for every selected bias."""
-        return list(zip(self._owners, self._originals, self.biases))
+    def place(self, model: nn.Module, name: str) -> None:
+        for owner, copy in zip(self._owners, self.biases):
+            holder = getattr(owner, HOLDER, None)
+            if holder is None:
+                holder = nn.ModuleDict()
+                setattr(owner, HOLDER, holder)
+            holder[name] = TrainedBias(copy)
+
+    def unplace(self, model: nn.Module, name: str) -> None:
+        for owner in self._owners:
+            holder = getattr(owner, HOLDER, None)
+            if holder is not None and name in holder:
+                del holder[name]
+                if not len(holder):
+                    delattr(owner, HOLDER)
 
     def switch(self, model: nn.Module, on: bool) -> None:
         type(self).combine(model, [self] if on else [], [self])
@@ -94,62 +106,46 @@ class BiasSelection(ModelDelta):
     @classmethod
     def combine(cls, model: nn.Module, active: Sequence[ModelDelta], every: Sequence[ModelDelta],
                 final: bool = False) -> None:
-        copies: dict[nn.Module, tuple[nn.Parameter, list[nn.Parameter]]] = {}
-        for part in every:
+        for hooks in _HOOKS.pop(model, []):
+            hooks.remove()
+        state = model.__dict__.get(STATE_ATTR)
+        if not active or state is None:
+            return
+        names = {id(part): name for name, part in state.model_deltas.items()}
+        changes: dict[nn.Module, list[tuple[str, nn.Parameter, nn.Parameter]]] = {}
+        for part in active:
             assert isinstance(part, BiasSelection)
-            for owner, original, copy in part.slots():
-                copies.setdefault(owner, (original, []))[1].extend([copy] if part in active else [])
-        for owner, (original, on) in copies.items():
-            _unhook(owner)
-            if len(on) == 1:
-                _follow(on[0], owner._parameters["bias"])  # type: ignore[arg-type]
-                owner.bias = on[0]
-            elif not on:
-                _follow(original, owner._parameters["bias"])  # type: ignore[arg-type]
-                owner.bias = original
-            elif final:  # the sum, fixed as the module's own bias
-                with torch.no_grad():
-                    owner.bias = nn.Parameter(_summed(original, on).detach(), requires_grad=False)
-            else:
-                owner.bias = original
-                _hook(owner, original, on)
+            for owner, original, copy in zip(part._owners, part._originals, part.biases):
+                changes.setdefault(owner, []).append((names[id(part)], original, copy))
+        if final:  # an unload that merges: the changes, summed, written into the biases themselves
+            with torch.no_grad():
+                for entries in changes.values():
+                    total = sum((copy - original for _, original, copy in entries), torch.zeros_like(entries[0][1]))
+                    entries[0][1].add_(total)
+            return
+        wrapper = {id(m.base_layer): m for m in model.modules() if isinstance(m, DeltaLayer)}
+        _HOOKS[model] = [wrapper.get(id(owner), owner).register_forward_hook(
+            partial(_add_changes, state.active_set, entries, channel_dim(owner))) for owner, entries in changes.items()]
 
 
-def _summed(original: Tensor, copies: Sequence[Tensor]) -> Tensor:
-    """``b + Σ (b_i - b)``: every copy's change from the same base bias, added."""
-    total = original
-    for copy in copies:
-        total = total + (copy - original)
-    return total
+def _add_changes(active: Active, entries: Sequence[tuple[str, nn.Parameter, nn.Parameter]], dim: int,
+                 module: nn.Module, args: Any, output: Tensor) -> Tensor:
+    """The module's output plus every active copy's change ``b_i - b``, weighted per row as the
+    composition says (``compose.row_weights``); after any other adapter's change on the layer."""
+    for name, original, copy in entries:
+        weights = row_weights(active.composition, name, output.shape[0])
+        if weights is None:
+            continue
+        change = (copy - original).to(output.dtype)
+        shape = [1] * output.dim()
+        shape[dim] = change.numel()
+        per_row = torch.tensor(weights, dtype=output.dtype, device=output.device).view(-1, *[1] * (output.dim() - 1))
+        output = output + per_row * change.view(shape)
+    return output
 
 
-_SUM_HOOKS: weakref.WeakKeyDictionary[nn.Module, list[RemovableHandle]] = weakref.WeakKeyDictionary()
-"""Hooks that put a sum of biases in place during a module's forward, by module."""
-
-
-def _hook(owner: nn.Module, original: nn.Parameter, copies: Sequence[nn.Parameter]) -> None:
-    def put_sum(module: nn.Module, args: Any) -> None:
-        module._parameters["bias"] = _summed(original, copies)  # type: ignore[assignment]
-
-    def put_back(module: nn.Module, args: Any, output: Any) -> None:
-        module._parameters["bias"] = original
-
-    _SUM_HOOKS[owner] = [owner.register_forward_pre_hook(put_sum),
-                         owner.register_forward_hook(put_back, always_call=True)]
-
-
-def _unhook(owner: nn.Module) -> None:
-    for handle in _SUM_HOOKS.pop(owner, []):
-        handle.remove()
-
-
-def _base_bias(model: nn.Module, param: nn.Parameter) -> nn.Parameter:
-    """The original bias even when another BitFit adapter has its copy swapped in right now."""
-    state = model.__dict__.get(STATE_ATTR)
-    for part in state.model_deltas.values() if state is not None else ():
-        if isinstance(part, BiasSelection):
-            param = part.original_of(param)
-    return param
+_HOOKS: weakref.WeakKeyDictionary[nn.Module, list[RemovableHandle]] = weakref.WeakKeyDictionary()
+"""The hooks adding the active BitFit changes, by model."""
 
 
 def select_biases(model: nn.Module, config: DeltaConfig, views: Mapping[str, BaseLayer]) -> BiasSelection:
@@ -168,9 +164,8 @@ def select_biases(model: nn.Module, config: DeltaConfig, views: Mapping[str, Bas
             f"biases: {len(names)}{', e.g. ' + str(nearest_names([str(targets)], names)) if names else ''}. "
             "Fix: name modules that have a bias (a list entry must equal a module's full name or its last dotted parts)."
         )
-    with torch.no_grad():
-        originals = {key: _base_bias(model, owner._parameters["bias"]) for key, owner in owners.items()}  # type: ignore[arg-type]
-    return BiasSelection(owners, originals)
+    originals = {key: owner._parameters["bias"] for key, owner in owners.items()}
+    return BiasSelection(owners, originals)  # type: ignore[arg-type]
 
 
 BITFIT = register(Method("BITFIT", BitFitConfig, None, make_model_delta=select_biases))

@@ -5,8 +5,8 @@ Parity: random P, Λ, Q on tiny LLaMA, GPT-2 (Conv1D) and the ConvNet (Conv2d + 
 1e-5 both ways. Allocator: one adapter trained side by side in peft and deltatune with the same
 SGD steps (loss plus the orthogonality term, allocation after backward) gives the same losses,
 the same masks at every step and the same final rank pattern; both files then hold the same cut
-tensors and load into the other library with equal outputs. The battery is in
-test_method_battery.py. peft is only imported here, as a test oracle.
+tensors and load into the other library with equal outputs. The invariant battery is in
+test_invariants.py. peft is only imported here, as a test oracle.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DoRA (``LoraConfig(use_dora=True)``): peft parity both ways and the invariant battery.
+"""DoRA (``LoraConfig(use_dora=True)``): peft parity both ways, and the magnitude's init per kind.
 
 Parity: peft's DoRA adapters (random A, B and magnitude) load into deltatune and give peft's
 outputs within 1e-5 in fp32, and deltatune's load into peft the same way, on tiny LLaMA,
@@ -6,16 +6,15 @@ GPT-2 (Conv1D and the tied embedding), BERT (SEQ_CLS) and a net of Embedding / C
 Conv3d / Linear layers; config keys and safetensors keys / shapes equal peft's. Also: training
 mode with dropout matches peft on the same dropout mask.
 
-Battery per base kind, fp32 and bf16: identity at init, a dense fp64 oracle
-``m * (W + s B A) / ||W + s B A||``, merged == unmerged, unmerge restores the weight,
-save -> load identical, disabled == base, trainable count ``r * (in * prod(k) + out) + out``,
-gradients reach only A, B and m.
+Per base kind, fp32 and bf16: a fresh magnitude is peft's ``||W||`` per output, in peft's shape.
+The invariant battery (identity at init, the dense fp64 oracle ``m (W + s B A) / ||W + s B A||``,
+merge / unmerge, save / load, disabled, parameter count, gradients, compositions) runs for DoRA
+in test_invariants.py.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +24,11 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 import deltatune as dt
+from battery_cases import DTYPES, KIND, METHOD, Kind, Single, adapted, base_module, build, canonical_weight, \
+    delta_of, wrapper
 from conftest import TOLERANCES, conv_net, tiny_bert, tiny_gpt2, tiny_llama
 from deltatune.io import adapter_tensors
 from deltatune.methods.dora import DoraDelta
-from test_battery import ALPHA, DTYPES, KINDS, R, Kind, Single, assert_close, bf16_ulp, build, make_input, run, \
-    stored_weight, wrapper
 from test_peft_parity import (Case, Saved, assert_parity, case_params, comparable, config_json,
                               inputs_for, max_diff, output, saved, tensor_shapes)
 
@@ -170,160 +169,25 @@ def test_training_step_matches_peft(dropout: float, tmp_path: Path) -> None:
         torch.testing.assert_close(mine.grad, peft_param.grad, atol=1e-4, rtol=1e-4)
 
 
-# ------------------------------------------------------------------------------------ the battery
+# ----------------------------------------------------------------------- the magnitude per kind
+# The invariants (identity, fp64 oracle, merge/unmerge, save/load, disabled, count, gradients,
+# compositions, peft cross-load) run for DoRA on every kind in test_invariants.py.
 
-DORA_KINDS = [*KINDS, Kind("conv3d", lambda: nn.Conv3d(2, 4, kernel_size=(1, 3, 2), padding=1),
-                           lambda g: torch.randn(2, 2, 3, 5, 4, generator=g), lambda w: w, lambda w: w, 2, 4,
-                           (1, 3, 2))]
-BATTERY = [pytest.param(kind, dtype, id=f"{kind.name}-{str(dtype).removeprefix('torch.')}")
-           for kind in DORA_KINDS for dtype in DTYPES]
-
-
-def adapted(kind: Kind, dtype: torch.dtype, init: bool | str = False, perturb: bool = True, **changes: Any) -> Single:
-    """The one-layer model with DoRA attached; by default A, B and m are all random (so g != 1)."""
-    model = build(kind, dtype)
-    dt.attach(model, dt.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["layer"], init_lora_weights=init,
-                                   use_dora=True, **changes))
-    if perturb:
-        with torch.no_grad():
-            m = delta_of(model).magnitude
-            m.mul_(1 + 0.5 * torch.rand(m.shape, generator=torch.Generator().manual_seed(3)))
-    return model
+DORA_KINDS = [pytest.param(KIND[name], dtype, id=f"{name}-{str(dtype).removeprefix('torch.')}")
+              for name in METHOD["dora"].kinds for dtype in DTYPES]
 
 
-def delta_of(model: Single) -> DoraDelta:
-    delta = wrapper(model).deltas["default"]
-    assert isinstance(delta, DoraDelta)
-    return delta
-
-
-def canonical_norm(w: Tensor) -> Tensor:
-    return w.flatten(1).norm(dim=1)
-
-
-@pytest.mark.parametrize("init", [True, "gaussian"])
-@pytest.mark.parametrize(("kind", "dtype"), BATTERY)
-def test_init_is_identity(kind: Kind, dtype: torch.dtype, init: bool | str) -> None:
-    x = make_input(kind, dtype)
+@pytest.mark.parametrize(("kind", "dtype"), DORA_KINDS)
+def test_fresh_magnitude_is_the_row_norm_in_peft_shape(kind: Kind, dtype: torch.dtype) -> None:
+    """m = ||W|| per output over every other axis of the canonical layout (peft's axis), kept in
+    fp32, in peft's shape: ``(out,)``, or ``(1, out, 1, ...)`` for conv."""
     base = build(kind, dtype)
-    model = adapted(kind, dtype, init, perturb=False)
-    out = run(model, x)
-    assert out.dtype == dtype and torch.equal(out, run(base, x))
+    model = adapted(METHOD["dora"], kind, dtype, random=False)
     m = delta_of(model).magnitude
+    assert isinstance(delta_of(model), DoraDelta) and m.dtype == torch.float32
     assert m.shape == ((1, kind.out_features, *(1,) * len(kind.kernel)) if kind.kernel else (kind.out_features,))
-    # peft's axis: one norm per output over every other axis of the canonical layout
-    torch.testing.assert_close(m.flatten(), canonical_norm(kind.to_canonical(base.layer.weight.float())))
-
-
-@pytest.mark.parametrize("rslora", [False, True], ids=["alpha_over_r", "rslora"])
-@pytest.mark.parametrize(("kind", "dtype"), BATTERY)
-def test_matches_dense_oracle(kind: Kind, dtype: torch.dtype, rslora: bool) -> None:
-    x = make_input(kind, dtype)
-    model = adapted(kind, dtype, use_rslora=rslora)
-    delta = delta_of(model)
-    scale = ALPHA / math.sqrt(R) if rslora else ALPHA / R
-    oracle = copy.deepcopy(build(kind, dtype).layer).double()
-    canonical = kind.to_canonical(oracle.weight.detach())
-    product = (delta.B.detach().double().flatten(1) @ delta.A.detach().double().flatten(1)).view(canonical.shape)
-    direction = canonical + scale * product
-    m = delta.magnitude.detach().double().flatten()
-    merged = (m / canonical_norm(direction)).view(-1, *(1,) * (direction.dim() - 1)) * direction
-    with torch.no_grad():
-        oracle.weight.copy_(kind.from_canonical(merged))
-    expected = oracle(x.double() if x.is_floating_point() else x)
-    out = run(model, x)
-    assert out.dtype == dtype
-    assert_close(out, expected, dtype, "DoRA output vs dense fp64 oracle")
-
-
-@pytest.mark.parametrize(("kind", "dtype"), BATTERY)
-def test_merged_equals_unmerged(kind: Kind, dtype: torch.dtype) -> None:
-    x = make_input(kind, dtype)
-    model = adapted(kind, dtype)
-    unmerged = run(model, x)
-    dt.merge(model)
-    assert wrapper(model).merged == ["default"]
-    assert_close(run(model, x), unmerged, dtype, "merged vs unmerged output")
-
-
-@pytest.mark.parametrize(("kind", "dtype"), BATTERY)
-def test_unmerge_restores_weights(kind: Kind, dtype: torch.dtype) -> None:
-    """fp32: within 1e-6 + 1e-6 |W| (the division by m / ||W + dW|| scales rounding errors with W).
-    bf16: merge rounds W' once (at most 2^-8 |W'| relative), unmerge divides that error by the
-    factor m / ||W + dW|| (giving at most 2^-8 |W + dW|) and rounds again (half an ulp at |W|)."""
-    x = make_input(kind, dtype)
-    model = adapted(kind, dtype)
-    weight = stored_weight(model)
-    original = weight.detach().clone()
-    out = run(model, x)
-    dt.merge(model)
-    assert not torch.equal(weight, original)
-    dt.unmerge(model)
-    assert stored_weight(model) is weight and wrapper(model).merged == []
-    if dtype == torch.float32:
-        torch.testing.assert_close(weight.detach(), original, atol=1e-6, rtol=1e-6)
-        assert_close(run(model, x), out, dtype, "output after unmerge")
-        return
-    delta = delta_of(model)
-    full = kind.to_canonical(original.float()) + delta.low_rank_weight().detach()
-    bound = 0.5 * bf16_ulp(original) + kind.from_canonical(full.abs() * 2.0 ** -8) * 1.01
-    err = (weight.detach().float() - original.float()).abs()
-    assert (err <= bound).all(), f"unmerge error up to {(err / bound).max().item():.3g} x the bound"
-
-
-@pytest.mark.parametrize(("kind", "dtype"), BATTERY)
-def test_save_load_roundtrip(kind: Kind, dtype: torch.dtype, tmp_path: Path) -> None:
-    x = make_input(kind, dtype)
-    model = adapted(kind, dtype)
-    dt.save(model, tmp_path)
-    assert "base_model.model.layer.lora_magnitude_vector" in load_file(tmp_path / "adapter_model.safetensors")
-    fresh = dt.load(build(kind, dtype), tmp_path)
-    assert torch.equal(run(fresh, x), run(model, x))
-    assert torch.equal(delta_of(fresh).magnitude, delta_of(model).magnitude)
-    assert not any(p.requires_grad for p in fresh.parameters())
-
-
-@pytest.mark.parametrize(("kind", "dtype"), BATTERY)
-def test_disabled_gives_base_output(kind: Kind, dtype: torch.dtype) -> None:
-    x = make_input(kind, dtype)
-    base_out = run(build(kind, dtype), x)
-    model = adapted(kind, dtype)
-    adapted_out = run(model, x)
-    with dt.disabled(model):
-        assert torch.equal(run(model, x), base_out)
-    assert torch.equal(run(model, x), adapted_out)
-    dt.merge(model)
-    merged_out = run(model, x)
-    with dt.disabled(model):
-        assert wrapper(model).merged == []
-        if dtype == torch.float32:  # bf16: the unmerged weight is the base up to rounding (see above)
-            assert_close(run(model, x), base_out, dtype, "disabled while merged vs base output")
-    assert wrapper(model).merged == ["default"]
-    assert_close(run(model, x), merged_out, dtype, "merged output after the block")
-
-
-@pytest.mark.parametrize(("kind", "dtype"), BATTERY)
-def test_trainable_count_matches_formula(kind: Kind, dtype: torch.dtype) -> None:
-    base_total = sum(p.numel() for p in build(kind, dtype).parameters())
-    model = adapted(kind, dtype, init=True, perturb=False)
-    expected = R * (kind.in_features * math.prod(kind.kernel) + kind.out_features) + kind.out_features
-    assert dt.trainable_parameters(model) == (expected, base_total + expected)
-    assert delta_of(model).magnitude.dtype == torch.float32
-
-
-@pytest.mark.parametrize(("kind", "dtype"), BATTERY)
-def test_backward_reaches_only_adapter(kind: Kind, dtype: torch.dtype) -> None:
-    model = adapted(kind, dtype)
-    model.train()
-    model(make_input(kind, dtype)).float().square().mean().backward()
-    delta = delta_of(model)
-    adapter = {id(delta.A), id(delta.B), id(delta.magnitude)}
-    for name, param in model.named_parameters():
-        if id(param) in adapter:
-            assert param.requires_grad and param.grad is not None and param.grad.abs().sum() > 0, name
-            assert param.grad.dtype == torch.float32
-        else:
-            assert not param.requires_grad and param.grad is None, name
+    weight = canonical_weight(kind, base_module(base)).float()
+    torch.testing.assert_close(m.flatten(), weight.flatten(1).norm(dim=1))
 
 
 def test_bf16_peft_to_deltatune(tmp_path: Path) -> None:

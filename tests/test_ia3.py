@@ -1,13 +1,13 @@
-"""IA3: peft parity both ways, the invariant battery on every base kind IA3 supports, a dense
-oracle, and the config rules.
+"""IA3: peft parity both ways, the init per base kind, and the config rules.
 
 Parity: peft -> deltatune and deltatune -> peft on tiny LLaMA, GPT-2 (Conv1D), BERT (SEQ_CLS)
 and the ConvNet (Conv2d + Linear), with perturbed ``ia3_l`` vectors, within 1e-5 in fp32; the
 adapter_config.json key set and the safetensors keys and shapes equal peft's.
-Battery (fp32 and bf16, output and feed-forward scaling): init is the identity, a dense fp64
-oracle ``diag(l) W`` / ``W diag(l)`` matches, merged == unmerged, unmerge restores weights and
-biases, save -> load is identical, disabled == base, the trainable count is ``out`` (or ``in``)
-per layer, and gradients reach only ``ia3_l``. peft is only imported here, as a test oracle.
+Per base kind (fp32 and bf16, output and feed-forward scaling): a fresh ``ia3_l`` is ones in
+peft's shape. The invariant battery (identity, the dense fp64 oracle ``diag(l) W`` /
+``W diag(l)``, merge / unmerge of weights and biases, save / load, disabled, the count ``out`` or
+``in``, gradients, compositions) runs in test_invariants.py. peft is only imported here, as a
+test oracle.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +22,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
-from conftest import TOLERANCES, close, conv_net, perturb, state_hash, tiny_bert, tiny_gpt2, tiny_llama, token_ids
-from deltatune.layer import DeltaLayer
-from test_battery import Single
+from battery_cases import DTYPES, KIND, METHOD, Kind, Method, adapted, delta_of
+from conftest import TOLERANCES, conv_net, perturb, state_hash, tiny_bert, tiny_gpt2, tiny_llama, token_ids
 
 import peft
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 FP32_ATOL = TOLERANCES[torch.float32]["atol"]
-DTYPES = [torch.float32, torch.bfloat16]
 
 # ------------------------------------------------------------------------------------ peft parity
 
@@ -147,170 +143,27 @@ def test_peft_bf16_to_deltatune(tmp_path: Path) -> None:
     assert torch.equal(output(ours, x), output(theirs, x))
 
 
-# ------------------------------------------------------------------------------------- the battery
+# -------------------------------------------------------------------- the vector's shape per kind
+# The invariants (identity, fp64 oracle, merge/unmerge of weights and biases, save/load, disabled,
+# count, gradients, compositions, peft cross-load) run for both scalings in test_invariants.py.
 
-@dataclass(frozen=True)
-class Kind:
-    name: str
-    make: Callable[[], nn.Module]
-    shape: tuple[int, ...]
-    channels: tuple[int, int]
-    """(in, out) features or channels."""
-    transposed: bool = False
-    """Whether the stored weight is ``(in, out)`` (GPT-2 Conv1D)."""
+SHAPE_CASES = [pytest.param(METHOD[name], KIND[kind], dtype, id=f"{kind}-{name}-{str(dtype).removeprefix('torch.')}")
+               for name in ("ia3", "ia3_ff") for kind in METHOD[name].kinds for dtype in DTYPES]
 
 
-KINDS = [
-    Kind("linear", lambda: nn.Linear(16, 12), (3, 5, 16), (16, 12)),
-    Kind("gpt2_conv1d", lambda: Conv1D(nf=12, nx=16), (3, 5, 16), (16, 12), transposed=True),
-    Kind("conv2d", lambda: nn.Conv2d(3, 8, kernel_size=3, stride=2, padding=1), (2, 3, 9, 9), (3, 8)),
-    Kind("conv2d_1x1", lambda: nn.Conv2d(6, 8, kernel_size=1), (2, 6, 5, 5), (6, 8)),
-    Kind("conv3d", lambda: nn.Conv3d(3, 4, kernel_size=2, padding=1), (2, 3, 4, 5, 5), (3, 4)),
-]
-CASES = [pytest.param(k, ff, d, id=f"{k.name}-{'ff' if ff else 'out'}-{str(d).removeprefix('torch.')}")
-         for k in KINDS for ff in (False, True) for d in DTYPES]
-
-
-def build(kind: Kind, dtype: torch.dtype) -> Single:
-    torch.manual_seed(0)
-    layer = kind.make()
-    with torch.no_grad():
-        layer.bias.normal_()  # Conv1D starts with a zero bias, which would hide bias scaling
-    return Single(layer).to(dtype).eval()
-
-
-def make_input(kind: Kind, dtype: torch.dtype) -> Tensor:
-    return torch.randn(kind.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
-
-
-def adapted(kind: Kind, ff: bool, dtype: torch.dtype, init: bool = False) -> Single:
-    model = build(kind, dtype)
-    return dt.attach(model, dt.IA3Config(target_modules=["layer"], feedforward_modules=["layer"] if ff else [],
-                                         init_ia3_weights=init))
-
-
-def vector(model: Single) -> nn.Parameter:
-    assert isinstance(model.layer, DeltaLayer)
-    return model.layer.deltas["default"].ia3_l
-
-
-def base_of(model: Single) -> nn.Module:
-    return model.layer.base_layer if isinstance(model.layer, DeltaLayer) else model.layer
-
-
-@torch.no_grad()
-def run(model: nn.Module, x: Tensor) -> Tensor:
-    return model(x)
-
-
-def assert_close(a: Tensor, b: Tensor, dtype: torch.dtype, what: str) -> None:
-    assert close(a, b, dtype), f"{what}: max abs error {max_diff(a, b):.3g} exceeds {TOLERANCES[dtype]}"
-
-
-@pytest.mark.parametrize(("kind", "ff", "dtype"), CASES)
-def test_init_is_identity_and_shapes(kind: Kind, ff: bool, dtype: torch.dtype) -> None:
-    x = make_input(kind, dtype)
-    model = adapted(kind, ff, dtype, init=True)
-    assert torch.equal(run(model, x), run(build(kind, dtype), x))
-    layer, l = base_of(model), vector(model)
-    channels = kind.channels[0] if ff else kind.channels[1]
-    if kind.name.startswith("conv"):
-        assert l.shape == (1, channels, *(1,) * (layer.weight.dim() - 2))
+@pytest.mark.parametrize(("method", "kind", "dtype"), SHAPE_CASES)
+def test_fresh_vector_is_ones_in_peft_shape(method: Method, kind: Kind, dtype: torch.dtype) -> None:
+    """``ia3_l`` in fp32, all ones, shaped as peft's: ``(out, 1)`` / ``(1, in)`` on linear kinds,
+    ``(1, channels, 1, ...)`` on Conv2d/Conv3d."""
+    model = adapted(method, kind, dtype, random=False)
+    l = delta_of(model).ia3_l
+    feedforward = method.name == "ia3_ff"
+    channels = kind.in_features if feedforward else kind.out_features
+    if kind.kernel:
+        assert l.shape == (1, channels, *(1,) * len(kind.kernel))
     else:
-        assert l.shape == ((1, channels) if ff else (channels, 1))
+        assert l.shape == ((1, channels) if feedforward else (channels, 1))
     assert l.dtype == torch.float32 and torch.equal(l, torch.ones_like(l))
-    assert dt.trainable_parameters(model) == (channels, sum(p.numel() for p in model.parameters()))
-
-
-@pytest.mark.parametrize(("kind", "ff", "dtype"), CASES)
-def test_matches_dense_oracle(kind: Kind, ff: bool, dtype: torch.dtype) -> None:
-    x = make_input(kind, dtype)
-    model = adapted(kind, ff, dtype)
-    l = vector(model).detach().double().flatten()
-    oracle = copy.deepcopy(build(kind, dtype).layer).double()
-    w = oracle.weight.detach()
-    canonical = w.t() if kind.transposed else w
-    along = (1, -1) if ff else (-1, 1)
-    scaled = canonical * l.reshape(*along, *(1,) * (canonical.dim() - 2))
-    with torch.no_grad():
-        oracle.weight.copy_(scaled.t() if kind.transposed else scaled)
-        if not ff:
-            oracle.bias.mul_(l)
-    out = run(model, x)
-    assert out.dtype == dtype
-    assert not close(out, run(build(kind, dtype), x), dtype)
-    assert_close(out, oracle(x.double()), dtype, "adapted output vs dense fp64 oracle")
-
-
-@pytest.mark.parametrize(("kind", "ff", "dtype"), CASES)
-def test_merge_unmerge(kind: Kind, ff: bool, dtype: torch.dtype) -> None:
-    x = make_input(kind, dtype)
-    model = adapted(kind, ff, dtype)
-    layer = base_of(model)
-    weight, bias = layer.weight, layer.bias
-    w0, b0 = weight.detach().clone(), bias.detach().clone()
-    unmerged = run(model, x)
-    dt.merge(model)
-    assert_close(run(model, x), unmerged, dtype, "merged vs unmerged")
-    w1, b1 = weight.detach().clone(), bias.detach().clone()
-    assert not torch.equal(w1, w0)
-    assert torch.equal(b1, b0) == ff, "only output scaling changes the bias"
-    dt.unmerge(model)
-    assert base_of(model).weight is weight and base_of(model).bias is bias
-    l = vector(model).detach().abs().flatten()
-    checks = [(weight, w0, w1, _channel_view(l, kind, ff, weight))]
-    if ff:
-        assert torch.equal(bias, b0)
-    else:
-        checks.append((bias, b0, b1, l))
-    for now, before, merged, along in checks:
-        err = (now.float() - before.float()).abs()
-        if dtype == torch.float32:
-            assert (err <= 1e-6 * before.abs() + 1e-7).all(), err.max()
-        else:  # one bf16 rounding of W*l (divided by |l| on the way back), then one of W
-            assert (err <= 0.5 * _ulp(merged) / along + 0.5 * _ulp(before)).all()
-    if dtype == torch.float32:
-        assert_close(run(model, x), unmerged, dtype, "output after unmerge")
-
-
-def _ulp(t: Tensor) -> Tensor:
-    """The spacing of bf16 numbers at ``|t|``."""
-    return torch.exp2(torch.floor(torch.log2(t.float().abs().clamp_min(1e-30))) - 7)
-
-
-def _channel_view(l: Tensor, kind: Kind, ff: bool, stored: Tensor) -> Tensor:
-    """``|l|`` broadcast over a stored weight along the axis it scales."""
-    axis = (0 if kind.transposed else 1) if ff else (1 if kind.transposed else 0)
-    shape = [1] * stored.dim()
-    shape[axis] = -1
-    return l.reshape(shape)
-
-
-@pytest.mark.parametrize(("kind", "ff", "dtype"), CASES)
-def test_save_load_and_disabled(kind: Kind, ff: bool, dtype: torch.dtype, tmp_path: Path) -> None:
-    x = make_input(kind, dtype)
-    base_out = run(build(kind, dtype), x)
-    model = adapted(kind, ff, dtype)
-    out = run(model, x)
-    dt.save(model, tmp_path)
-    assert set(load_file(tmp_path / "adapter_model.safetensors")) == {"base_model.model.layer.ia3_l"}
-    fresh = dt.load(build(kind, dtype), tmp_path)
-    assert torch.equal(run(fresh, x), out) and torch.equal(vector(fresh), vector(model))
-    with dt.disabled(model):
-        assert torch.equal(run(model, x), base_out)
-    assert torch.equal(run(model, x), out)
-
-
-@pytest.mark.parametrize(("kind", "ff", "dtype"), CASES)
-def test_backward_reaches_only_ia3(kind: Kind, ff: bool, dtype: torch.dtype) -> None:
-    model = adapted(kind, ff, dtype).train()
-    model(make_input(kind, dtype)).float().square().mean().backward()
-    l = vector(model)
-    for name, param in model.named_parameters():
-        if param is l:
-            assert param.grad is not None and param.grad.dtype == torch.float32 and param.grad.abs().sum() > 0
-        else:
-            assert not param.requires_grad and param.grad is None, name
 
 
 def test_trainable_count_formula_on_llama() -> None:

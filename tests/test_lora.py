@@ -1,8 +1,9 @@
 """LoRA behaviours on the tiny models of conftest: named adapters, deleting and unloading,
 per-layer rank/alpha patterns, rsLoRA, the PiSSA/OLoRA inits, targeting and saved modules.
 
-Single-layer numerics per base kind and dtype live in test_battery.py; here the whole-model
-behaviour is checked, with the layer-level oracles where the model is not linear in the deltas.
+Single-layer invariants per base kind and dtype live in test_invariants.py (the factors' layout
+per kind is checked here); here the whole-model behaviour is checked, with the layer-level oracles
+where the model is not linear in the deltas.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
+from battery_cases import DTYPES, KIND, METHOD, Kind, adapted, delta_of, make_input
 from conftest import close, conv_net, state_hash, tiny_bert, tiny_gpt2, tiny_llama, token_ids
 from deltatune.layer import DeltaLayer, SavedModule
 from deltatune.methods.lora import LoraDelta
@@ -427,6 +429,41 @@ def test_default_targets(fx: Fixture, suffixes: set[str]) -> None:
     names = set(wrapped(model))
     assert {n.rsplit(".", 1)[-1] for n in names} == suffixes
     assert len(names) == 2 * len(suffixes)  # two transformer layers each
+
+
+# ------------------------------------------------------------------ the factors' layout per kind
+# The invariants (identity for every init that promises it, the fp64 oracle with and without
+# rsLoRA, merge / unmerge, save / load, disabled, count, gradients, compositions, peft cross-load)
+# run for LoRA on every base kind and dtype in test_invariants.py.
+
+FACTOR_KINDS = [pytest.param(KIND[name], dtype, init, id=f"{name}-{str(dtype).removeprefix('torch.')}-{init}")
+                for name in METHOD["lora"].kinds for dtype in DTYPES for init in (True, "gaussian")]
+
+
+@pytest.mark.parametrize(("kind", "dtype", "init"), FACTOR_KINDS)
+def test_factor_shapes_and_which_starts_at_zero(kind: Kind, dtype: torch.dtype, init: bool | str) -> None:
+    """A: (r, in, *kernel), B: (out, r, 1, ...), both fp32 on any base; peft's zero factor is B,
+    but A for an embedding (whose B is then normal)."""
+    d = delta_of(adapted(METHOD["lora"], kind, dtype, random=False, init_lora_weights=init))
+    r = METHOD["lora"].kwargs["r"]
+    assert d.A.shape == (r, kind.in_features, *kind.kernel)
+    assert d.B.shape == (kind.out_features, r, *(1,) * len(kind.kernel))
+    assert d.A.dtype == d.B.dtype == torch.float32
+    zero, other = (d.A, d.B) if kind.name == "embedding" else (d.B, d.A)
+    assert not zero.any() and other.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
+def test_embedding_padding_row_gets_no_gradient(dtype: torch.dtype) -> None:
+    """As in peft: the lookup into A honours padding_idx, so with the default init (A zero) the
+    padding row's delta stays zero through training."""
+    kind = KIND["embedding"]
+    model = adapted(METHOD["lora"], kind, dtype, random=False).train()
+    x = make_input(kind, dtype)
+    assert (x == 0).any()
+    model(x).float().square().mean().backward()
+    grad = delta_of(model).A.grad
+    assert grad is not None and not grad[:, 0].any() and grad[:, 1:].any()
 
 
 # ------------------------------------------------------------------------------- modules_to_save

@@ -4,8 +4,8 @@ Parity: peft -> deltatune and deltatune -> peft on tiny GPT-2 (Conv1D), LLaMA (l
 different in/out sizes, so the slicing of the shared pair matters) and BERT (SEQ_CLS, bias and
 modules to save), with random trained vectors, within 1e-5 in fp32; with
 ``save_projection=False`` the pair is regenerated from the seed on both sides. A fresh adapter's
-``vera_A``/``vera_B`` equal peft's bit for bit for the same seed. The battery is in
-test_method_battery.py. peft is only imported here, as a test oracle.
+``vera_A``/``vera_B`` equal peft's bit for bit for the same seed. The invariant battery is in
+test_invariants.py. peft is only imported here, as a test oracle.
 """
 
 from __future__ import annotations

@@ -95,6 +95,18 @@ def name_or_path(model: nn.Module) -> str | None:
     return value or None
 
 
+def config_value(model: nn.Module, name: str) -> Any:
+    """A field of the model's transformers config (``label2id``, ``num_labels``, ...), or None."""
+    return getattr(getattr(model, "config", None), name, None)
+
+
+def base_model_prefix(model: nn.Module) -> str | None:
+    """transformers' ``base_model_prefix`` (``bert``, ``transformer``, ``model``): the attribute under which
+    a class with a head keeps its base model, so the first part of that model's state-dict keys there."""
+    prefix = getattr(model, "base_model_prefix", None)
+    return prefix if isinstance(prefix, str) and prefix else None
+
+
 def auto_mapping(model: nn.Module, task_type: str | None) -> dict[str, str] | None:
     """peft's ``auto_mapping`` entry: the base class, written only when no task type is set."""
     if task_type is not None or not type(model).__module__.startswith("transformers."):

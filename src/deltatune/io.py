@@ -3,11 +3,12 @@
 A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` whose keys are
 ``base_model.model.<module path>.<peft tensor name>`` with the adapter name left out; the
 adapter named "default" goes in the folder itself and every other one in a subfolder named
-after it, as peft does. Only safetensors is read: nothing from an adapter folder is ever
+after it, as peft does. Only safetensors is read from these folders: nothing is ever
 unpickled. Loading checks every key and shape before the model is touched, so a bad file
 leaves the model exactly as it was. A save replaces a folder's files all or nothing (``files``):
 killed at any moment, the folder holds the old adapter or the new one, whole, once any deltatune
-call has looked at it again.
+call has looked at it again. Other layouts (``formats``) are registered by the methods that have
+them: ``load`` reads a folder one of them claims, ``save(..., format=...)`` writes one.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from . import hf
 from .config import DeltaConfig, TargetedConfig
 from .errors import AdapterFileError, ConfigError
 from .files import recover, replace_files
+from .formats import PEFT, claiming, format_named, save_folders
 from .inject import AttachPlan, apply, plan, trainable_biases
 from .layer import ADAPTER_PARTS, Delta
 from .registry import method_named
@@ -82,13 +84,22 @@ def config_dict(model: nn.Module, name: str) -> dict[str, Any]:
     return dict(sorted(data.items()))
 
 
-def save(model: nn.Module, directory: str | os.PathLike[str], names: Sequence[str] | None = None) -> Path:
-    """Save adapters (all by default) as peft-format folders under ``directory``; returns it."""
+def save(model: nn.Module, directory: str | os.PathLike[str], names: Sequence[str] | None = None,
+         format: str = PEFT) -> Path:
+    """Save adapters (all by default) under ``directory``; returns it. ``format``: "peft" (peft's folders,
+    the default) or a registered layout (``formats``), e.g. "adapters" for AdapterHub's."""
     state = state_of(model)
     root = Path(directory)
     if root.exists() and not root.is_dir():
         raise AdapterFileError(f"cannot save adapters to {root}: it is a file, not a folder. Pass a folder path.")
-    for name in list(state.configs) if names is None else names:
+    chosen = list(state.configs) if names is None else list(names)
+    if format != PEFT:
+        layout = format_named(format)
+        for name in chosen:
+            state.require(name)
+        save_folders(layout, model, root, chosen)
+        return root
+    for name in chosen:
         state.require(name)
         folder = adapter_folder(root, name)
         tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in adapter_tensors(model, name, saving=True).items()}
@@ -219,13 +230,17 @@ def _match(model: nn.Module, attach_plan: AttachPlan, tensors: dict[str, Tensor]
 
 def load(model: nn.Module, directory: str | os.PathLike[str], name: str = "default",
          trainable: bool = False) -> nn.Module:
-    """Load an adapter folder (written by deltatune or peft) into ``model`` as ``name``.
+    """Load an adapter folder (written by deltatune or peft, or in a registered layout) into ``model`` as ``name``.
 
     The adapter is frozen unless ``trainable``; it becomes active if no adapter was active.
     Every check happens before the model changes: on any error the model is as it was.
     """
     folder = Path(directory)
     recover(folder)  # a save killed past its commit point is finished first
+    layout = claiming(folder)
+    if layout is not None:  # its reader checks everything and fills a plan; the model is untouched until apply
+        apply(model, layout.read(model, folder, name, trainable))
+        return model
     config = read_config(folder).replace(inference_mode=not trainable)
     tensors = read_tensors(folder)
     attach_plan = plan(model, config, name)

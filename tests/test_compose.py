@@ -75,7 +75,7 @@ def oracle_change(model: nn.Module, name: str, weight: torch.Tensor, bias: torch
 
 def oracle_output(model: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
     base = model[0].base_layer if isinstance(model[0], DeltaLayer) else model[0]
-    weight, bias = base.weight.detach(), dt.adapters.state_of(model).model_deltas["bit1"]._originals[0].detach()
+    weight, bias = base.weight.detach(), dt.adapters.state_of(model).model_deltas["bit1"]._trained[0].base
     changes = [oracle_change(model, n, weight, bias) for n in names]
     return x @ (weight + sum(c[0] for c in changes)).T + bias + sum(c[1] for c in changes)
 
@@ -221,3 +221,19 @@ def test_unknown_or_repeated_names_change_nothing() -> None:
     with pytest.raises(dt.AdapterError, match="repeat"):
         dt.set_active(model, dt.BatchSplit("a", "a", sizes=[1, 1]))
     assert dt.adapters.state_of(model).active_set.composition == dt.Sum("a", "b")
+
+
+def test_merging_ia3_with_bitfit_active_keeps_bitfits_copy_and_the_sum() -> None:
+    """The base bias is never replaced by BitFit's copy, so a merge writes into the true base bias:
+    BitFit's trained copy (what a save writes) stays as it was, and outputs still follow the sum."""
+    model = mixed_model()
+    state = dt.adapters.state_of(model)
+    copy = state.model_deltas["bit1"].biases[0]
+    trained = copy.detach().clone()
+    x = torch.randn(4, 6)
+    dt.set_active(model, ["ia3", "bit1"])
+    want = oracle_output(model, ("ia3", "bit1"), x)
+    dt.merge(model)
+    assert torch.equal(copy, trained)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=1e-6, rtol=1e-6)  # fp32 merge (see above)

@@ -60,11 +60,18 @@ class BitFitConfig(TargetedConfig):
 
 class TrainedBias(nn.Module):
     """One trained copy, registered next to the bias it changes (``<module>.site_adapters.<adapter>.bias``),
-    so that ``model.parameters()``, ``model.to()`` and optimizers see it."""
+    so that ``model.parameters()``, ``model.to()`` and optimizers see it, with the base bias it started
+    from (a buffer, not saved): the change is ``bias - base`` even after a merge rewrote the module's bias."""
 
-    def __init__(self, bias: nn.Parameter) -> None:
+    base: Tensor
+
+    def __init__(self, original: Tensor) -> None:
         super().__init__()
-        self.bias = bias
+        self.bias = nn.Parameter(original.detach().clone())
+        self.register_buffer("base", original.detach().clone(), persistent=False)
+
+    def change(self) -> Tensor:
+        return self.bias - self.base
 
 
 class BiasSelection(ModelDelta):
@@ -73,10 +80,9 @@ class BiasSelection(ModelDelta):
     def __init__(self, owners: Mapping[str, nn.Module], originals: Mapping[str, nn.Parameter]) -> None:
         super().__init__()
         self.paths = list(owners)
-        # plain lists, not registered: the owners belong to the model, the originals are base parameters
-        self._owners = [owners[p] for p in self.paths]
-        self._originals = [originals[p] for p in self.paths]
-        self.biases = nn.ParameterList(nn.Parameter(originals[p].detach().clone()) for p in self.paths)
+        self._owners = [owners[p] for p in self.paths]  # a plain list: the owners belong to the model
+        self._trained = [TrainedBias(originals[p]) for p in self.paths]  # placed in the model's tree
+        self.biases = nn.ParameterList(t.bias for t in self._trained)
 
     def tensors(self) -> dict[str, Tensor]:
         return {f"{FILE_PREFIX}{path}.bias": bias for path, bias in zip(self.paths, self.biases)}
@@ -85,12 +91,12 @@ class BiasSelection(ModelDelta):
         return len(self.paths)
 
     def place(self, model: nn.Module, name: str) -> None:
-        for owner, copy in zip(self._owners, self.biases):
+        for owner, trained in zip(self._owners, self._trained):
             holder = getattr(owner, HOLDER, None)
             if holder is None:
                 holder = nn.ModuleDict()
                 setattr(owner, HOLDER, holder)
-            holder[name] = TrainedBias(copy)
+            holder[name] = trained
 
     def unplace(self, model: nn.Module, name: str) -> None:
         for owner in self._owners:
@@ -112,31 +118,32 @@ class BiasSelection(ModelDelta):
         if not active or state is None:
             return
         names = {id(part): name for name, part in state.model_deltas.items()}
-        changes: dict[nn.Module, list[tuple[str, nn.Parameter, nn.Parameter]]] = {}
+        changes: dict[nn.Module, list[tuple[str, TrainedBias]]] = {}
         for part in active:
             assert isinstance(part, BiasSelection)
-            for owner, original, copy in zip(part._owners, part._originals, part.biases):
-                changes.setdefault(owner, []).append((names[id(part)], original, copy))
+            for owner, trained in zip(part._owners, part._trained):
+                changes.setdefault(owner, []).append((names[id(part)], trained))
         if final:  # an unload that merges: the changes, summed, written into the biases themselves
             with torch.no_grad():
-                for entries in changes.values():
-                    total = sum((copy - original for _, original, copy in entries), torch.zeros_like(entries[0][1]))
-                    entries[0][1].add_(total)
+                for owner, entries in changes.items():
+                    bias = owner._parameters["bias"]
+                    assert bias is not None
+                    bias.add_(sum((trained.change() for _, trained in entries), torch.zeros_like(bias)))
             return
         wrapper = {id(m.base_layer): m for m in model.modules() if isinstance(m, DeltaLayer)}
         _HOOKS[model] = [wrapper.get(id(owner), owner).register_forward_hook(
             partial(_add_changes, state.active_set, entries, channel_dim(owner))) for owner, entries in changes.items()]
 
 
-def _add_changes(active: Active, entries: Sequence[tuple[str, nn.Parameter, nn.Parameter]], dim: int,
+def _add_changes(active: Active, entries: Sequence[tuple[str, TrainedBias]], dim: int,
                  module: nn.Module, args: Any, output: Tensor) -> Tensor:
     """The module's output plus every active copy's change ``b_i - b``, weighted per row as the
     composition says (``compose.row_weights``); after any other adapter's change on the layer."""
-    for name, original, copy in entries:
+    for name, trained in entries:
         weights = row_weights(active.composition, name, output.shape[0])
         if weights is None:
             continue
-        change = (copy - original).to(output.dtype)
+        change = trained.change().to(output.dtype)
         shape = [1] * output.dim()
         shape[dim] = change.numel()
         per_row = torch.tensor(weights, dtype=output.dtype, device=output.device).view(-1, *[1] * (output.dim() - 1))

@@ -191,3 +191,12 @@ def test_site_blocks_live_under_a_name_the_library_treats_as_adapter_modules() -
     from deltatune.sites import HOLDER
 
     assert HOLDER in ADAPTER_PARTS
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "t5"])
+def test_parallel_gives_each_adapter_its_copy_of_the_batch(arch: str) -> None:
+    model, ids = two_adapters(arch), token_ids(batch=2)
+    a, b = outputs_of(model, "a", ids), outputs_of(model, "b", ids)
+    both = outputs_of(model, dt.Parallel("a", "b"), ids)
+    assert both.shape[0] == 4
+    torch.testing.assert_close(both, torch.cat([a, b]), atol=1e-6, rtol=0)

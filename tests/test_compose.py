@@ -237,3 +237,25 @@ def test_merging_ia3_with_bitfit_active_keeps_bitfits_copy_and_the_sum() -> None
     assert torch.equal(copy, trained)
     with torch.no_grad():
         torch.testing.assert_close(model(x), want, atol=1e-6, rtol=1e-6)  # fp32 merge (see above)
+
+
+def test_parallel_repeats_the_batch_once_per_member() -> None:
+    model = lora_pair()
+    x = torch.randn(3, 6)
+    a, b = lora_out(model, "a", x), lora_out(model, "b", x)
+    dt.set_active(model, dt.Parallel("a", "b"))
+    with torch.no_grad():
+        out = model(x)
+        with dt.disabled(model):
+            base = model(x)
+    assert out.shape[0] == 6 and torch.equal(out, torch.cat([a, b]))
+    assert base.shape[0] == 3  # switched off, nothing is repeated
+    dt.set_active(model, "a")
+    with torch.no_grad():
+        assert torch.equal(model(x), a)  # and the repetition is gone with the Parallel
+
+
+def test_parallel_only_at_the_top() -> None:
+    model = lora_pair()
+    with pytest.raises(dt.AdapterError, match="outermost"):
+        dt.set_active(model, dt.Average(dt.Parallel("a"), "b"))

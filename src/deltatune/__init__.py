@@ -15,7 +15,7 @@ from .adapters import (
     summary,
     trainable_parameters,
 )
-from .compose import Average, BatchSplit, Composition, Stack, Sum
+from .compose import Average, BatchSplit, Composition, Parallel, Stack, Sum
 from .config import DeltaConfig, TargetedConfig
 from .errors import AdapterError, AdapterFileError, ConfigError, DeltatuneError, TargetError
 from .inject import attach
@@ -53,6 +53,7 @@ __all__ = [
     "IA3Config",
     "LoraConfig",
     "ParBnConfig",
+    "Parallel",
     "QuantConfig",
     "QuantError",
     "SeqBnConfig",

@@ -6,7 +6,7 @@ A composition is a small frozen value built from adapter names:
   the changes are added (what ``dt.set_active(model, ["a", "b"])`` means). Order never matters.
 - ``Stack("a", "b")``: ``b`` reads ``a``'s output (activation adapters: AdapterHub's Stack).
 - ``Parallel("a", "b")``: the batch is repeated, one copy per member, outputs concatenated along
-  the batch (AdapterHub's Parallel).
+  the batch (AdapterHub's Parallel); only at the top of the active set.
 - ``BatchSplit("a", "b", sizes=[2, 2])``: each member adapts its own slice of rows.
 - ``Average("a", "b", weights=[0.3, 0.7])``: a weighted average of the members' outputs.
 - ``Fuse("a", "b")``: AdapterFusion, attention over the members' outputs.
@@ -68,7 +68,17 @@ class Stack(Composition):
 
 
 class Parallel(Composition):
-    """The batch repeated once per member, outputs concatenated along the batch."""
+    """The batch repeated once per member, outputs concatenated along the batch: the model's inputs
+    are repeated when it is called (``state``), and every layer or site gives member i the rows
+    ``[i B, (i + 1) B)``, as AdapterHub does."""
+
+    def split(self, rows: int) -> BatchSplit:
+        """The equal row split this composition means for a batch of ``rows`` (the repeated batch)."""
+        copies = len(self.members)
+        if rows % copies:
+            raise AdapterError(f"{self!r}: {rows} rows cannot be {copies} copies of one batch; Parallel repeats the "
+                               "model's inputs itself, so call the model with the original batch")
+        return BatchSplit(*self.members, sizes=[rows // copies] * copies)
 
 
 class Fuse(Composition):
@@ -174,6 +184,8 @@ def row_weights(composition: Composition | str, name: str, rows: int) -> list[fl
     if isinstance(composition, Average):
         parts = [row_weights(m, name, rows) for m in composition.members]
         return _add([[w * v for v in p] for p, w in zip(parts, composition.weights) if p is not None])
+    if isinstance(composition, Parallel):
+        return row_weights(composition.split(rows), name, rows)
     if isinstance(composition, BatchSplit):
         if sum(composition.sizes) != rows:
             raise AdapterError(f"{composition!r}: the sizes add up to {sum(composition.sizes)} rows but the batch has {rows}")
@@ -186,7 +198,7 @@ def row_weights(composition: Composition | str, name: str, rows: int) -> list[fl
         return out if found else None
     if name in composition.names():
         raise AdapterError(f"{composition!r}: adapter {name!r} changes a whole output at once (a bias); it combines "
-                           "with dt.Sum, dt.Average and dt.BatchSplit only")
+                           "with dt.Sum, dt.Average, dt.BatchSplit and dt.Parallel only")
     return None
 
 

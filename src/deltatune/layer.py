@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .bases import BaseLayer
-from .compose import Active, Average, BatchSplit, Composition, Sum
+from .compose import Active, Average, BatchSplit, Composition, Parallel, Sum
 from .errors import AdapterError
 
 
@@ -261,12 +261,14 @@ class DeltaLayer(_Forwarding):
             return rest if total is None else rest + total
         if isinstance(composition, BatchSplit):
             return self._split_change(composition, x, y)
+        if isinstance(composition, Parallel):
+            return self._split_change(composition.split(x.shape[0]), x, y)
         if not any(name in self.deltas for name in composition.names()):
             return None
         raise AdapterError(
             f"{composition!r} is not defined for weight-space adapters on {self.view.describe()}: "
             f"{type(composition).__name__} combines activation adapters (bottleneck adapters). Use dt.Sum, "
-            "dt.Average or dt.BatchSplit for these adapters."
+            "dt.Average, dt.BatchSplit or dt.Parallel for these adapters."
         )
 
     def _split_change(self, split: BatchSplit, x: Tensor, y: Tensor) -> Tensor | None:

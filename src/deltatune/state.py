@@ -8,13 +8,17 @@ the bookkeeping below.
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-from .compose import Active, Composition, Sum, as_composition
+from .compose import Active, Composition, Parallel, Sum, as_composition
 from .config import DeltaConfig
 from .errors import AdapterError
 from .layer import DeltaLayer, ModelDelta, SavedModule
@@ -97,6 +101,8 @@ class ModelState:
             every = [p for p in self.model_deltas.values() if type(p) is kind]
             on = [self.model_deltas[n] for n in active if type(self.model_deltas.get(n)) is kind]
             kind.combine(model, on, every, final)
+        composition = self.active_set.composition
+        _repeat_inputs(model, len(composition.members) if active and isinstance(composition, Parallel) else 0)
 
     def require(self, name: str) -> DeltaConfig:
         if name not in self.configs:
@@ -170,6 +176,9 @@ def set_active(model: nn.Module, names: str | Sequence[str] | Composition) -> No
         state.require(name)
     if len(active) != _count_names(composition):
         raise AdapterError(f"set_active: adapter names repeat in {composition!r}; give each name once")
+    if any(_has_parallel(m) for m in composition.members if not isinstance(m, str)):
+        raise AdapterError(f"set_active: {composition!r} nests dt.Parallel; Parallel repeats the whole batch, so it "
+                           "can only be the outermost composition")
     layers = [layer for _, layer in delta_layers(model)]
     merged = sorted({n for layer in layers for n in layer.merged})
     stray = [n for n in merged if n not in active]
@@ -183,6 +192,38 @@ def set_active(model: nn.Module, names: str | Sequence[str] | Composition) -> No
                            f"only; call dt.unmerge(model) before activating {composition!r}")
     state.active_set.composition = composition
     state.switch_model_deltas(model, active)
+
+
+_REPEATS: weakref.WeakKeyDictionary[nn.Module, RemovableHandle] = weakref.WeakKeyDictionary()
+"""The input-repeating pre-hook of a model whose active set is a ``Parallel``."""
+
+
+def _repeat_inputs(model: nn.Module, copies: int) -> None:
+    """While a ``Parallel`` of ``copies`` members is active, the model's batch is repeated that many
+    times on entry (every tensor argument whose first dimension is the batch), as AdapterHub does."""
+    handle = _REPEATS.pop(model, None)
+    if handle is not None:
+        handle.remove()
+    if copies:
+        _REPEATS[model] = model.register_forward_pre_hook(partial(_repeated, copies), with_kwargs=True)
+
+
+def _repeated(copies: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+              ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    first = next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor) and v.dim() > 0), None)
+    if first is None:
+        return args, kwargs
+    rows = first.shape[0]
+
+    def repeat(value: Any) -> Any:
+        return torch.cat([value] * copies) if isinstance(value, Tensor) and value.dim() and value.shape[0] == rows else value
+
+    return tuple(repeat(v) for v in args), {k: repeat(v) for k, v in kwargs.items()}
+
+
+def _has_parallel(composition: Composition) -> bool:
+    return isinstance(composition, Parallel) or any(_has_parallel(m) for m in composition.members
+                                                    if not isinstance(m, str))
 
 
 def _count_names(composition: Composition) -> int:

@@ -239,3 +239,18 @@ def test_batch_split_of_members_with_different_placement(arch: str) -> None:
     theirs, ours = pair_models(arch, dict(zip("ab", MIXED)))
     their_setup, our_setup = SETUPS["batch_split"]
     compare(theirs, ours, arch, their_setup(), our_setup())
+
+
+@pytest.mark.parametrize("members", ["serial", "pfeiffer"])
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "qwen2"])  # AdapterHub allows Parallel on listed types only
+def test_parallel(arch: str, members: str) -> None:
+    """Parallel repeats the batch once per member (AdapterHub at the first site, deltatune on entry: the
+    layers before the first site compute the same rows either way); the output has 2 x BATCH rows."""
+    theirs, ours = pair_models(arch, dict(zip("ab", MEMBERS[members])))
+    with dt.disabled(ours):
+        plain = output(ours, arch)
+    theirs.set_active_adapters(ah.Parallel("a", "b"))
+    dt.set_active(ours, dt.Parallel("a", "b"))
+    expected, got = output(theirs, arch), output(ours, arch)
+    assert expected.shape[0] == 2 * BATCH and (expected - torch.cat([plain, plain])).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)

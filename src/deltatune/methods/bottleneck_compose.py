@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from ..compose import Active, Average, BatchSplit, Composition, Stack, Sum
+from ..compose import Active, Average, BatchSplit, Composition, Parallel, Stack, Sum
 from ..errors import AdapterError
 from ..sites import Norm
 from .bottleneck_block import BottleneckBlock, site_input, site_output
@@ -31,10 +31,12 @@ def _evaluate(composition: Composition, blocks: Mapping[str, BottleneckBlock], h
     here = [blocks[n] for n in composition.names() if n in blocks]
     if not here:
         return None
+    if isinstance(composition, Parallel):  # the inputs were repeated: member i gets the i-th copy
+        composition = composition.split(h.shape[0])
     nested = [m for m in composition.members if not isinstance(m, str)]
     if nested or not isinstance(composition, (Sum, Stack, Average, BatchSplit)):
         raise AdapterError(f"{composition!r} is not supported at adapter sites yet: bottleneck adapters combine with "
-                           "dt.Stack, dt.Average and dt.BatchSplit of adapter names")
+                           "dt.Stack, dt.Average, dt.BatchSplit and dt.Parallel of adapter names")
     if isinstance(composition, BatchSplit):
         return _split(composition, blocks, h, x, norm, adds)
     if isinstance(composition, Stack):  # each member's own pre step, on the previous member's output

@@ -15,7 +15,7 @@ from .adapters import (
     summary,
     trainable_parameters,
 )
-from .compose import Average, BatchSplit, Composition, Parallel, Stack, Sum
+from .compose import Average, BatchSplit, Composition, Fuse, Parallel, Stack, Sum
 from .config import DeltaConfig, TargetedConfig
 from .errors import AdapterError, AdapterFileError, ConfigError, DeltatuneError, TargetError
 from .inject import attach
@@ -25,6 +25,7 @@ from .methods.adalora import AdaLoraConfig
 from .methods.adalora_schedule import AdaLoraScheduler
 from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BnConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
+from .methods.fusion import FusionConfig, StaticFusionConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.loraplus import loraplus_optimizer
@@ -50,6 +51,8 @@ __all__ = [
     "DeltaConfig",
     "DeltatuneError",
     "DoubleSeqBnConfig",
+    "Fuse",
+    "FusionConfig",
     "IA3Config",
     "LoraConfig",
     "ParBnConfig",
@@ -57,6 +60,7 @@ __all__ = [
     "QuantConfig",
     "QuantError",
     "SeqBnConfig",
+    "StaticFusionConfig",
     "Stack",
     "Sum",
     "TargetError",

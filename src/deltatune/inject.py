@@ -151,15 +151,15 @@ def plan(model: nn.Module, config: DeltaConfig, name: str) -> AttachPlan:
     """Work out and build what attaching ``config`` as ``name`` adds, without changing ``model``."""
     _check_name(model, name)
     method = method_for(config)
-    if not isinstance(config, TargetedConfig):
-        raise TargetError(f"{type(config).__name__} does not select modules; it cannot be attached here")
     views: dict[str, BaseLayer] = {}
     if method.make_delta is not None:  # a method without layer deltas selects what it changes itself
+        if not isinstance(config, TargetedConfig):
+            raise TargetError(f"{type(config).__name__} does not select modules; it cannot be attached here")
         config = _resolve_targets(model, config)
         views = _find_targets(model, config)
     config = method.finalize(config, views)
-    assert isinstance(config, TargetedConfig)
-    result = AttachPlan(name, config, views=views, saved=_saved_copies(model, config))
+    saved = _saved_copies(model, config) if isinstance(config, TargetedConfig) else {}
+    result = AttachPlan(name, config, views=views, saved=saved)
     if method.make_model_delta is not None:
         result.model_delta = method.make_model_delta(model, config, views)
     for key, view in views.items():

@@ -174,3 +174,25 @@ def check_room(model: nn.Module, sites: Sequence[Site]) -> None:
         holder = getattr(owner, HOLDER, None) if owner is not None else None
         if holder is not None and not isinstance(holder, nn.ModuleDict):
             raise TargetError(f"cannot place adapters at {site.key_path!r}: its {HOLDER!r} attribute is not ours")
+
+
+def place_blocks(model: nn.Module, blocks: Sequence[tuple[Site, nn.Module]], name: str) -> None:
+    """Register each block in the module tree under ``<site key path>.site_adapters.<name>``."""
+    for site, block in blocks:
+        holder = site_holder(model, site.key_path, create=True)
+        assert holder is not None
+        holder[name] = block
+
+
+def remove_blocks(model: nn.Module, sites: Sequence[Site], name: str) -> None:
+    """Take ``name``'s blocks out again; holders and containers left empty go too."""
+    for site in sites:
+        holder = site_holder(model, site.key_path, create=False)
+        if holder is not None and name in holder:
+            del holder[name]
+        if holder is not None and not len(holder):
+            owner = model.get_submodule(site.key_path)
+            delattr(owner, HOLDER)
+            parent_path, _, child = site.key_path.rpartition(".")
+            if isinstance(owner, SiteContainer) and not len(owner._modules):
+                delattr(model.get_submodule(parent_path), child)

@@ -30,7 +30,7 @@ from oracle_models import ATOL, build, inputs, perturb
 from torch import Tensor, nn
 
 import deltatune as dt
-from deltatune.methods.bottleneck import HOLDER
+from deltatune.sites import HOLDER
 from deltatune.methods.bottleneck_block import BottleneckBlock
 
 ARCHS = ("bert", "roberta", "distilbert", "gpt2", "llama", "mistral", "qwen2", "t5")

@@ -29,10 +29,10 @@ from ..errors import AdapterError, TargetError
 from ..hf import hidden_size
 from ..layer import ModelDelta
 from ..registry import Method, MethodOption, Recipe, RecipeInput, register, register_recipe
-from ..sites import HOLDER, Site, SiteContainer, SiteHooks, check_room, model_sites, site_holder
-from .bottleneck_compose import run_site
+from ..sites import Site, SiteHooks, check_room, model_sites, place_blocks, remove_blocks
+from .bottleneck_compose import SiteFusion, run_site
 from ..state import STATE_ATTR
-from .bottleneck_block import ACTIVATIONS, INIT_WEIGHTS, BottleneckBlock, bottleneck_size
+from .bottleneck_block import ACTIVATIONS, INIT_WEIGHTS, BottleneckBlock, FusionBlock, bottleneck_size
 
 FILE_PREFIX = "base_model.model."
 LOCATIONS = ("mh_adapter", "cross_adapter", "output_adapter")
@@ -136,22 +136,10 @@ class BottleneckAdapter(ModelDelta):
         return len(self.sites)
 
     def place(self, model: nn.Module, name: str) -> None:
-        for key, site in self.sites.items():
-            holder = site_holder(model, site.key_path, create=True)
-            assert holder is not None
-            holder[name] = self.blocks[key]
+        place_blocks(model, [(site, self.blocks[key]) for key, site in self.sites.items()], name)
 
     def unplace(self, model: nn.Module, name: str) -> None:
-        for site in self.sites.values():
-            holder = site_holder(model, site.key_path, create=False)
-            if holder is not None and name in holder:
-                del holder[name]
-            if holder is not None and not len(holder):
-                owner = model.get_submodule(site.key_path)
-                delattr(owner, HOLDER)
-                parent_path, _, child = site.key_path.rpartition(".")
-                if isinstance(owner, SiteContainer) and not len(owner._modules):
-                    delattr(model.get_submodule(parent_path), child)
+        remove_blocks(model, list(self.sites.values()), name)
 
     def switch(self, model: nn.Module, on: bool) -> None:
         type(self).combine(model, [self] if on else [], [self])
@@ -165,6 +153,7 @@ class BottleneckAdapter(ModelDelta):
         if not active or state is None:
             return
         names = {id(part): name for name, part in state.model_deltas.items()}
+        fusions = [p for p in state.model_deltas.values() if isinstance(p, SiteFusion)]
         at_site: dict[str, tuple[Site, dict[str, BottleneckBlock]]] = {}
         for part in active:
             assert isinstance(part, BottleneckAdapter)
@@ -172,7 +161,13 @@ class BottleneckAdapter(ModelDelta):
                 block = part.blocks[key]
                 assert isinstance(block, BottleneckBlock)
                 at_site.setdefault(site.name, (site, {}))[1][names[id(part)]] = block
-        _HOOKS[model] = [SiteHooks(site, partial(run_site, state.active_set, blocks)) for site, blocks in at_site.values()]
+        _HOOKS[model] = [SiteHooks(site, partial(run_site, state.active_set, blocks, _fusions_at(fusions, site.name)))
+                         for site, blocks in at_site.values()]
+
+
+def _fusions_at(fusions: Sequence[SiteFusion], site: str) -> dict[tuple[str, ...], FusionBlock]:
+    found = {f.members: f.block_at(site) for f in fusions}
+    return {members: block for members, block in found.items() if block is not None}
 
 
 def make_bottleneck(model: nn.Module, config: DeltaConfig, views: Mapping[str, object]) -> BottleneckAdapter:

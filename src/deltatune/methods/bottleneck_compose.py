@@ -10,20 +10,50 @@ block, post step. Where the model adds the residual itself (pre-LN sites) the re
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from ..compose import Active, Average, BatchSplit, Composition, Parallel, Stack, Sum
+from ..compose import Active, Average, BatchSplit, Composition, Fuse, Parallel, Stack, Sum
 from ..errors import AdapterError
 from ..sites import Norm
-from .bottleneck_block import BottleneckBlock, site_input, site_output
+from .bottleneck_block import BottleneckBlock, FusionBlock, site_input, site_output
 
 
-def run_site(active: Active, blocks: Mapping[str, BottleneckBlock], h: Tensor, x: Tensor, norm: Norm | None,
-              adds: bool) -> Tensor | None:
+@runtime_checkable
+class SiteFusion(Protocol):
+    """An AdapterFusion attached to the model: its members, and its block at a site."""
+
+    members: tuple[str, ...]
+
+    def block_at(self, site: str) -> FusionBlock | None: ...
+
+
+def run_site(active: Active, blocks: Mapping[str, BottleneckBlock], fusions: Mapping[tuple[str, ...], FusionBlock],
+             h: Tensor, x: Tensor, norm: Norm | None, adds: bool) -> Tensor | None:
     """The site's output under the active composition (None: no member has a block here)."""
-    return _evaluate(active.composition, blocks, h, x, norm, adds)
+    composition = active.composition
+    if isinstance(composition, Fuse):
+        return _fuse(composition, blocks, fusions, h, x, norm, adds)
+    return _evaluate(composition, blocks, h, x, norm, adds)
+
+
+def _fuse(fuse: Fuse, blocks: Mapping[str, BottleneckBlock], fusions: Mapping[tuple[str, ...], FusionBlock],
+          h: Tensor, x: Tensor, norm: Norm | None, adds: bool) -> Tensor | None:
+    """AdapterFusion: the last member's pre step, every member's block on its output, the fusion's
+    attention over their scaled up-projections, the last member's post step."""
+    names = tuple(m for m in fuse.members if isinstance(m, str))
+    if len(names) != len(fuse.members) or names not in fusions:
+        raise AdapterError(f"{fuse!r}: no fusion of exactly the adapters {list(names)} is attached here; attach "
+                           f"dt.FusionConfig(adapter_names={list(names)}) first")
+    members = [blocks[n] for n in names if n in blocks]
+    if len(members) != len(names):
+        return None
+    fusion = fusions[names]
+    a, query, r = site_input(members[-1], h, x, norm, fusion.query_before_ln)
+    ups = torch.stack([block(a, r)[1] for block in members], dim=2)
+    return _post(members[-1], fusion(query, ups, r), h, x, norm, adds)
 
 
 def _evaluate(composition: Composition, blocks: Mapping[str, BottleneckBlock], h: Tensor, x: Tensor,

@@ -182,7 +182,7 @@ def test_unmatched_modules_to_save_lists_close_names() -> None:
     assert snapshot(model) == before
 
 
-BAD_NAMES = ["a.b", "", 3, "training", "forward", "to", "cuda", "state_dict", "/tmp/elsewhere", "a/b", "..",
+BAD_NAMES = ["a.b", "", 3, "training", "forward", "to", "cuda", "state_dict", "/some/where", "a/b", "..",
              "a\nb", "a b", "-x", "a\\b"]
 
 
@@ -198,7 +198,7 @@ def test_invalid_adapter_name(name: Any) -> None:
     assert not any("base_layer" in key for key in model.state_dict())
 
 
-@pytest.mark.parametrize("name", ["training", "/tmp/elsewhere", "a\nb"])
+@pytest.mark.parametrize("name", ["training", "/some/where", "a\nb"])
 def test_invalid_name_on_load_changes_nothing(adapter_dir: Path, name: str) -> None:
     model = tiny_llama()
     before = snapshot(model)

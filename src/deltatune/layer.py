@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -161,6 +162,43 @@ class ModelDelta(nn.Module):
                 part.switch(model, False)
         for part in active:
             part.switch(model, True)
+
+
+class Removable(Protocol):
+    """Something a hooked part installed and can take off again (a hook handle, a set of site hooks)."""
+
+    def remove(self) -> None: ...
+
+
+STATE_ATTR = "deltatune_state"
+"""The plain attribute of a model that holds its adapters' bookkeeping (``state.ModelState``)."""
+_INSTALLED: weakref.WeakKeyDictionary[nn.Module, dict[type, list[Removable]]] = weakref.WeakKeyDictionary()
+"""What each class of hooked part has installed on each model."""
+
+
+class HookedDelta(ModelDelta):
+    """A model-level part that acts through hooks it installs for the active parts of its class;
+    ``combine`` takes the class's old hooks off and asks ``install`` for the new ones."""
+
+    def switch(self, model: nn.Module, on: bool) -> None:
+        type(self).combine(model, [self] if on else [], [self])
+
+    @classmethod
+    def combine(cls, model: nn.Module, active: Sequence[ModelDelta], every: Sequence[ModelDelta],
+                final: bool = False) -> None:
+        for hooks in _INSTALLED.setdefault(model, {}).pop(cls, []):
+            hooks.remove()
+        state = model.__dict__.get(STATE_ATTR)
+        if not active or state is None:
+            return
+        names = {id(part): name for name, part in state.model_deltas.items()}
+        _INSTALLED[model][cls] = cls.install(model, {names[id(part)]: part for part in active}, final)
+
+    @classmethod
+    def install(cls, model: nn.Module, active: dict[str, ModelDelta], final: bool) -> list[Removable]:
+        """Hook the ``active`` parts (by adapter name) into the model; with ``final``, make their change
+        permanent instead (an unload that merges) and install nothing."""
+        raise AdapterError(f"{cls.__name__} does not say how it hooks into a model")
 
 
 class _Forwarding(nn.Module):

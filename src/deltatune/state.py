@@ -21,9 +21,8 @@ from torch.utils.hooks import RemovableHandle
 from .compose import Active, Composition, Parallel, Sum, as_composition
 from .config import DeltaConfig
 from .errors import AdapterError
-from .layer import DeltaLayer, ModelDelta, SavedModule
+from .layer import STATE_ATTR, DeltaLayer, ModelDelta, SavedModule
 
-STATE_ATTR = "deltatune_state"
 NAME_PATTERN = re.compile(r"[^\W][\w\-]*")
 """Letters, digits, ``_`` and ``-``, not starting with ``-``: a name is also a folder name on save."""
 

@@ -24,23 +24,21 @@ peft writes for the biases it trains with ``bias="all"``) and adapter_config.jso
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from ..bases import BaseLayer, channel_dim
 from ..compose import Active, row_weights
 from ..config import DeltaConfig, TargetedConfig
 from ..errors import TargetError
-from ..layer import DeltaLayer, ModelDelta
+from ..layer import STATE_ATTR, DeltaLayer, HookedDelta, ModelDelta, Removable
 from ..sites import HOLDER
 from ..registry import Method, Recipe, register, register_recipe
-from ..state import STATE_ATTR, logical_modules
+from ..state import logical_modules
 from ..targets import is_target, nearest_names
 
 FILE_PREFIX = "base_model.model."
@@ -74,7 +72,7 @@ class TrainedBias(nn.Module):
         return self.bias - self.base
 
 
-class BiasSelection(ModelDelta):
+class BiasSelection(HookedDelta):
     """Trained copies of selected biases; while active, their changes are added to the outputs."""
 
     def __init__(self, owners: Mapping[str, nn.Module], originals: Mapping[str, nn.Parameter]) -> None:
@@ -106,33 +104,24 @@ class BiasSelection(ModelDelta):
                 if not len(holder):
                     delattr(owner, HOLDER)
 
-    def switch(self, model: nn.Module, on: bool) -> None:
-        type(self).combine(model, [self] if on else [], [self])
-
     @classmethod
-    def combine(cls, model: nn.Module, active: Sequence[ModelDelta], every: Sequence[ModelDelta],
-                final: bool = False) -> None:
-        for hooks in _HOOKS.pop(model, []):
-            hooks.remove()
-        state = model.__dict__.get(STATE_ATTR)
-        if not active or state is None:
-            return
-        names = {id(part): name for name, part in state.model_deltas.items()}
+    def install(cls, model: nn.Module, active: dict[str, ModelDelta], final: bool) -> list[Removable]:
         changes: dict[nn.Module, list[tuple[str, TrainedBias]]] = {}
-        for part in active:
+        for name, part in active.items():
             assert isinstance(part, BiasSelection)
             for owner, trained in zip(part._owners, part._trained):
-                changes.setdefault(owner, []).append((names[id(part)], trained))
+                changes.setdefault(owner, []).append((name, trained))
         if final:  # an unload that merges: the changes, summed, written into the biases themselves
             with torch.no_grad():
                 for owner, entries in changes.items():
                     bias = owner._parameters["bias"]
                     assert bias is not None
                     bias.add_(sum((trained.change() for _, trained in entries), torch.zeros_like(bias)))
-            return
+            return []
+        active_set = model.__dict__[STATE_ATTR].active_set
         wrapper = {id(m.base_layer): m for m in model.modules() if isinstance(m, DeltaLayer)}
-        _HOOKS[model] = [wrapper.get(id(owner), owner).register_forward_hook(
-            partial(_add_changes, state.active_set, entries, channel_dim(owner))) for owner, entries in changes.items()]
+        return [wrapper.get(id(owner), owner).register_forward_hook(
+            partial(_add_changes, active_set, entries, channel_dim(owner))) for owner, entries in changes.items()]
 
 
 def _add_changes(active: Active, entries: Sequence[tuple[str, TrainedBias]], dim: int,
@@ -149,10 +138,6 @@ def _add_changes(active: Active, entries: Sequence[tuple[str, TrainedBias]], dim
         per_row = torch.tensor(weights, dtype=output.dtype, device=output.device).view(-1, *[1] * (output.dim() - 1))
         output = output + per_row * change.view(shape)
     return output
-
-
-_HOOKS: weakref.WeakKeyDictionary[nn.Module, list[RemovableHandle]] = weakref.WeakKeyDictionary()
-"""The hooks adding the active BitFit changes, by model."""
 
 
 def select_biases(model: nn.Module, config: DeltaConfig, views: Mapping[str, BaseLayer]) -> BiasSelection:

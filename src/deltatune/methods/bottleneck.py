@@ -16,7 +16,6 @@ as AdapterHub does; a plain sum of two bottleneck adapters at one site is not de
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import ClassVar
@@ -27,11 +26,10 @@ from torch import Tensor, nn
 from ..config import DeltaConfig, TargetedConfig
 from ..errors import AdapterError, TargetError
 from ..hf import hidden_size
-from ..layer import ModelDelta
+from ..layer import STATE_ATTR, HookedDelta, ModelDelta, Removable
 from ..registry import Method, MethodOption, Recipe, RecipeInput, register, register_recipe
 from ..sites import Site, SiteHooks, check_room, model_sites, place_blocks, remove_blocks
 from .bottleneck_compose import SiteFusion, run_site
-from ..state import STATE_ATTR
 from .bottleneck_block import ACTIVATIONS, INIT_WEIGHTS, BottleneckBlock, FusionBlock, bottleneck_size
 
 FILE_PREFIX = "base_model.model."
@@ -114,11 +112,7 @@ def _block(config: BnConfig, width: int, layer: int) -> BottleneckBlock:
         original_ln_after=config.original_ln_after, adapter_residual_before_ln=config.adapter_residual_before_ln)
 
 
-_HOOKS: weakref.WeakKeyDictionary[nn.Module, list[SiteHooks]] = weakref.WeakKeyDictionary()
-"""The site hooks running the active bottleneck adapters, by model."""
-
-
-class BottleneckAdapter(ModelDelta):
+class BottleneckAdapter(HookedDelta):
     """One adapter's blocks, one per selected site; hooks at the sites run the active composition."""
 
     mergeable: ClassVar[bool] = False
@@ -141,28 +135,19 @@ class BottleneckAdapter(ModelDelta):
     def unplace(self, model: nn.Module, name: str) -> None:
         remove_blocks(model, list(self.sites.values()), name)
 
-    def switch(self, model: nn.Module, on: bool) -> None:
-        type(self).combine(model, [self] if on else [], [self])
-
     @classmethod
-    def combine(cls, model: nn.Module, active: Sequence[ModelDelta], every: Sequence[ModelDelta],
-                final: bool = False) -> None:
-        for hooks in _HOOKS.pop(model, []):
-            hooks.remove()
-        state = model.__dict__.get(STATE_ATTR)
-        if not active or state is None:
-            return
-        names = {id(part): name for name, part in state.model_deltas.items()}
+    def install(cls, model: nn.Module, active: dict[str, ModelDelta], final: bool) -> list[Removable]:
+        state = model.__dict__[STATE_ATTR]
         fusions = [p for p in state.model_deltas.values() if isinstance(p, SiteFusion)]
         at_site: dict[str, tuple[Site, dict[str, BottleneckBlock]]] = {}
-        for part in active:
+        for name, part in active.items():
             assert isinstance(part, BottleneckAdapter)
             for key, site in part.sites.items():
                 block = part.blocks[key]
                 assert isinstance(block, BottleneckBlock)
-                at_site.setdefault(site.name, (site, {}))[1][names[id(part)]] = block
-        _HOOKS[model] = [SiteHooks(site, partial(run_site, state.active_set, blocks, _fusions_at(fusions, site.name)))
-                         for site, blocks in at_site.values()]
+                at_site.setdefault(site.name, (site, {}))[1][name] = block
+        return [SiteHooks(site, partial(run_site, state.active_set, blocks, _fusions_at(fusions, site.name)))
+                for site, blocks in at_site.values()]
 
 
 def _fusions_at(fusions: Sequence[SiteFusion], site: str) -> dict[tuple[str, ...], FusionBlock]:

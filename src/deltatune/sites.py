@@ -155,11 +155,11 @@ def site_holder(model: nn.Module, key_path: str, create: bool) -> nn.ModuleDict 
     if owner is None:
         if not create:
             return None
-        owner = SiteContainer()
+        owner = SiteContainer().train(parent.training)  # new modules follow the model's mode (dropout)
         setattr(parent, child, owner)
     holder = getattr(owner, HOLDER, None)
     if holder is None and create:
-        holder = nn.ModuleDict()
+        holder = nn.ModuleDict().train(owner.training)
         setattr(owner, HOLDER, holder)
     return holder
 
@@ -181,7 +181,7 @@ def place_blocks(model: nn.Module, blocks: Sequence[tuple[Site, nn.Module]], nam
     for site, block in blocks:
         holder = site_holder(model, site.key_path, create=True)
         assert holder is not None
-        holder[name] = block
+        holder[name] = block.train(holder.training)  # eval model, eval block: its dropout stays off
 
 
 def remove_blocks(model: nn.Module, sites: Sequence[Site], name: str) -> None:

@@ -7,7 +7,8 @@ pickled ``pytorch_adapter.bin``; weight keys are ``<site key path>.adapters.<nam
 ``adapter_norm_before`` and ``adapter_down.0``). The base-model prefix (``bert.``, ``transformer.``,
 ``model.``) is optional, as in AdapterHub: keys are compared without it. Reading is as strict as peft's
 loader: every key must land in a block and every block tensor be filled, with equal shapes, all before
-the model changes. Registered as the folder format "adapters" (``formats``); see docs/adapterhub.md.
+the model changes. AdapterFusion folders (``adapter_fusion_config.json``) go to ``fusion_hub``. Registered as
+the folder format "adapters" (``formats``); see docs/adapterhub.md.
 """
 
 from __future__ import annotations
@@ -33,17 +34,15 @@ from ..state import check_name, saved_modules, state_of
 from .bottleneck import BnConfig, BottleneckAdapter
 from .bottleneck_block import BottleneckBlock
 from .bottleneck_hub import from_hub, to_hub
-from .bottleneck_hub_files import HEAD_CONFIG, HEAD_WEIGHTS, head_config, head_pairs, read_head, read_json, read_weights
+from .bottleneck_hub_files import (HEAD_CONFIG, HEAD_WEIGHTS, head_config, head_pairs, legacy, match_keys, read_head,
+                                   read_json, read_weights, without_prefix)
+from .fusion import FusionConfig
+from .fusion_hub import FUSION_CONFIG, fusion_files, read_fusion
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")
-FUSION_CONFIG = "adapter_fusion_config.json"
 VERSION = "adapters.1.3.0"
 """The AdapterHub version whose layout is written (and that the oracle tests check against)."""
-LEGACY_NAMES = {"attention_text_task_adapters": "adapters", "attention_text_lang_adapters": "adapters",
-                "layer_text_task_adapters": "adapters", "layer_text_lang_adapters": "adapters",
-                "invertible_lang_adapters": "invertible_adapters"}
-"""adapter-transformers 2.x module names, renamed in every key by AdapterHub's loader."""
 OTHER_PARTS = {"adapter_fusion_layer": "AdapterFusion weights", "invertible_adapters": "an invertible adapter",
                "prefix_tunings": "prefix tuning", "loras": "LoRA", "refts": "ReFT", "prompt_tuning": "prompt tuning"}
 """Key parts of AdapterHub methods deltatune does not read from these folders, for a precise error."""
@@ -63,17 +62,6 @@ def claims(folder: Path) -> bool:
     return isinstance(data, dict) and "peft_type" not in data and ("config" in data or "model_class" in data)
 
 
-def _without_prefix(key: str, prefix: str | None) -> str:
-    """``key`` relative to the base model: AdapterHub files of a model with a head carry the prefix, others not."""
-    return key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else key
-
-
-def _legacy(key: str) -> str:
-    for old, new in LEGACY_NAMES.items():
-        key = key.replace(old, new)
-    return key
-
-
 def _site_blocks(part: BottleneckAdapter) -> list[tuple[Site, BottleneckBlock]]:
     """Each site of an adapter with its block."""
     out = []
@@ -91,7 +79,7 @@ def _expected(part: BottleneckAdapter, hub_name: str, prefix: str | None) -> dic
         live = block.state_dict(keep_vars=True)
         for ours, locals_ in block.adapterhub_keys().items():
             for local in locals_:
-                file_key = _without_prefix(f"{site.key_path}.adapters.{hub_name}.{local}", prefix)
+                file_key = without_prefix(f"{site.key_path}.adapters.{hub_name}.{local}", prefix)
                 out[file_key] = (f"{site.key_path}.{ours}", live[ours])
     return out
 
@@ -103,49 +91,11 @@ def _unexpected_hint(keys: list[str], hub_name: str) -> str:
     return hint + (f" They hold {', '.join(parts)}, which deltatune does not read from AdapterHub folders." if parts else "")
 
 
-def _block_pairs(part: BottleneckAdapter, hub_name: str, prefix: str | None, tensors: dict[str, Tensor],
-                 source: Path) -> list[tuple[Tensor, Tensor]]:
-    """(planned block tensor, file value) for every block tensor; raises on any key, shape or copy that does
-    not fit (an extra, missing or duplicated key; the two copies of an ``ln_before`` norm differing)."""
-    expected = _expected(part, hub_name, prefix)
-    found: dict[str, tuple[str, Tensor]] = {}
-    for key, value in tensors.items():
-        canonical = _without_prefix(_legacy(key), prefix)
-        if canonical in found:
-            raise AdapterFileError(f"{source}: tensors {[found[canonical][0], key]} are one tensor stored twice (with and "
-                                   f"without the base-model prefix {prefix!r}); the file is ambiguous. The model was left unchanged.")
-        found[canonical] = (key, value)
-    unexpected = sorted(found[k][0] for k in set(found) - set(expected))
-    if unexpected:
-        raise AdapterFileError(
-            f"{source}: {len(unexpected)} tensor(s) that the config does not account for, e.g. {unexpected[:3]}."
-            f"{_unexpected_hint(unexpected, hub_name)} Either the adapter was made for a different model or config, "
-            "or the file is damaged. The model was left unchanged.")
-    missing = sorted(set(expected) - set(found))
-    if missing:
-        unprefixed = f"; compared without the base-model prefix {prefix!r}" if prefix else ""
-        raise AdapterFileError(f"{source}: missing tensor(s) {missing[:3]} ({len(missing)} in all{unprefixed}) that the "
-                               "config's sites need. The model was left unchanged.")
-    by_target: dict[str, tuple[Tensor, list[tuple[str, Tensor]]]] = {}
-    for canonical, (ours, target) in expected.items():
-        key, value = found[canonical]
-        if value.shape != target.shape:
-            raise AdapterFileError(
-                f"{source}: tensor {key!r} has shape {tuple(value.shape)} but the model needs {tuple(target.shape)} "
-                "there (check reduction_factor and that this adapter was made for this model). The model was left unchanged.")
-        by_target.setdefault(ours, (target, []))[1].append((key, value))
-    for ours, (_, copies) in by_target.items():
-        if any(not torch.equal(copies[0][1], v) for _, v in copies[1:]):
-            raise AdapterFileError(f"{source}: {[k for k, _ in copies]} are two copies of one layer norm ({ours}) and "
-                                   "must be equal; they differ, so the file is inconsistent. The model was left unchanged.")
-    return [(target, copies[0][1]) for target, copies in by_target.values()]
-
-
 def read(model: nn.Module, folder: Path, name: str, trainable: bool) -> AttachPlan:
-    """An AdapterHub folder -> a filled attach plan for adapter ``name``; the model is not touched."""
+    """An AdapterHub folder -> a filled attach plan for adapter ``name`` (a fusion folder: ``fusion_hub``); the
+    model is not touched."""
     if not (folder / CONFIG).is_file():
-        raise AdapterFileError(f"{folder} holds an AdapterHub AdapterFusion ({FUSION_CONFIG}); deltatune does not read "
-                               "fusion folders yet. Pass the folder of one of the fused adapters.")
+        return read_fusion(model, folder, name, trainable)
     meta = read_json(folder / CONFIG)
     hub_name = meta.get("name")
     if not isinstance(hub_name, str) or not hub_name:
@@ -154,7 +104,7 @@ def read(model: nn.Module, folder: Path, name: str, trainable: bool) -> AttachPl
     if weights is None:
         raise AdapterFileError(f"{folder} has neither {WEIGHTS[0]} nor {WEIGHTS[1]}; pass the folder AdapterHub's save_adapter wrote.")
     tensors, source = weights
-    inverse = any("invertible_adapters." in _legacy(k) for k in tensors)
+    inverse = any("invertible_adapters." in legacy(k) for k in tensors)
     config = from_hub(meta.get("config"), str(folder / CONFIG), "version" in meta, inverse, meta.get("type") == "text_task")
     if meta.get("model_type") not in (None, hf.model_type(model)):
         warnings.warn(f"{folder / CONFIG}: the adapter was saved from a {meta.get('model_type')!r} model and is loaded "
@@ -167,7 +117,9 @@ def read(model: nn.Module, folder: Path, name: str, trainable: bool) -> AttachPl
     attach_plan = plan(model, config, name)
     part = attach_plan.model_delta
     assert isinstance(part, BottleneckAdapter)
-    pairs = _block_pairs(part, hub_name, hf.base_model_prefix(model), tensors, source)
+    prefix = hf.base_model_prefix(model)
+    pairs = match_keys(_expected(part, hub_name, prefix), prefix, tensors, source,
+                       lambda keys: _unexpected_hint(keys, hub_name))
     pairs += head_pairs(attach_plan, head, folder) if head.modules else []
     with torch.no_grad():
         for target, value in pairs:  # planned tensors only: not yet in the model
@@ -213,11 +165,13 @@ def files(model: nn.Module, name: str, folder: Path) -> FolderFiles:
     the adapter carries its own copy of a head (``modules_to_save``)."""
     state = state_of(model)
     config = state.require(name)
+    if isinstance(config, FusionConfig):
+        return fusion_files(model, name, folder, _meta(model))
     if not isinstance(config, BnConfig):
         raise AdapterFileError(
             f"cannot save adapter {name!r} in AdapterHub's format: it is a {method_for(config).peft_type} adapter "
             f"({type(config).__name__}), and format='adapters' writes bottleneck adapters (dt.BnConfig and its presets) "
-            "only. Fix: save it with format='peft' (the default).")
+            "and their fusions (dt.FusionConfig) only. Fix: save it with format='peft' (the default).")
     part = state.model_deltas[name]
     assert isinstance(part, BottleneckAdapter)
     tensors = {f"{site.key_path}.adapters.{name}.{local}": _cpu(block.state_dict()[ours])

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,10 @@ from ..state import logical_modules
 
 HEAD_CONFIG = "head_config.json"
 HEAD_WEIGHTS = ("model_head.safetensors", "pytorch_model_head.bin")
+LEGACY_NAMES = {"attention_text_task_adapters": "adapters", "attention_text_lang_adapters": "adapters",
+                "layer_text_task_adapters": "adapters", "layer_text_lang_adapters": "adapters",
+                "invertible_lang_adapters": "invertible_adapters"}
+"""adapter-transformers 2.x module names, renamed in every key by AdapterHub's loader."""
 RESAVE = "re-save it from a source you trust with model.save_adapter(dir, name, use_safetensors=True)"
 
 
@@ -133,3 +137,53 @@ def head_config(model: nn.Module, meta: Mapping[str, Any]) -> dict[str, Any]:
     extra = {"label2id": hf.config_value(model, "label2id"), "num_labels": hf.config_value(model, "num_labels")}
     return {**meta, **{k: dict(v) if isinstance(v, Mapping) else v for k, v in extra.items() if v is not None},
             "config": None, "name": None}
+
+
+def without_prefix(key: str, prefix: str | None) -> str:
+    """``key`` relative to the base model: AdapterHub files of a model with a head carry the prefix, others not."""
+    return key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else key
+
+
+def legacy(key: str) -> str:
+    for old, new in LEGACY_NAMES.items():
+        key = key.replace(old, new)
+    return key
+
+
+def match_keys(expected: Mapping[str, tuple[str, Tensor]], prefix: str | None, tensors: Mapping[str, Tensor],
+               source: Path, hint: Callable[[list[str]], str]) -> list[tuple[Tensor, Tensor]]:
+    """(planned tensor, file value) for every planned tensor; ``expected``: file key (without the base-model prefix)
+    -> (deltatune's name for the tensor, the planned tensor; two keys may fill one tensor, and must then hold equal
+    values). Raises on an extra, missing or duplicated key, a shape that differs, or differing copies; ``hint``
+    explains unexpected keys."""
+    found: dict[str, tuple[str, Tensor]] = {}
+    for key, value in tensors.items():
+        canonical = without_prefix(legacy(key), prefix)
+        if canonical in found:
+            raise AdapterFileError(f"{source}: tensors {[found[canonical][0], key]} are one tensor stored twice (with and "
+                                   f"without the base-model prefix {prefix!r}); the file is ambiguous. The model was left unchanged.")
+        found[canonical] = (key, value)
+    unexpected = sorted(found[k][0] for k in set(found) - set(expected))
+    if unexpected:
+        raise AdapterFileError(
+            f"{source}: {len(unexpected)} tensor(s) that the config does not account for, e.g. {unexpected[:3]}."
+            f"{hint(unexpected)} Either the adapter was made for a different model or config, "
+            "or the file is damaged. The model was left unchanged.")
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        unprefixed = f"; compared without the base-model prefix {prefix!r}" if prefix else ""
+        raise AdapterFileError(f"{source}: missing tensor(s) {missing[:3]} ({len(missing)} in all{unprefixed}) that the "
+                               "config's sites need. The model was left unchanged.")
+    by_target: dict[str, tuple[Tensor, list[tuple[str, Tensor]]]] = {}
+    for canonical, (ours, target) in expected.items():
+        key, value = found[canonical]
+        if value.shape != target.shape:
+            raise AdapterFileError(
+                f"{source}: tensor {key!r} has shape {tuple(value.shape)} but the model needs {tuple(target.shape)} "
+                "there (check the config and that this adapter was made for this model). The model was left unchanged.")
+        by_target.setdefault(ours, (target, []))[1].append((key, value))
+    for ours, (_, copies) in by_target.items():
+        if any(not torch.equal(copies[0][1], v) for _, v in copies[1:]):
+            raise AdapterFileError(f"{source}: {[k for k, _ in copies]} are two copies of one layer norm ({ours}) and "
+                                   "must be equal; they differ, so the file is inconsistent. The model was left unchanged.")
+    return [(target, copies[0][1]) for target, copies in by_target.values()]

@@ -244,3 +244,22 @@ def train_command(model: Path, data: Path, out: Path, *extra: str, options: tupl
     return ["train", "--model", str(model), "--train-file", str(data), "--output-dir", str(out), "--no-progress",
             "--batch-size", "16", "--max-length", "32", "--threads", "1", *options,
             "--target-modules", "word_embeddings", "query", "value", *extra]
+
+
+def outputs(model: nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's first output for ``ids`` (the default token ids), without gradients; T5 gets the
+    same ids as decoder input."""
+    ids = token_ids() if ids is None else ids
+    extra = {"decoder_input_ids": ids} if getattr(getattr(model, "config", None), "model_type", "") == "t5" else {}
+    with torch.no_grad():
+        return model(ids, **extra)[0]
+
+
+def perturb_site_adapters(model: nn.Module, seed: int, scale: float) -> None:
+    """Seeded noise on every tensor placed at an adapter site (``site_adapters``), the zero-initialised
+    up projections included, so no adapter or fusion is at its identity init."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "site_adapters" in name:
+                param.add_(scale * torch.randn(param.shape, generator=generator))

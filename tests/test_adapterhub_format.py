@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import state_hash, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5, token_ids
+from conftest import outputs, perturb_site_adapters, state_hash, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5, token_ids
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -30,25 +30,14 @@ CONFIGS: dict[str, Callable[[], dt.BnConfig]] = {
 }
 
 
-def run(model: nn.Module) -> torch.Tensor:
-    ids = token_ids()
-    extra = {"decoder_input_ids": ids} if model.config.model_type == "t5" else {}
-    with torch.no_grad():
-        return model(ids, **extra)[0]
 
 
-def randomize(model: nn.Module, seed: int = 3) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if "site_adapters" in name:
-                param.add_(0.3 * torch.randn(param.shape, generator=generator))
 
 
 def adapted(arch: str, config: str = "houlsby", name: str = "a") -> nn.Module:
     model = MODELS[arch]()
     dt.attach(model, CONFIGS[config](), name=name)
-    randomize(model)
+    perturb_site_adapters(model, seed=3, scale=0.3)
     return model
 
 
@@ -59,18 +48,18 @@ def structure(model: nn.Module) -> list[tuple[str, type]]:
 def refused(folder: Path, match: str, arch: str = "bert") -> None:
     """``dt.load`` raises AdapterFileError matching ``match`` and leaves a model that has an adapter unchanged."""
     model = adapted(arch, "pfeiffer", name="other")
-    before, modules, out = state_hash(model), structure(model), run(model)
+    before, modules, out = state_hash(model), structure(model), outputs(model)
     with pytest.raises(dt.AdapterFileError, match=match):
         dt.load(model, folder, name="a")
     assert state_hash(model) == before and structure(model) == modules and dt.adapter_names(model) == ["other"]
-    assert torch.equal(run(model), out)
+    assert torch.equal(outputs(model), out)
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_round_trip_is_exact(tmp_path: Path, arch: str, config: str) -> None:
     model = adapted(arch, config)
-    out = run(model)
+    out = outputs(model)
     dt.save(model, tmp_path, format="adapters")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -78,7 +67,7 @@ def test_round_trip_is_exact(tmp_path: Path, arch: str, config: str) -> None:
     assert meta["name"] == "a" and meta["version"].startswith("adapters.1.") and meta["model_class"] == type(model).__name__
     assert "architecture" not in meta["config"] and meta["config"]["phm_layer"] is False
     loaded = dt.load(MODELS[arch](), tmp_path, name="b")
-    assert torch.equal(run(loaded), out)
+    assert torch.equal(outputs(loaded), out)
     assert dt.active_adapters(loaded) == ("b",) and all(not p.requires_grad for p in loaded.parameters())
 
 
@@ -100,7 +89,7 @@ def test_several_adapters_go_to_one_folder_each(tmp_path: Path) -> None:
     for name in ("a", "p"):
         dt.set_active(model, name)
         assert json.loads((tmp_path / name / "adapter_config.json").read_text())["name"] == name
-        assert torch.equal(run(dt.load(tiny_gpt2(), tmp_path / name, name=name)), run(model))
+        assert torch.equal(outputs(dt.load(tiny_gpt2(), tmp_path / name, name=name)), outputs(model))
 
 
 def test_pickled_bin_is_read_with_weights_only(tmp_path: Path) -> None:
@@ -109,7 +98,7 @@ def test_pickled_bin_is_read_with_weights_only(tmp_path: Path) -> None:
     dt.save(model, tmp_path, format="adapters")
     torch.save(load_file(tmp_path / "adapter.safetensors"), tmp_path / "pytorch_adapter.bin")
     (tmp_path / "adapter.safetensors").unlink()
-    assert torch.equal(run(dt.load(tiny_bert(), tmp_path, name="a")), run(model))
+    assert torch.equal(outputs(dt.load(tiny_bert(), tmp_path, name="a")), outputs(model))
 
 
 class Payload:
@@ -208,40 +197,40 @@ def test_the_base_model_prefix_is_optional(tmp_path: Path, arch: str) -> None:
     prefix = model.base_model_prefix + "."
     rewrite(tmp_path, lambda t: t.update({k.removeprefix(prefix): t.pop(k) for k in list(t)}))
     assert not any(k.startswith(prefix) for k in load_file(tmp_path / "adapter.safetensors"))
-    assert torch.equal(run(dt.load(MODELS[arch](), tmp_path, name="a")), run(model))
+    assert torch.equal(outputs(dt.load(MODELS[arch](), tmp_path, name="a")), outputs(model))
 
 
 def test_legacy_config_without_version_renames_the_activation(tmp_path: Path) -> None:
     """adapter-transformers 2.x (no ``version``): "gelu" meant the tanh formula (gelu_new), as AdapterHub reads it."""
     model = tiny_llama()
     dt.attach(model, dt.SeqBnConfig(non_linearity="gelu_new"), name="a")
-    randomize(model)
+    perturb_site_adapters(model, seed=3, scale=0.3)
     dt.save(model, tmp_path, format="adapters")
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
     del meta["version"]
     meta["config"]["non_linearity"] = "gelu"
     (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
-    assert torch.equal(run(dt.load(tiny_llama(), tmp_path, name="a")), run(model))
+    assert torch.equal(outputs(dt.load(tiny_llama(), tmp_path, name="a")), outputs(model))
 
 
 def test_a_trained_head_is_carried_by_the_adapter(tmp_path: Path) -> None:
     """With ``modules_to_save`` the classifier goes to head_config.json + model_head.safetensors; loading gives the
     adapter its own copy (the base head stays for ``dt.disabled``); another num_labels is refused."""
     model = tiny_bert()
-    base = run(model)
+    base = outputs(model)
     dt.attach(model, dt.SeqBnConfig(task_type="SEQ_CLS"), name="a")
-    randomize(model)
+    perturb_site_adapters(model, seed=3, scale=0.3)
     with torch.no_grad():
         model.classifier.copies["a"].weight.add_(1.0)
-    out = run(model)
+    out = outputs(model)
     dt.save(model, tmp_path, format="adapters")
     head = json.loads((tmp_path / "head_config.json").read_text())
     assert head["config"] is None and head["num_labels"] == 3 and head["model_class"] == "BertForSequenceClassification"
     assert sorted(load_file(tmp_path / "model_head.safetensors")) == ["classifier.bias", "classifier.weight"]
     loaded = dt.load(tiny_bert(), tmp_path, name="a")
-    assert torch.equal(run(loaded), out)
+    assert torch.equal(outputs(loaded), out)
     with dt.disabled(loaded):
-        assert torch.equal(run(loaded), base)
+        assert torch.equal(outputs(loaded), base)
     dt.delete_adapter(loaded, "a")
     assert state_hash(loaded) == state_hash(tiny_bert())
     with pytest.raises(dt.AdapterFileError, match="num_labels=3"):
@@ -255,7 +244,7 @@ def test_a_head_equal_to_the_models_own_is_skipped(tmp_path: Path) -> None:
     save_file({"lm_head.weight": model.lm_head.weight.detach().clone()}, tmp_path / "model_head.safetensors")
     (tmp_path / "head_config.json").write_text(json.dumps({"config": None, "model_class": "GPT2LMHeadModel"}))
     loaded = dt.load(tiny_gpt2(), tmp_path, name="a")
-    assert torch.equal(run(loaded), run(model)) and "copies" not in str(structure(loaded))
+    assert torch.equal(outputs(loaded), outputs(model)) and "copies" not in str(structure(loaded))
 
 
 def test_format_adapters_refuses_other_methods_before_writing(tmp_path: Path) -> None:
@@ -287,17 +276,17 @@ def test_a_preset_name_unknown_keys_and_a_legacy_invertible_entry_read_as_adapte
     legacy task adapter ("type": "text_task") that declares an invertible adapter but saved none loads without it."""
     model = tiny_gpt2()
     dt.attach(model, dt.DoubleSeqBnConfig(), name="a")
-    randomize(model)
+    perturb_site_adapters(model, seed=3, scale=0.3)
     dt.save(model, tmp_path, format="adapters")
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
     meta["config"] = "houlsby"
     (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
-    assert torch.equal(run(dt.load(tiny_gpt2(), tmp_path, name="a")), run(model))
+    assert torch.equal(outputs(dt.load(tiny_gpt2(), tmp_path, name="a")), outputs(model))
     meta["config"] = {**to_hub(dt.DoubleSeqBnConfig()), "inv_adapter": "nice", "future_field": 1}
     meta["type"] = "text_task"
     (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
     with pytest.warns(UserWarning, match=r"ignoring keys unknown .*\['future_field'\]"):
-        assert torch.equal(run(dt.load(tiny_gpt2(), tmp_path, name="a")), run(model))
+        assert torch.equal(outputs(dt.load(tiny_gpt2(), tmp_path, name="a")), outputs(model))
 
 
 def test_copies_inside_the_base_model_are_not_written_where_adapterhub_would_drop_them(tmp_path: Path) -> None:

@@ -11,24 +11,13 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from conftest import lm_losses, state_hash, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5, token_ids
+from conftest import lm_losses, outputs, perturb_site_adapters, state_hash, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5, token_ids
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama, "t5": tiny_t5}
 
 
-def run(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    extra = {"decoder_input_ids": ids} if getattr(model.config, "model_type", "") == "t5" else {}
-    with torch.no_grad():
-        return model(ids, **extra)[0]
 
 
-def randomize(model: nn.Module, seed: int = 3) -> None:
-    """Every adapter tensor random (the up projections too), so no adapter is at its identity init."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if "site_adapters" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1 + (1.0 if name.endswith("scaling") else 0))
 
 
 def structure(model: nn.Module) -> list[tuple[str, type]]:
@@ -38,16 +27,16 @@ def structure(model: nn.Module) -> list[tuple[str, type]]:
 @pytest.mark.parametrize("arch", MODELS)
 def test_parallel_preset_starts_as_the_identity_and_disabled_is_the_base(arch: str) -> None:
     model, ids = MODELS[arch]().eval(), token_ids()
-    base = run(model, ids)
+    base = outputs(model, ids)
     dt.attach(model, dt.ParBnConfig())
-    assert torch.equal(run(model, ids), base)  # zero up projection: the site adds exactly nothing
+    assert torch.equal(outputs(model, ids), base)  # zero up projection: the site adds exactly nothing
     dt.attach(model, dt.DoubleSeqBnConfig(), name="h")
     dt.set_active(model, "h")
-    randomize(model)
-    assert not torch.allclose(run(model, ids), base)
+    perturb_site_adapters(model, seed=3, scale=0.1)
+    assert not torch.allclose(outputs(model, ids), base)
     with dt.disabled(model):
-        assert torch.equal(run(model, ids), base)
-    assert not torch.allclose(run(model, ids), base)
+        assert torch.equal(outputs(model, ids), base)
+    assert not torch.allclose(outputs(model, ids), base)
 
 
 @pytest.mark.parametrize("arch", MODELS)
@@ -57,11 +46,11 @@ def test_save_load_gives_the_same_outputs_and_delete_restores_the_model(arch: st
     model, ids = MODELS[arch]().eval(), token_ids()
     before, modules = state_hash(model), structure(model)
     dt.attach(model, preset(reduction_factor=4))
-    randomize(model)
-    out = run(model, ids)
+    perturb_site_adapters(model, seed=3, scale=0.1)
+    out = outputs(model, ids)
     dt.save(model, tmp_path / "a")
     fresh = dt.load(MODELS[arch]().eval(), tmp_path / "a")
-    assert torch.equal(run(fresh, ids), out)
+    assert torch.equal(outputs(fresh, ids), out)
     dt.delete_adapter(model, "default")
     assert state_hash(model) == before and structure(model) == modules
 
@@ -100,24 +89,24 @@ def test_merging_is_refused_with_the_model_unchanged(call: Callable[[nn.Module],
 
 def test_unload_without_merge_gives_the_plain_model_back() -> None:
     model, ids = tiny_gpt2().eval(), token_ids()
-    before, modules, base = state_hash(model), structure(model), run(model, ids)
+    before, modules, base = state_hash(model), structure(model), outputs(model, ids)
     dt.attach(model, dt.DoubleSeqBnConfig())
     dt.attach(model, dt.LoraConfig(r=2, target_modules=["c_attn"]), name="lora")
     dt.unload(model, merge=False)
-    assert state_hash(model) == before and structure(model) == modules and torch.equal(run(model, ids), base)
+    assert state_hash(model) == before and structure(model) == modules and torch.equal(outputs(model, ids), base)
 
 
 def two_adapters(arch: str = "bert") -> nn.Module:
     model = MODELS[arch]().eval()
     dt.attach(model, dt.SeqBnConfig(reduction_factor=4), name="a")
     dt.attach(model, dt.SeqBnConfig(reduction_factor=8), name="b")
-    randomize(model)
+    perturb_site_adapters(model, seed=3, scale=0.1)
     return model
 
 
 def outputs_of(model: nn.Module, active: object, ids: torch.Tensor) -> torch.Tensor:
     dt.set_active(model, active)  # type: ignore[arg-type]
-    return run(model, ids)
+    return outputs(model, ids)
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
@@ -142,7 +131,7 @@ def test_average_is_adapterhubs_mean_of_weighted_outputs() -> None:
     pre = layer.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[1]))
     got: dict[str, torch.Tensor] = {}
     post = layer.register_forward_hook(lambda m, a, o: got.__setitem__("y", o))
-    run(model, ids)
+    outputs(model, ids)
     for h in (handle, pre, post):
         h.remove()
     blocks = layer.site_adapters
@@ -156,7 +145,7 @@ def test_two_bottleneck_adapters_summed_at_one_site_is_a_clear_error() -> None:
     model, ids = two_adapters(), token_ids()
     dt.set_active(model, ["a", "b"])
     with pytest.raises(dt.AdapterError, match="dt.Stack or dt.Average"):
-        run(model, ids)
+        outputs(model, ids)
 
 
 def test_lora_and_a_bottleneck_adapter_sum_as_each_alone() -> None:
@@ -164,7 +153,7 @@ def test_lora_and_a_bottleneck_adapter_sum_as_each_alone() -> None:
     model, ids = tiny_bert().eval(), token_ids()
     dt.attach(model, dt.LoraConfig(r=2, target_modules=["query"], init_lora_weights=False), name="lora")
     dt.attach(model, dt.SeqBnConfig(), name="bn")
-    randomize(model)
+    perturb_site_adapters(model, seed=3, scale=0.1)
     both = outputs_of(model, ["lora", "bn"], ids)
     assert not torch.allclose(both, outputs_of(model, "lora", ids))
     assert not torch.allclose(both, outputs_of(model, "bn", ids))

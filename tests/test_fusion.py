@@ -10,15 +10,9 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from conftest import state_hash, tiny_bert, tiny_llama, token_ids
+from conftest import outputs, perturb_site_adapters, state_hash, tiny_bert, tiny_llama, token_ids
 
 
-def randomize(model: nn.Module, seed: int = 5) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            if "site_adapters" in _:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
 def fused_model(make: object = tiny_bert) -> nn.Module:
@@ -26,22 +20,19 @@ def fused_model(make: object = tiny_bert) -> nn.Module:
     dt.attach(model, dt.SeqBnConfig(reduction_factor=4), name="a")
     dt.attach(model, dt.SeqBnConfig(reduction_factor=8), name="b")
     dt.attach(model, dt.FusionConfig(adapter_names=["a", "b"], dropout_prob=0.0), name="ab")
-    randomize(model)
+    perturb_site_adapters(model, seed=5, scale=0.1)
     return model
 
 
-def run(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids)[0]
 
 
 @pytest.mark.parametrize("make", [tiny_bert, tiny_llama])
 def test_fuse_runs_and_only_the_fusion_trains(make: object) -> None:
     model, ids = fused_model(make), token_ids()
     with dt.disabled(model):
-        base = run(model, ids)
+        base = outputs(model, ids)
     dt.set_active(model, dt.Fuse("a", "b"))
-    fused = run(model, ids)
+    fused = outputs(model, ids)
     assert not torch.allclose(fused, base)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".site_adapters.ab." in n for n in trainable)  # the members are frozen
@@ -53,13 +44,13 @@ def test_fuse_runs_and_only_the_fusion_trains(make: object) -> None:
 def test_save_and_load_give_the_same_fused_outputs(tmp_path: Path) -> None:
     model, ids = fused_model(), token_ids()
     dt.set_active(model, dt.Fuse("a", "b"))
-    out = run(model, ids)
+    out = outputs(model, ids)
     dt.save(model, tmp_path / "saved")
     fresh = tiny_bert().eval()
     for name in ("a", "b", "ab"):
         dt.load(fresh, tmp_path / "saved" / name, name=name)
     dt.set_active(fresh, dt.Fuse("a", "b"))
-    assert torch.equal(run(fresh, ids), out)
+    assert torch.equal(outputs(fresh, ids), out)
 
 
 def test_fusion_needs_its_members_first_and_changes_nothing_otherwise() -> None:
@@ -76,7 +67,7 @@ def test_fuse_without_a_fusion_of_those_members_is_a_clear_error() -> None:
     dt.attach(model, dt.SeqBnConfig(), name="c")
     dt.set_active(model, dt.Fuse("a", "c"))
     with pytest.raises(dt.AdapterError, match="no fusion of exactly the adapters"):
-        run(model, ids)
+        outputs(model, ids)
 
 
 def test_merging_a_fusion_is_refused_and_deleting_it_restores_the_tree() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import state_hash, tiny_bert, tiny_llama, token_ids
+from conftest import outputs, perturb_site_adapters, state_hash, tiny_bert, tiny_llama, token_ids
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -30,17 +30,8 @@ FUSION_JSON, FUSION_SAFE, FUSION_BIN = "adapter_fusion_config.json", "model_adap
     "pytorch_model_adapter_fusion.bin"
 
 
-def run(model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(token_ids())[0]
 
 
-def randomize(model: nn.Module, seed: int = 5) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if "site_adapters" in name:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
 def members(arch: str = "bert") -> nn.Module:
@@ -53,7 +44,7 @@ def members(arch: str = "bert") -> nn.Module:
 def fused(arch: str = "bert", fusion: str = "dynamic", name: str = "ab") -> nn.Module:
     model = members(arch)
     dt.attach(model, FUSIONS[fusion](), name=name)
-    randomize(model)
+    perturb_site_adapters(model, seed=5, scale=0.1)
     dt.set_active(model, dt.Fuse("a", "b"))
     return model
 
@@ -79,21 +70,21 @@ def structure(model: nn.Module) -> list[tuple[str, type]]:
 def refused(model: nn.Module, folder: Path, match: str, **kwargs: str) -> None:
     """``dt.load`` raises AdapterFileError matching ``match`` and leaves ``model`` as it was."""
     names = dt.adapter_names(model) if STATE_ATTR in model.__dict__ else None
-    before, modules, out = state_hash(model), structure(model), run(model)
+    before, modules, out = state_hash(model), structure(model), outputs(model)
     with pytest.raises(dt.AdapterFileError, match=match):
         dt.load(model, folder, **kwargs)
     assert (dt.adapter_names(model) if STATE_ATTR in model.__dict__ else None) == names
     assert state_hash(model) == before and structure(model) == modules
-    assert torch.equal(run(model), out)
+    assert torch.equal(outputs(model), out)
 
 
 @pytest.mark.parametrize("fusion", list(FUSIONS))
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_round_trip_through_adapterhub_folders_is_exact(tmp_path: Path, arch: str, fusion: str) -> None:
     model = fused(arch, fusion)
-    expected = run(model)
+    expected = outputs(model)
     with dt.disabled(model):
-        assert not torch.allclose(run(model), expected)
+        assert not torch.allclose(outputs(model), expected)
     dt.save(model, tmp_path, names=["a", "b", "ab"], format="adapters")
     data = json.loads((tmp_path / "ab" / FUSION_JSON).read_text())
     assert data["name"] == "a,b" and data["adapter_names"] == ["a", "b"] and data["version"] == "adapters.1.3.0"
@@ -103,23 +94,23 @@ def test_round_trip_through_adapterhub_folders_is_exact(tmp_path: Path, arch: st
     assert dt.adapter_names(fresh) == ["a", "b", "a_b"]
     assert state_of(fresh).configs["a_b"] == FUSIONS[fusion]().replace(inference_mode=True)
     dt.set_active(fresh, dt.Fuse("a", "b"))
-    assert torch.equal(run(fresh), expected)
+    assert torch.equal(outputs(fresh), expected)
 
 
 def test_name_overrides_the_default_and_the_peft_layout_round_trips_too(tmp_path: Path) -> None:
     model, root = saved(tmp_path / "hub")
-    expected = run(model)
+    expected = outputs(model)
     fresh = loaded_members(root)
     dt.load(fresh, root / "ab", name="mix")
     assert dt.adapter_names(fresh) == ["a", "b", "mix"]
     dt.set_active(fresh, dt.Fuse("a", "b"))
-    assert torch.equal(run(fresh), expected)
+    assert torch.equal(outputs(fresh), expected)
     dt.save(model, tmp_path / "peft")  # deltatune's own layout (the default)
     again = tiny_bert().eval()
     for name in ("a", "b", "ab"):
         dt.load(again, tmp_path / "peft" / name, name=name)
     dt.set_active(again, dt.Fuse("a", "b"))
-    assert torch.equal(run(again), expected)
+    assert torch.equal(outputs(again), expected)
 
 
 def test_a_single_fusion_goes_in_the_folder_itself(tmp_path: Path) -> None:
@@ -137,13 +128,13 @@ def test_missing_members_are_named_and_the_model_is_unchanged(tmp_path: Path) ->
 
 def test_a_pickled_bin_is_read_with_weights_only(tmp_path: Path) -> None:
     model, root = saved(tmp_path)
-    expected = run(model)
+    expected = outputs(model)
     torch.save(load_file(root / "ab" / FUSION_SAFE), root / "ab" / FUSION_BIN)
     (root / "ab" / FUSION_SAFE).unlink()
     fresh = loaded_members(root)
     dt.load(fresh, root / "ab")
     dt.set_active(fresh, dt.Fuse("a", "b"))
-    assert torch.equal(run(fresh), expected)
+    assert torch.equal(outputs(fresh), expected)
 
 
 class Payload:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import outputs, perturb_site_adapters, state_hash, tiny_bert, tiny_llama, token_ids
+from conftest import outputs, perturb_site_adapters, state_hash, tiny_bert, tiny_llama
 from safetensors.torch import load_file, save_file
 from torch import nn
 

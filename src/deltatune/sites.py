@@ -13,13 +13,17 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from . import hf
 from .errors import TargetError
+from .layer import ModelDelta
+
+FILE_PREFIX = "base_model.model."
+"""What peft-style file keys start with."""
 
 Norm = Callable[[Tensor], Tensor]
 SiteFunction = Callable[[Tensor, Tensor, "Norm | None", bool], "Tensor | None"]
@@ -196,3 +200,30 @@ def remove_blocks(model: nn.Module, sites: Sequence[Site], name: str) -> None:
             parent_path, _, child = site.key_path.rpartition(".")
             if isinstance(owner, SiteContainer) and not len(owner._modules):
                 delattr(model.get_submodule(parent_path), child)
+
+
+class SiteBlocks(ModelDelta):
+    """An adapter's model-level part made of one block per site: its blocks live in the module tree
+    under each site's ``site_adapters.<adapter>``, and its file keys are
+    ``base_model.model.<site key path>.<file_part>.<block key>``."""
+
+    file_part: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = False
+
+    def __init__(self, sites: Sequence[Site], blocks: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.sites = {f"{site.layer}_{site.location}": site for site in sites}
+        self.blocks = nn.ModuleDict(dict(zip(self.sites, blocks)))
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {f"{FILE_PREFIX}{site.key_path}.{self.file_part}.{k}": t for key, site in self.sites.items()
+                for k, t in self.blocks[key].state_dict(keep_vars=True).items()}
+
+    def modules_changed(self) -> int:
+        return len(self.sites)
+
+    def place(self, model: nn.Module, name: str) -> None:
+        place_blocks(model, [(site, self.blocks[key]) for key, site in self.sites.items()], name)
+
+    def unplace(self, model: nn.Module, name: str) -> None:
+        remove_blocks(model, list(self.sites.values()), name)

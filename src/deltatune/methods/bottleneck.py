@@ -21,18 +21,17 @@ from functools import partial
 from typing import ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..config import DeltaConfig, TargetedConfig
-from ..errors import AdapterError, TargetError
+from ..errors import TargetError
 from ..hf import hidden_size
 from ..layer import STATE_ATTR, HookedDelta, ModelDelta, Removable
 from ..registry import Method, MethodOption, Recipe, RecipeInput, register, register_recipe
-from ..sites import Site, SiteHooks, check_room, model_sites, place_blocks, remove_blocks
+from ..sites import Site, SiteBlocks, SiteHooks, check_room, model_sites
 from .bottleneck_compose import SiteFusion, run_site
 from .bottleneck_block import ACTIVATIONS, INIT_WEIGHTS, BottleneckBlock, FusionBlock, bottleneck_size
 
-FILE_PREFIX = "base_model.model."
 LOCATIONS = ("mh_adapter", "cross_adapter", "output_adapter")
 
 
@@ -112,28 +111,10 @@ def _block(config: BnConfig, width: int, layer: int) -> BottleneckBlock:
         original_ln_after=config.original_ln_after, adapter_residual_before_ln=config.adapter_residual_before_ln)
 
 
-class BottleneckAdapter(HookedDelta):
+class BottleneckAdapter(SiteBlocks, HookedDelta):
     """One adapter's blocks, one per selected site; hooks at the sites run the active composition."""
 
-    mergeable: ClassVar[bool] = False
-
-    def __init__(self, sites: Sequence[Site], blocks: Sequence[BottleneckBlock]) -> None:
-        super().__init__()
-        self.sites = {f"{site.layer}_{site.location}": site for site in sites}
-        self.blocks = nn.ModuleDict(dict(zip(self.sites, blocks)))
-
-    def tensors(self) -> dict[str, Tensor]:
-        return {f"{FILE_PREFIX}{site.key_path}.bottleneck.{k}": t for key, site in self.sites.items()
-                for k, t in self.blocks[key].state_dict(keep_vars=True).items()}
-
-    def modules_changed(self) -> int:
-        return len(self.sites)
-
-    def place(self, model: nn.Module, name: str) -> None:
-        place_blocks(model, [(site, self.blocks[key]) for key, site in self.sites.items()], name)
-
-    def unplace(self, model: nn.Module, name: str) -> None:
-        remove_blocks(model, list(self.sites.values()), name)
+    file_part = "bottleneck"
 
     @classmethod
     def install(cls, model: nn.Module, active: dict[str, ModelDelta], final: bool) -> list[Removable]:

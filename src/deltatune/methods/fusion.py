@@ -18,16 +18,15 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
-from torch import Tensor, nn
+from torch import nn
 
 from ..config import DeltaConfig
 from ..errors import TargetError
 from ..hf import hidden_size
-from ..layer import ModelDelta
 from ..registry import Method, register
-from ..sites import Site, check_room, place_blocks, remove_blocks
+from ..sites import Site, SiteBlocks, check_room
 from ..state import STATE_ATTR
-from .bottleneck import FILE_PREFIX, BottleneckAdapter
+from .bottleneck import BottleneckAdapter
 from .bottleneck_block import FusionBlock
 
 
@@ -70,23 +69,14 @@ def StaticFusionConfig(**fields: object) -> FusionConfig:  # noqa: N802 - named 
     return FusionConfig(**{**preset, **fields})  # type: ignore[arg-type]
 
 
-class FusionAdapter(ModelDelta):
+class FusionAdapter(SiteBlocks):
     """One fusion block per site where every member has a block."""
 
-    mergeable: ClassVar[bool] = False
+    file_part = "fusion"
 
     def __init__(self, members: Sequence[str], sites: Sequence[Site], blocks: Sequence[FusionBlock]) -> None:
-        super().__init__()
+        super().__init__(sites, blocks)
         self.members = tuple(members)
-        self.sites = {f"{site.layer}_{site.location}": site for site in sites}
-        self.blocks = nn.ModuleDict(dict(zip(self.sites, blocks)))
-
-    def tensors(self) -> dict[str, Tensor]:
-        return {f"{FILE_PREFIX}{site.key_path}.fusion.{k}": t for key, site in self.sites.items()
-                for k, t in self.blocks[key].state_dict(keep_vars=True).items()}
-
-    def modules_changed(self) -> int:
-        return len(self.sites)
 
     def block_at(self, site: str) -> FusionBlock | None:
         """This fusion's block at the site named ``site``, if it has one there."""
@@ -95,14 +85,11 @@ class FusionAdapter(ModelDelta):
         return block if isinstance(block, FusionBlock) else None
 
     def place(self, model: nn.Module, name: str) -> None:
-        place_blocks(model, [(site, self.blocks[key]) for key, site in self.sites.items()], name)
+        super().place(model, name)
         state = model.__dict__[STATE_ATTR]  # the members are frozen while their fusion trains
         for member in self.members:
             for param in state.model_deltas[member].parameters():
                 param.requires_grad_(False)
-
-    def unplace(self, model: nn.Module, name: str) -> None:
-        remove_blocks(model, list(self.sites.values()), name)
 
 
 def make_fusion(model: nn.Module, config: DeltaConfig, views: Mapping[str, object]) -> FusionAdapter:

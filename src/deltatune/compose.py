@@ -50,6 +50,10 @@ class Composition:
                     out.append(name)
         return tuple(out)
 
+    def contains(self, part: Composition) -> bool:
+        """Whether ``part`` is this composition or one nested in it."""
+        return self == part or any(isinstance(m, Composition) and m.contains(part) for m in self.members)
+
     def __repr__(self) -> str:
         inner = ", ".join(repr(m) for m in self.members)
         extra = self._extra_repr()
@@ -146,9 +150,17 @@ class Active:
     """The model's current composition, one object shared by reference by every wrapper."""
 
     composition: Composition = NOTHING
+    users: tuple[str, ...] = ()
+    """Adapters that run through the composition without being named in it: an adapter whose
+    ``active_form`` is a part of it (a fusion, under its ``Fuse``)."""
 
     def names(self) -> tuple[str, ...]:
         return self.composition.names()
+
+    def owners(self) -> tuple[str, ...]:
+        """Every adapter in use, the ones running over others first: whose trained copy of a module
+        (``modules_to_save``, e.g. a task head) serves the model."""
+        return (*self.users, *self.names())
 
 
 def without(composition: Composition, name: str) -> Composition:

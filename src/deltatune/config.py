@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
+from .compose import Composition
 from .errors import AdapterFileError, ConfigError
 
 TASK_TYPES = (
@@ -108,6 +109,11 @@ class DeltaConfig:
 
     def validate(self) -> None:
         """Subclasses check their own fields here, with ``self.check``."""
+
+    def active_form(self, name: str) -> str | Composition:
+        """What activating adapter ``name`` means: the adapter itself for most methods; a method whose
+        adapter runs over others' outputs (AdapterFusion: ``Fuse`` of its members) says so."""
+        return name
 
     def check(self, ok: bool, field: str, why: str, fix: str) -> None:
         """Raise a ConfigError naming ``field``, its value, the reason and the fix unless ``ok``."""

@@ -211,10 +211,9 @@ def apply(model: nn.Module, attach_plan: AttachPlan) -> None:
     for name, config in state.configs.items():
         for param in trainable_biases(model, name).values():
             param.requires_grad_(param.requires_grad or not config.inference_mode)
-    if not state.active:
-        set_active(model, attach_plan.name)
-    else:  # layers may have been wrapped: model-level parts hook in again where they belong
-        state.switch_model_deltas(model, state.active)
+    # Set again even when something is active: layers may have been wrapped (model-level parts hook in
+    # again where they belong), and the new adapter may run within the active composition (a fusion).
+    set_active(model, state.active_set.composition if state.active else attach_plan.name)
 
 
 def _freeze_base(model: nn.Module) -> None:

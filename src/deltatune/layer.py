@@ -450,9 +450,9 @@ class SavedModule(_Forwarding):
         self.enabled = True
 
     def current(self) -> nn.Module:
-        """The copy of the first active adapter that has one, else the original."""
+        """The copy of the first adapter in use that has one (``Active.owners``), else the original."""
         if self.enabled:
-            for name in self.active_set.names():
+            for name in self.active_set.owners():
                 if name in self.copies:
                     return self.copies[name]
         return self.original_module

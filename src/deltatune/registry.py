@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -131,6 +132,9 @@ class Recipe:
     """Options this recipe reads that no earlier recipe declared (an option is declared once)."""
     default: bool = False
     """Whether this is the method a run uses when none is named (one recipe says so)."""
+    loads: Callable[[Mapping[str, Any]], dict[str, Path]] | None = None
+    """For a method built on adapters trained before (AdapterFusion): (the run's option values) ->
+    the saved adapter folders to load, frozen, by name, before its own adapter is attached."""
 
 
 _RECIPES: dict[str, Recipe] = {}

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from . import hf
+from .config import TargetedConfig
 from .errors import TargetError
 from .layer import ModelDelta
 
@@ -29,6 +30,18 @@ Norm = Callable[[Tensor], Tensor]
 SiteFunction = Callable[[Tensor, Tensor, "Norm | None", bool], "Tensor | None"]
 """(h, x, the site's layer norm or None, whether the model adds x afterwards) -> the site's
 output (without x when the model adds it), or None to leave the model's own."""
+
+
+class SiteConfig(TargetedConfig):
+    """A config whose adapter attaches at the architecture's sites rather than at named layers: of
+    the targeting fields only ``modules_to_save`` (task heads trained with the adapter) applies."""
+
+    def validate(self) -> None:
+        super().validate()
+        for field_name in ("target_modules", "exclude_modules", "layers_to_transform"):
+            self.check(getattr(self, field_name) is None, field_name, "this adapter attaches at the architecture's sites",
+                       "leave it unset; a bottleneck config chooses sites with mh_adapter / output_adapter and skips "
+                       "layers with leave_out")
 
 
 @dataclass

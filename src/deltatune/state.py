@@ -189,7 +189,8 @@ def set_active(model: nn.Module, names: str | Sequence[str] | Composition) -> No
     if merged and type(composition) is not Sum:
         raise AdapterError(f"set_active: adapters {merged} are merged into the weights, which holds a plain sum "
                            f"only; call dt.unmerge(model) before activating {composition!r}")
-    state.active_set.composition = composition
+    users = tuple(n for n, c in state.configs.items() if _runs_within(c.active_form(n), composition))
+    state.active_set.composition, state.active_set.users = composition, users
     state.switch_model_deltas(model, active)
 
 
@@ -218,6 +219,10 @@ def _repeated(copies: int, module: nn.Module, args: tuple[Any, ...], kwargs: dic
         return torch.cat([value] * copies) if isinstance(value, Tensor) and value.dim() and value.shape[0] == rows else value
 
     return tuple(repeat(v) for v in args), {k: repeat(v) for k, v in kwargs.items()}
+
+
+def _runs_within(form: str | Composition, composition: Composition) -> bool:
+    return isinstance(form, Composition) and composition.contains(form)
 
 
 def _has_parallel(composition: Composition) -> bool:

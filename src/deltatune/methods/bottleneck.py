@@ -23,12 +23,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..config import DeltaConfig, TargetedConfig
+from ..config import DeltaConfig
 from ..errors import TargetError
 from ..hf import hidden_size
 from ..layer import STATE_ATTR, HookedDelta, ModelDelta, Removable
 from ..registry import Method, MethodOption, Recipe, RecipeInput, register, register_recipe
-from ..sites import Site, SiteBlocks, SiteHooks, check_room, model_sites
+from ..sites import Site, SiteBlocks, SiteConfig, SiteHooks, check_room, model_sites
 from .bottleneck_compose import SiteFusion, run_site
 from .bottleneck_block import ACTIVATIONS, INIT_WEIGHTS, BottleneckBlock, FusionBlock, bottleneck_size
 
@@ -36,7 +36,7 @@ LOCATIONS = ("mh_adapter", "cross_adapter", "output_adapter")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class BnConfig(TargetedConfig):
+class BnConfig(SiteConfig):
     """A bottleneck adapter, with AdapterHub's field names; defaults are ``SeqBnConfig``'s (Pfeiffer)."""
 
     peft_type: ClassVar[str] = "BOTTLENECK"
@@ -61,9 +61,6 @@ class BnConfig(TargetedConfig):
 
     def validate(self) -> None:
         super().validate()
-        for field in ("target_modules", "exclude_modules", "layers_to_transform"):
-            self.check(getattr(self, field) is None, field, "a bottleneck adapter attaches at the architecture's sites",
-                       "leave it unset; choose sites with mh_adapter / output_adapter and skip layers with leave_out")
         self.check(self.mh_adapter or self.output_adapter or self.cross_adapter, "output_adapter",
                    "no site is selected", "set output_adapter=True and/or mh_adapter=True")
         factors = self.reduction_factor.values() if isinstance(self.reduction_factor, Mapping) else [self.reduction_factor]

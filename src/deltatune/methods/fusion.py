@@ -20,18 +20,19 @@ from typing import ClassVar
 
 from torch import nn
 
+from ..compose import Composition, Fuse
 from ..config import DeltaConfig
 from ..errors import TargetError
 from ..hf import hidden_size
 from ..registry import Method, register
-from ..sites import Site, SiteBlocks, check_room
+from ..sites import Site, SiteBlocks, SiteConfig, check_room
 from ..state import STATE_ATTR
 from .bottleneck import BottleneckAdapter
 from .bottleneck_block import FusionBlock
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class FusionConfig(DeltaConfig):
+class FusionConfig(SiteConfig):
     """AdapterFusion over ``adapter_names``, with AdapterHub's fields; defaults are its "dynamic" preset."""
 
     peft_type: ClassVar[str] = "ADAPTER_FUSION"
@@ -61,6 +62,10 @@ class FusionConfig(DeltaConfig):
         drop = self.dropout_prob
         self.check(drop is None or (isinstance(drop, (int, float)) and 0 <= drop < 1), "dropout_prob",
                    "it must be in [0, 1) or None", "pass e.g. 0.1, or None for the model's attention dropout")
+
+    def active_form(self, name: str) -> Composition:
+        """A fusion runs as ``Fuse`` over its members (found by them, whatever its own name)."""
+        return Fuse(*self.adapter_names)
 
 
 def StaticFusionConfig(**fields: object) -> FusionConfig:  # noqa: N802 - named as the preset users know

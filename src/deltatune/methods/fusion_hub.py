@@ -31,7 +31,7 @@ from .. import hf
 from ..errors import AdapterError, AdapterFileError
 from ..formats import FolderFiles
 from ..inject import AttachPlan, plan
-from ..state import STATE_ATTR, check_name, state_of
+from ..state import STATE_ATTR, check_name, saved_modules, state_of
 from .bottleneck import BottleneckAdapter
 from .bottleneck_hub_files import match_keys, read_json, read_weights, without_prefix
 from .fusion import FusionAdapter, FusionConfig, StaticFusionConfig
@@ -156,6 +156,11 @@ def fusion_files(model: nn.Module, name: str, folder: Path, meta: Mapping[str, A
     state = state_of(model)
     config, part = state.require(name), state.model_deltas[name]
     assert isinstance(config, FusionConfig) and isinstance(part, FusionAdapter)
+    heads = [key for key, module in saved_modules(model) if name in module.copies]
+    if heads:
+        raise AdapterFileError(f"cannot save fusion {name!r} in AdapterHub's format: it trained its own copies of {heads} "
+                               "(modules_to_save, e.g. a task head), which an AdapterHub fusion folder does not hold. "
+                               "Fix: save it with format='peft' (the default). Nothing was written.")
     hub_name = ",".join(config.adapter_names)
     tensors = {f"{site.key_path}.adapter_fusion_layer.{hub_name}.{k}": t.detach().to("cpu").contiguous().clone()
                for key, site in part.sites.items() for k, t in part.blocks[key].state_dict().items()}

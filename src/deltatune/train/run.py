@@ -21,7 +21,8 @@ from ..config import DeltaConfig
 from ..errors import DataError
 from ..hf import default_targets, load_tokenizer, output_head_name
 from ..inject import attach
-from ..io import load
+from ..state import set_active, state_of
+from ..io import CONFIG_NAME, load
 from ..quant import QuantConfig, quantize
 from ..registry import RecipeInput, recipe_named, training_hooks
 from .config import TrainConfig
@@ -32,6 +33,8 @@ from .tasks import Task, task_class
 from .trainer import Trainer, TrainResult, planned_steps, seed_everything
 
 RUN_FILE = "run.json"
+TRAINED = "default"
+"""The name of the adapter a run trains (saved at the root of its adapter folder, as peft saves "default")."""
 Print = Callable[[str], None]
 
 
@@ -62,13 +65,26 @@ def load_data(run: RunOptions) -> tuple[Rows, Rows]:
 
 def adapter_config(run: RunOptions, task: Task, model: nn.Module, total_steps: int) -> DeltaConfig:
     """The adapter the options ask for (the method's registered recipe builds it); the task's head
-    is trained and saved with it."""
+    is trained and saved with it. Adapters the recipe builds on must be loaded first (``load_prior``)."""
     targets: tuple[str, ...] | str | None = run.target_modules or None
     if targets == ("all-linear",):
         targets = "all-linear"
     common: dict[str, Any] = {"task_type": task.task_type,
                               "modules_to_save": (*run.modules_to_save, *task.saved_modules(model)) or None}
     return recipe_named(run.method).build(RecipeInput(run.method_options, targets, default_targets(model), common, total_steps))
+
+
+def load_prior(run: RunOptions, model: nn.Module) -> None:
+    """Load, frozen, the saved adapters the method builds on (none for most methods)."""
+    loads = recipe_named(run.method).loads
+    for name, folder in (loads(run.method_options) if loads is not None else {}).items():
+        load(model, folder, name)
+
+
+def attach_trained(model: nn.Module, config: DeltaConfig) -> None:
+    """Attach the adapter the run trains, as ``TRAINED``, and compute with it (``active_form``)."""
+    attach(model, config, TRAINED)
+    set_active(model, config.active_form(TRAINED))
 
 
 def prepare_base(run: RunOptions, task: Task, model: nn.Module) -> nn.Module:
@@ -148,7 +164,8 @@ def _train_run(run: RunOptions, train: TrainConfig, say: Print) -> TrainResult:
     say(f"data: {len(train_features)} training rows ({train_rows.source}), "
         f"{len(eval_features)} evaluation rows ({eval_rows.source})")
     model = prepare_base(run, task, task.load_model(model_path).to(device))
-    attach(model, adapter_config(run, task, model, planned_steps(len(train_features), train)))
+    load_prior(run, model)
+    attach_trained(model, adapter_config(run, task, model, planned_steps(len(train_features), train)))
     say(summary(model))
     callbacks, loss_terms = training_hooks(run.method, model)
     trainer = Trainer(model, task, train_features, eval_features, train, callbacks=callbacks, loss_terms=loss_terms)
@@ -175,5 +192,14 @@ def rebuild(run_dir: Path, adapter: str = "adapter") -> tuple[nn.Module, Task, R
     device = setup_device(run)
     task = task_class(run.task)(load_tokenizer(record["model"]), run.max_length, run.column_map(), record["task_state"])
     model = prepare_base(run, task, task.load_model(record["model"]))
-    load(model, run_dir / adapter)
+    load_saved(model, run_dir / adapter)
     return model.to(device).eval(), task, run
+
+
+def load_saved(model: nn.Module, folder: Path) -> None:
+    """Load what a run saved: the adapters its own builds on (subfolders, by name) first, then its
+    own (the folder itself), computed with as in training."""
+    for sub in sorted(p for p in folder.iterdir() if (p / CONFIG_NAME).is_file()):
+        load(model, sub, sub.name)
+    load(model, folder, TRAINED)
+    set_active(model, state_of(model).require(TRAINED).active_form(TRAINED))

@@ -29,6 +29,7 @@ from .methods.fusion import FusionConfig, StaticFusionConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.loraplus import loraplus_optimizer
+from .methods.prompt_config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from .methods.vera import VeraConfig
 from . import quant
 from .errors import QuantError
@@ -57,6 +58,9 @@ __all__ = [
     "LoraConfig",
     "ParBnConfig",
     "Parallel",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "QuantConfig",
     "QuantError",
     "SeqBnConfig",

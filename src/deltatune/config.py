@@ -36,6 +36,9 @@ TASK_HEADS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 )
 """Heads that peft trains and saves for a task type (the names transformers gives them)."""
+HEAD_ALIASES: Mapping[str, tuple[str, ...]] = MappingProxyType({"SEQ_CLS": ("classification_head",)})
+"""Task heads under names peft does not know (T5's and BART's sequence classifiers): trained and
+saved, named in ``modules_to_save``, when the model has none of ``TASK_HEADS``' names."""
 
 C = TypeVar("C", bound="DeltaConfig")
 
@@ -90,6 +93,8 @@ class DeltaConfig:
     """peft keys with no effect in deltatune: any value is accepted; written with this default."""
     peft_unsupported: ClassVar[Mapping[str, Any]] = MappingProxyType({})
     """peft features deltatune lacks: accepted only while 'off'; written with this default."""
+    file_prefix: ClassVar[str] = "base_model.model."
+    """What file keys of layer tensors and saved modules start with (peft's wrapper path for the method)."""
     condense_targets: ClassVar[bool] = True
     """Whether long target lists are shortened to suffixes as peft does (peft skips it for methods whose two target lists are coupled)."""
 
@@ -109,6 +114,16 @@ class DeltaConfig:
 
     def validate(self) -> None:
         """Subclasses check their own fields here, with ``self.check``."""
+
+    def loads_trainable(self) -> bool:
+        """Whether a saved adapter of this config can be loaded to train on: not when its file holds
+        what a trained module computed rather than the module (a P-tuning encoder's output)."""
+        return True
+
+    def saved_module_names(self) -> tuple[str, ...]:
+        """Modules copied, trained in full and saved with the adapter (``modules_to_save`` and the task's
+        heads, for configs that have them)."""
+        return ()
 
     def active_form(self, name: str) -> str | Composition:
         """What activating adapter ``name`` means: the adapter itself for most methods; a method whose

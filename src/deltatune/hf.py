@@ -135,6 +135,15 @@ def from_pretrained(class_name: str, path: str, **kwargs: Any) -> Any:
     return getattr(transformers, class_name).from_pretrained(path, local_files_only=True, **kwargs)
 
 
+def filled_cache(pairs: list[tuple[Any, Any]], encoder_decoder: bool) -> Any:
+    """A transformers cache holding a (key, value) pair per layer (for an encoder-decoder model, in
+    the decoder's self-attention, with an empty cross-attention cache)."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    cache = DynamicCache(pairs)
+    return EncoderDecoderCache(cache, DynamicCache()) if encoder_decoder else cache
+
+
 def load_tokenizer(path: str) -> Any:
     """The tokenizer saved with a model, offline."""
     import os
@@ -195,9 +204,17 @@ def _decoder_sites(attention: str, first_norm: str, second_norm: str) -> tuple[S
             SiteSpec("output_adapter", "output_adapters", "mlp", second_norm))
 
 
+def _t5_sites() -> tuple[tuple[str, ...], tuple[SiteSpec, ...]]:
+    return ((r"encoder\.block\.(\d+)", r"decoder\.block\.(\d+)"), (
+        SiteSpec("mh_adapter", "layer.0", "layer.0.dropout", "layer.0"),
+        SiteSpec("cross_adapter", "layer.1", "layer.1.dropout", "layer.1", needs="layer.2"),
+        SiteSpec("output_adapter", "layer.-1", "layer.-1.dropout", "layer.-1")))
+
+
 SITES: dict[str, tuple[tuple[str, ...], tuple[SiteSpec, ...]]] = {
     "bert": ((r"encoder\.layer\.(\d+)",), _bert_sites()),
     "roberta": ((r"encoder\.layer\.(\d+)",), _bert_sites()),
+    "xlm-roberta": ((r"encoder\.layer\.(\d+)",), _bert_sites()),
     "distilbert": ((r"transformer\.layer\.(\d+)",), (
         SiteSpec("mh_adapter", "attention_adapters", "attention", "", 0, "sa_layer_norm", "sa_layer_norm"),
         SiteSpec("output_adapter", "output_adapters", "ffn", "ffn", 0, "output_layer_norm", "output_layer_norm"))),
@@ -206,10 +223,8 @@ SITES: dict[str, tuple[tuple[str, ...], tuple[SiteSpec, ...]]] = {
     "mistral": ((r"layers\.(\d+)",), _decoder_sites("self_attn", "input_layernorm", "post_attention_layernorm")),
     "qwen2": ((r"layers\.(\d+)",), _decoder_sites("self_attn", "input_layernorm", "post_attention_layernorm")),
     "qwen3": ((r"layers\.(\d+)",), _decoder_sites("self_attn", "input_layernorm", "post_attention_layernorm")),
-    "t5": ((r"encoder\.block\.(\d+)", r"decoder\.block\.(\d+)"), (
-        SiteSpec("mh_adapter", "layer.0", "layer.0.dropout", "layer.0"),
-        SiteSpec("cross_adapter", "layer.1", "layer.1.dropout", "layer.1", needs="layer.2"),
-        SiteSpec("output_adapter", "layer.-1", "layer.-1.dropout", "layer.-1"))),
+    "t5": _t5_sites(),
+    "mt5": _t5_sites(),  # T5's blocks; only the feed-forward block inside differs (gated)
 }
 """Per model type: the layer-name patterns, in AdapterHub's numbering order (T5's decoder blocks
 after the encoder's), and the sites of one layer."""

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from . import hf
 from .bases import BaseLayer, base_layer_for, is_linear
 from .compose import without
-from .config import DeltaConfig, TargetedConfig
+from .config import HEAD_ALIASES, TASK_HEADS, DeltaConfig, TargetedConfig
 from .errors import AdapterError, TargetError
 from .layer import ADAPTER_PARTS, Delta, DeltaLayer, ModelDelta, MovesBase, SavedModule, adapter_dtype
 from .registry import method_for
@@ -125,19 +125,32 @@ def _no_match_message(model: nn.Module, config: TargetedConfig) -> str:
     )
 
 
-def _saved_copies(model: nn.Module, config: TargetedConfig) -> dict[str, nn.Module]:
+def _saved_copies(model: nn.Module, config: DeltaConfig) -> dict[str, nn.Module]:
     wanted = config.saved_module_names()
     if not wanted:
         return {}
     found = {key: module for key, module in logical_modules(model)
              if key in wanted or any(key.endswith(f".{name}") for name in wanted)}
-    if not found and config.modules_to_save:
+    asked = getattr(config, "modules_to_save", None) or ()
+    if not found and asked:
         names = [n for n, _ in logical_modules(model)]
         raise TargetError(
-            f"modules_to_save={list(config.modules_to_save)} matched no module. "
-            f"Closest names: {nearest_names(config.modules_to_save, names)}."
+            f"modules_to_save={list(asked)} matched no module. Closest names: {nearest_names(asked, names)}."
         )
     return {key: _trainable_copy(module) for key, module in found.items()}
+
+
+def _with_head_alias(model: nn.Module, config: DeltaConfig) -> DeltaConfig:
+    """``config`` naming the task head in ``modules_to_save`` when the model calls it by a name peft
+    does not know (``HEAD_ALIASES``), so that it trains, saves and loads like any task head."""
+    heads, aliases = TASK_HEADS.get(config.task_type or "", ()), HEAD_ALIASES.get(config.task_type or "", ())
+    if not aliases or not hasattr(config, "modules_to_save"):
+        return config
+    names = {key.rpartition(".")[2] for key, _ in logical_modules(model)}
+    found = [a for a in aliases if a in names and a not in config.saved_module_names()]
+    if not found or any(h in names for h in heads):
+        return config
+    return config.replace(modules_to_save=(*(getattr(config, "modules_to_save") or ()), *found))
 
 
 def _trainable_copy(module: nn.Module) -> nn.Module:
@@ -157,8 +170,8 @@ def plan(model: nn.Module, config: DeltaConfig, name: str) -> AttachPlan:
             raise TargetError(f"{type(config).__name__} does not select modules; it cannot be attached here")
         config = _resolve_targets(model, config)
         views = _find_targets(model, config)
-    config = method.finalize(config, views)
-    saved = _saved_copies(model, config) if isinstance(config, TargetedConfig) else {}
+    config = _with_head_alias(model, method.finalize(model, config, views))
+    saved = _saved_copies(model, config)
     result = AttachPlan(name, config, views=views, saved=saved)
     if method.make_model_delta is not None:
         result.model_delta = method.make_model_delta(model, config, views)

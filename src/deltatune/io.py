@@ -37,7 +37,6 @@ from .state import check_name, delta_layers, saved_modules, state_of
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
-PREFIX = "base_model.model."
 PEFT_ARTIFACTS = ("original_module", "modules_to_save")
 """Path parts peft writes for bias="all" next to modules_to_save; they carry no extra information."""
 
@@ -68,8 +67,10 @@ def adapter_tensors(model: nn.Module, name: str, saving: bool = False) -> dict[s
     deltas = {key: layer.delta(name) for key, layer in delta_layers(model) if name in layer.deltas}
     copies = {key: module.copies[name] for key, module in saved_modules(model) if name in module.copies}
     out = {**_by_module_path(deltas, copies, saving), **trainable_biases(model, name)}
-    part = state_of(model).model_deltas.get(name)
-    return {**{PREFIX + key: t for key, t in out.items()}, **(part.tensors() if part is not None else {})}
+    state = state_of(model)
+    part, prefix = state.model_deltas.get(name), state.require(name).file_prefix
+    parts = {} if part is None else part.tensors_to_save() if saving else part.tensors()
+    return {**{prefix + key: t for key, t in out.items()}, **parts}
 
 
 def config_dict(model: nn.Module, name: str) -> dict[str, Any]:
@@ -79,7 +80,7 @@ def config_dict(model: nn.Module, name: str) -> dict[str, Any]:
     data["base_model_name_or_path"] = config.base_model_name_or_path or hf.name_or_path(model)
     data["auto_mapping"] = hf.auto_mapping(model, config.task_type)
     data["inference_mode"] = True
-    if isinstance(config, TargetedConfig):  # peft records the task heads it added
+    if "modules_to_save" in data:  # peft records the task heads it added
         data["modules_to_save"] = list(config.saved_module_names()) or None
     return dict(sorted(data.items()))
 
@@ -189,13 +190,14 @@ def _match(model: nn.Module, attach_plan: AttachPlan, tensors: dict[str, Tensor]
     """Pair every file tensor with the planned tensor it fills (returned) or the base tensor it
     overwrites (put in ``attach_plan.base_writes``, for ``apply`` to write and removal to undo);
     raise on any key the config does not account for, or any shape mismatch."""
-    expected = {PREFIX + k: t for k, t in _by_module_path(attach_plan.deltas, attach_plan.saved).items()}
+    prefix = attach_plan.config.file_prefix
+    expected = {prefix + k: t for k, t in _by_module_path(attach_plan.deltas, attach_plan.saved).items()}
     expected.update(attach_plan.model_delta.tensors() if attach_plan.model_delta is not None else {})
     base = _base_overrides(model, attach_plan)
     pairs, unexpected = [], []
     for file_key, value in tensors.items():
         target = expected.pop(file_key, None)
-        key = file_key[len(PREFIX):] if file_key.startswith(PREFIX) else None
+        key = file_key[len(prefix):] if file_key.startswith(prefix) else None
         if target is None and key is not None and _is_saved_module_artifact(key, attach_plan):
             continue
         base_key = key.replace(".base_layer.", ".") if target is None and key is not None else None
@@ -242,6 +244,11 @@ def load(model: nn.Module, directory: str | os.PathLike[str], name: str = "defau
         apply(model, layout.read(model, folder, name, trainable))
         return model
     config = read_config(folder).replace(inference_mode=not trainable)
+    if trainable and not config.loads_trainable():
+        raise AdapterFileError(
+            f"{folder}: this {config.peft_type} adapter's file holds what its trained encoder computed, not the encoder, "
+            "so it cannot be trained further in this form; load it frozen (trainable=False), or attach a new adapter "
+            "whose tensors are the virtual tokens themselves (prompt tuning) and copy them in. The model was left unchanged.")
     tensors = read_tensors(folder)
     attach_plan = plan(model, config, name)
     pairs = _match(model, attach_plan, tensors, folder / WEIGHTS_NAME)

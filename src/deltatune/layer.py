@@ -146,6 +146,10 @@ class ModelDelta(nn.Module):
         """Saved tensors by full file key (e.g. ``base_model.<name>``); live, so a load fills them."""
         return {}
 
+    def tensors_to_save(self) -> dict[str, Tensor]:
+        """What a file holds, when that is not the live tensors (a prompt encoder saves its output)."""
+        return self.tensors()
+
     def switch(self, model: nn.Module, on: bool) -> None:
         """Make ``model`` compute with (``on``) or without this change. Shared tensors act only
         through the layer deltas, so by default there is nothing to do."""

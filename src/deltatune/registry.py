@@ -27,15 +27,16 @@ model-level part if the method has one) -> Delta."""
 MakeModelDelta = Callable[[nn.Module, DeltaConfig, Mapping[str, BaseLayer]], ModelDelta]
 """Build an adapter's model-level part: (model, config, the layers its deltas will adapt) -> ModelDelta."""
 
-Finalize = Callable[[DeltaConfig, Mapping[str, BaseLayer]], DeltaConfig]
-"""Settle config fields that depend on the layers found (e.g. peft's fan_in_fan_out for Conv1D)."""
+Finalize = Callable[[nn.Module, DeltaConfig, Mapping[str, BaseLayer]], DeltaConfig]
+"""Settle config fields that depend on the model or the layers found: (model, config, layers) ->
+config (e.g. peft's fan_in_fan_out for Conv1D, a prompt's token_dim from the model config)."""
 
 
-def _keep(config: DeltaConfig, views: Mapping[str, BaseLayer]) -> DeltaConfig:
+def _keep(model: nn.Module, config: DeltaConfig, views: Mapping[str, BaseLayer]) -> DeltaConfig:
     return config
 
 
-def last_fan_in_fan_out(config: DeltaConfig, views: Mapping[str, BaseLayer]) -> DeltaConfig:
+def last_fan_in_fan_out(model: nn.Module, config: DeltaConfig, views: Mapping[str, BaseLayer]) -> DeltaConfig:
     """A ``Finalize`` for configs with a ``fan_in_fan_out`` field: peft rewrites it for every Linear
     (False) or Conv1D (True) it wraps, in module order, so the stored value is the last one's;
     other layer kinds leave it alone."""

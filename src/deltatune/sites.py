@@ -165,10 +165,11 @@ class SiteContainer(nn.Module):
 
 
 def site_holder(model: nn.Module, key_path: str, create: bool) -> nn.ModuleDict | None:
-    """The ModuleDict of blocks at ``key_path`` (made, with a container where needed, if ``create``)."""
+    """The ModuleDict of blocks at ``key_path`` ("" for the model itself; made, with a container where
+    needed, if ``create``)."""
     parent_path, _, child = key_path.rpartition(".")
     parent = model.get_submodule(parent_path)
-    owner = getattr(parent, child, None)
+    owner = getattr(parent, child, None) if key_path else model
     if owner is None:
         if not create:
             return None

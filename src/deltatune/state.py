@@ -205,7 +205,8 @@ def _repeat_inputs(model: nn.Module, copies: int) -> None:
     if handle is not None:
         handle.remove()
     if copies:
-        _REPEATS[model] = model.register_forward_pre_hook(partial(_repeated, copies), with_kwargs=True)
+        # First of all pre-hooks: hooks that read the batch (virtual tokens per row) see the repeated one.
+        _REPEATS[model] = model.register_forward_pre_hook(partial(_repeated, copies), with_kwargs=True, prepend=True)
 
 
 def _repeated(copies: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]

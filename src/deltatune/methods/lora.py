@@ -220,7 +220,7 @@ def make_lora(base: BaseLayer, config: DeltaConfig, key: str, shared: ModelDelta
     return delta
 
 
-def finalize_lora(config: DeltaConfig, views: Mapping[str, BaseLayer]) -> DeltaConfig:
+def finalize_lora(model: nn.Module, config: DeltaConfig, views: Mapping[str, BaseLayer]) -> DeltaConfig:
     """peft stores fan_in_fan_out=True exactly when a transposed (Conv1D) layer is adapted."""
     assert isinstance(config, LoraConfig)
     return config.replace(fan_in_fan_out=any(v.fan_in_fan_out for v in views.values()))

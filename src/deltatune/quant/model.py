@@ -35,6 +35,9 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     if skip is None:
         head = hf.output_head_name(model, None)
         skip = (head,) if head else ()
+    # Modules the architecture computes in fp32 (T5's feed-forward output casts its input to that
+    # weight's dtype), as transformers' own quantizers keep them.
+    skip = (*skip, *sorted(set(getattr(model, "_keep_in_fp32_modules", None) or ()) - set(skip)))
     targets = {name: module for name, module in model.named_modules()
                if _is_dense_linear(module) and not _skipped(name, skip)}
     if not targets:

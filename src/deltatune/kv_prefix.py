@@ -1,0 +1,107 @@
+"""The attention key/value site: trained key/value prefixes in every attention layer, through
+transformers' cache objects.
+
+A forward pre-hook hands the model a cache that already holds the prefixes (``n`` positions per
+layer), so every attention layer attends over ``prefix + tokens``, and lengthens the attention
+mask by ``n``; position ids (given or computed) then start after the prefix, as the model counts
+the cache. Generation works through the same hook: once the cache is filled, later calls only
+get the longer mask. Models whose head class takes no cache (BERT's sequence classifier) are
+hooked at their base model, which does. An encoder-decoder model gets the prefixes in its
+decoder's self-attention (peft's layout for two transformer stacks). Names no method.
+
+The prefix of one row is a table ``(n, layers * 2 * heads * head_dim)``: per virtual token, for
+each layer a key then a value, each ``heads x head_dim`` (the key/value heads of grouped-query
+attention).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .errors import AdapterError
+from .hf import filled_cache
+from .virtual_tokens import cache_length, call_arguments, longer_mask
+
+Prefixes = Callable[[int], Tensor]
+"""(batch size) -> every row's prefix table, (batch, n, layers * 2 * heads * head_dim)."""
+
+
+def _takes_cache(module: nn.Module) -> bool:
+    return "past_key_values" in inspect.signature(module.forward).parameters
+
+
+def cache_owner(model: nn.Module) -> nn.Module:
+    """The module whose calls take the cache: the model, or its base model when the head class takes none."""
+    if _takes_cache(model):
+        return model
+    base = getattr(model, str(getattr(model, "base_model_prefix", "")), None)
+    if isinstance(base, nn.Module) and _takes_cache(base):
+        return base
+    raise AdapterError(f"{type(model).__name__} takes no past_key_values (nor does its base model), so prefixes "
+                       "cannot reach its attention layers; use prompt tuning or a weight-space method")
+
+
+def layer_pairs(table: Tensor, layers: int, heads: int, stacks: int) -> list[tuple[Tensor, Tensor]]:
+    """Per layer the (key, value) prefix, each (batch, heads, n, head_dim), from a batch of tables.
+
+    With two stacks (encoder-decoder) the layer entries are doubled and read four at a time, the
+    first two being the decoder self-attention's, as peft lays them out.
+    """
+    batch, count, width = table.shape
+    entries = table.view(batch, count, 2 * layers, heads, width // (2 * layers * heads))
+    if stacks == 2:
+        entries = entries.repeat(1, 1, 2, 1, 1)
+    per_layer = entries.permute(2, 0, 3, 1, 4).split(2 * stacks)
+    return [(group[0], group[1]) for group in per_layer]
+
+
+class PrefixSite:
+    """The hook that puts one batch of prefixes into every call of ``model``."""
+
+    def __init__(self, model: nn.Module, prefixes: Prefixes, count: int, layers: int, heads: int) -> None:
+        self.model, self.prefixes, self.count, self.layers, self.heads = model, prefixes, count, layers, heads
+        self.encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        owner = cache_owner(model)
+        self.handle: RemovableHandle = owner.register_forward_pre_hook(self._call, with_kwargs=True)
+
+    def _call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+              ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        call = call_arguments(module, args, kwargs)
+        mask_key = "decoder_attention_mask" if self.encoder_decoder else "attention_mask"
+        call[mask_key] = longer_mask(call.get(mask_key), self.count)
+        if isinstance(call.get("position_ids"), Tensor):
+            call["position_ids"] = call["position_ids"] + self.count
+        if cache_length(call.get("past_key_values")):  # generating: the prefixes are in the cache
+            return (), call
+        if self.model.training and getattr(self.model, "is_gradient_checkpointing", False):
+            raise AdapterError("prefix tuning cannot train with gradient checkpointing: recomputing a layer would "
+                               "add its prefix to the cache twice; call model.gradient_checkpointing_disable()")
+        rows = _batch_size(call)
+        table = self.prefixes(rows).to(_dtype(self.model))
+        call["past_key_values"] = filled_cache(layer_pairs(table, self.layers, self.heads, 2 if self.encoder_decoder else 1),
+                                               self.encoder_decoder)
+        return (), call
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _batch_size(call: dict[str, Any]) -> int:
+    for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds"):
+        value = call.get(key)
+        if isinstance(value, Tensor):
+            return int(value.shape[0])
+    encoded = call.get("encoder_outputs")
+    first = encoded[0] if encoded is not None else None
+    if isinstance(first, Tensor):
+        return int(first.shape[0])
+    raise AdapterError("a prefix adapter needs the call's input_ids or inputs_embeds to know the batch size")
+
+
+def _dtype(model: nn.Module) -> Any:
+    return next(p for p in model.parameters() if p.is_floating_point()).dtype

@@ -1,0 +1,195 @@
+"""The prompt-space configs, with peft's field names and defaults: ``PromptTuningConfig``
+(PROMPT_TUNING), ``PromptEncoderConfig`` (P-tuning, P_TUNING) and ``PrefixTuningConfig``
+(PREFIX_TUNING: prefix tuning, and P-tuning v2 without the projection).
+
+The shape fields (``token_dim``, ``num_layers``, ``num_attention_heads``,
+``num_transformer_submodules``, ``encoder_hidden_size``) may be left unset: attaching fills them
+from the model's config as peft does (``complete``) and the saved config records them. For prefix
+tuning on a model with grouped-query attention, peft sizes the prefix for the key/value heads:
+``token_dim = head_dim * num_key_value_heads`` and ``num_attention_heads = num_key_value_heads``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from torch import nn
+
+from ..config import TASK_HEADS, DeltaConfig
+from ..errors import ConfigError
+
+SEQ_2_SEQ = "SEQ_2_SEQ_LM"
+"""The task type whose models get virtual tokens for two transformer stacks (peft's rule)."""
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PromptLearningConfig(DeltaConfig):
+    """Fields every prompt-space method shares (peft's ``PromptLearningConfig``)."""
+
+    file_prefix: ClassVar[str] = "base_model."  # peft wraps the model itself, with no tuner model between
+
+    num_virtual_tokens: int | None = None
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+    modules_to_save: tuple[str, ...] | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        self.check(_positive(self.num_virtual_tokens), "num_virtual_tokens",
+                   "it must be a positive number of virtual tokens", "pass e.g. num_virtual_tokens=20")
+        for name in ("token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers"):
+            self.check(getattr(self, name) is None or _positive(getattr(self, name)), name,
+                       "it must be a positive integer or None (None: read from the model's config)",
+                       "leave it unset, or pass the model's value")
+        value = self.modules_to_save
+        self.check(value is None or (isinstance(value, tuple) and all(isinstance(v, str) and v for v in value)),
+                   "modules_to_save", "it must be a list of module names", "pass e.g. ['classifier'] or None")
+
+    def saved_module_names(self) -> tuple[str, ...]:
+        names = list(self.modules_to_save or ())
+        return tuple(names + [h for h in TASK_HEADS.get(self.task_type or "", ()) if h not in names])
+
+    @property
+    def total_virtual_tokens(self) -> int:
+        """Rows of the virtual-token table: one set per transformer stack (two for an encoder-decoder)."""
+        assert self.num_virtual_tokens is not None and self.num_transformer_submodules is not None
+        return self.num_virtual_tokens * self.num_transformer_submodules
+
+    def shape_fields(self, model_config: Mapping[str, Any]) -> dict[str, int]:
+        """The unset shape fields, from a transformers config as a dict (peft's reading of it)."""
+        found: dict[str, int] = {}
+        fill = {"num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
+                "token_dim": ("hidden_size", "n_embd", "d_model"),
+                "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")}
+        for name, keys in fill.items():
+            value = next((model_config[k] for k in keys if isinstance(model_config.get(k), int)), None)
+            if getattr(self, name) is None and value is not None:
+                found[name] = value
+        if self.num_transformer_submodules is None:
+            found["num_transformer_submodules"] = 2 if self.task_type == SEQ_2_SEQ else 1
+        return found
+
+
+def model_config_dict(model: nn.Module) -> dict[str, Any]:
+    """The model's transformers config as peft reads it: the text part of a multimodal config, with
+    transformers' attribute aliases (GPT-2's ``n_layer`` also as ``num_hidden_layers``) resolved."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ConfigError("PromptLearningConfig", "token_dim", None, f"{type(model).__name__} has no transformers "
+                          "config to read the shape fields from", "pass token_dim, num_layers and num_attention_heads")
+    text = getattr(config, "text_config", None) or config
+    out = dict(text.to_dict())
+    for alias in getattr(text, "attribute_map", {}):
+        value = getattr(text, alias, None)
+        if isinstance(value, int):
+            out.setdefault(alias, value)
+    return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PromptTuningConfig(PromptLearningConfig):
+    """Prompt tuning (Lester et al. 2021): trained virtual-token embeddings before the input."""
+
+    peft_type: ClassVar[str] = "PROMPT_TUNING"
+    INITS: ClassVar[tuple[str, ...]] = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
+
+    prompt_tuning_init: str = "RANDOM"
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+    tokenizer_kwargs: Mapping[str, Any] | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        self.check(self.prompt_tuning_init in self.INITS, "prompt_tuning_init", "unknown initialisation",
+                   f"use one of {self.INITS}")
+        text = self.prompt_tuning_init == "TEXT"
+        self.check(not text or bool(self.tokenizer_name_or_path), "tokenizer_name_or_path",
+                   "TEXT initialisation tokenizes prompt_tuning_init_text, so it needs a tokenizer",
+                   "pass the tokenizer's folder (or the model's)")
+        self.check(not text or bool(self.prompt_tuning_init_text), "prompt_tuning_init_text",
+                   "TEXT initialisation needs the text", "pass e.g. prompt_tuning_init_text='Classify the sentiment:'")
+        self.check(text or not self.tokenizer_kwargs, "tokenizer_kwargs", "it is only used by TEXT initialisation",
+                   "drop it, or set prompt_tuning_init='TEXT'")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PromptEncoderConfig(PromptLearningConfig):
+    """P-tuning (Liu et al. 2021): virtual tokens computed by a trained encoder (MLP or LSTM)."""
+
+    peft_type: ClassVar[str] = "P_TUNING"
+    ENCODERS: ClassVar[tuple[str, ...]] = ("MLP", "LSTM")
+
+    encoder_reparameterization_type: str = "MLP"
+    encoder_hidden_size: int | None = None
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+
+    def loads_trainable(self) -> bool:
+        return False  # the file holds the encoder's output, not the encoder (peft's layout)
+
+    def validate(self) -> None:
+        super().validate()
+        self.check(self.encoder_reparameterization_type in self.ENCODERS, "encoder_reparameterization_type",
+                   "unknown prompt encoder", f"use one of {self.ENCODERS}")
+        self.check(self.encoder_hidden_size is None or _positive(self.encoder_hidden_size), "encoder_hidden_size",
+                   "it must be a positive integer or None (None: token_dim)", "pass e.g. 128")
+        self.check(_positive(self.encoder_num_layers), "encoder_num_layers", "it must be a positive integer",
+                   "pass e.g. 2")
+        self.check(isinstance(self.encoder_dropout, (int, float)) and 0 <= self.encoder_dropout < 1,
+                   "encoder_dropout", "it must be in [0, 1)", "pass e.g. 0.1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrefixTuningConfig(PromptLearningConfig):
+    """Prefix tuning (Li & Liang 2021): trained key/value prefixes in every attention layer; with
+    ``prefix_projection`` computed by an MLP (Li & Liang's reparameterization), without it the
+    prefixes themselves are trained (deep prompts: P-tuning v2, Liu et al. 2022)."""
+
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
+
+    encoder_hidden_size: int | None = None
+    prefix_projection: bool = False
+    init_weights: str | None = None
+
+    def loads_trainable(self) -> bool:
+        return not self.prefix_projection  # with the projection, the file holds the computed prefixes
+
+    def validate(self) -> None:
+        super().validate()
+        self.check(self.encoder_hidden_size is None or _positive(self.encoder_hidden_size), "encoder_hidden_size",
+                   "it must be a positive integer or None (None: token_dim)", "pass e.g. 512")
+        self.check(isinstance(self.prefix_projection, bool), "prefix_projection", "it must be a bool", "pass True or False")
+        self.check(self.init_weights in (None, "zero"), "init_weights", "unknown initialisation",
+                   "pass None (random) or 'zero'")
+
+    def shape_fields(self, model_config: Mapping[str, Any]) -> dict[str, int]:
+        found = super().shape_fields(model_config)
+        kv_heads = model_config.get("num_key_value_heads")
+        if isinstance(kv_heads, int) and self.token_dim is None and self.num_attention_heads is None:
+            heads, width = found["num_attention_heads"], found["token_dim"]
+            head_dim = model_config.get("head_dim") or width // heads
+            found.update(token_dim=head_dim * kv_heads, num_attention_heads=kv_heads)
+        return found
+
+
+def complete(model: nn.Module, config: DeltaConfig, views: Mapping[str, object]) -> DeltaConfig:
+    """A ``Finalize``: the shape fields left unset, read from the model's config (and
+    ``encoder_hidden_size`` from ``token_dim``, as peft fills it)."""
+    assert isinstance(config, PromptLearningConfig)
+    found = config.shape_fields(model_config_dict(model))
+    config = config.replace(**found) if found else config
+    if getattr(config, "encoder_hidden_size", 0) is None:
+        config = config.replace(encoder_hidden_size=config.token_dim)
+    missing = [n for n in ("token_dim", "num_layers", "num_attention_heads") if getattr(config, n) is None]
+    if missing:
+        raise ConfigError(type(config).__name__, missing[0], None, f"the model's config does not say {missing}",
+                          "pass them in the config")
+    return config

@@ -1,0 +1,161 @@
+"""The model-input site: virtual tokens placed before a model call's tokens.
+
+A forward pre-hook on the model rewrites the call: the token embeddings get the virtual tokens in
+front (``inputs_embeds``), the attention mask gets ones for them, labels get -100 (they predict
+nothing), token type ids get zeros (for the task types whose heads read them), position ids are
+dropped so the model numbers the longer sequence itself. Generation works through the same hook:
+once the cache holds the virtual tokens, a call only gets the longer attention mask.
+
+An encoder-decoder model gets its virtual tokens in front of the encoder's input, through a hook
+on the encoder (``generate`` calls the encoder directly); the model's own hook lengthens the mask
+the decoder's cross-attention reads. Names no method.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .errors import AdapterError
+
+VirtualTokens = Callable[[int], Tensor]
+"""(batch size) -> the virtual tokens' embeddings, (batch, n, hidden)."""
+
+IGNORED_LABEL = -100
+"""What transformers' losses skip: the label of a position that predicts nothing."""
+TYPED_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+"""Task types whose calls keep token type ids (extended with zeros); others drop them, as peft does
+(peft also drops them for question answering, and leaves its span labels unshifted: deltatune
+keeps both right)."""
+LABELED_TASKS = ("CAUSAL_LM", "TOKEN_CLS")
+"""Task types whose labels are per position (extended with -100 over the virtual tokens)."""
+SPAN_TASKS = ("QUESTION_ANS",)
+"""Task types whose labels are positions (start/end), shifted past the virtual tokens."""
+
+
+def call_arguments(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A call's arguments by name (positional ones bound to ``forward``'s parameters)."""
+    if not args:
+        return dict(kwargs)
+    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            raise AdapterError(f"{type(module).__name__}.forward takes *{name}; call the model with keyword arguments")
+        else:
+            out[name] = value
+    return out
+
+
+def cache_length(cache: Any) -> int:
+    """How many positions a transformers cache already holds (0 for none)."""
+    if cache is None:
+        return 0
+    length = getattr(cache, "get_seq_length", None)
+    if callable(length):
+        return int(length())
+    first = cache[0][0] if isinstance(cache, (tuple, list)) and cache and cache[0] else None
+    return int(first.shape[-2]) if isinstance(first, Tensor) else 0
+
+
+def longer_mask(mask: Tensor | None, count: int) -> Tensor | None:
+    """``mask`` with ``count`` attended positions in front (None stays None: all attended)."""
+    if mask is None or mask.dim() != 2:
+        return mask
+    return torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)
+
+
+def _embeddings(model: nn.Module, call: dict[str, Any]) -> Tensor:
+    embeds = call.get("inputs_embeds")
+    if embeds is not None:
+        return embeds
+    ids = call.get("input_ids")
+    if ids is None:
+        raise AdapterError("a prompt adapter needs the call's input_ids or inputs_embeds; neither was given")
+    return input_embeddings(model)(ids)
+
+
+def input_embeddings(model: nn.Module) -> nn.Module:
+    """The model's token embedding module (transformers' ``get_input_embeddings``)."""
+    get = getattr(model, "get_input_embeddings", None)
+    module = get() if callable(get) else None
+    if not isinstance(module, nn.Module):
+        raise AdapterError(f"{type(model).__name__} does not say where its token embeddings are "
+                           "(get_input_embeddings); a prompt adapter needs a transformers model")
+    return module
+
+
+def prepend(model: nn.Module, call: dict[str, Any], tokens: VirtualTokens, count: int, task_type: str | None,
+            mask_done: bool = False) -> dict[str, Any]:
+    """The call with ``count`` virtual tokens in front of its tokens (see the module docstring)."""
+    embeds = _embeddings(model, call)
+    virtual = tokens(embeds.shape[0])[:, :count].to(embeds.dtype)
+    call = {**call, "inputs_embeds": torch.cat([virtual, embeds], dim=1), "input_ids": None}
+    if not mask_done:
+        call["attention_mask"] = longer_mask(call.get("attention_mask"), count)
+    labels = call.get("labels")
+    if isinstance(labels, Tensor) and task_type in LABELED_TASKS and labels.dim() >= 2:
+        call["labels"] = torch.cat([labels.new_full((labels.shape[0], count), IGNORED_LABEL), labels], dim=1)
+    if task_type in SPAN_TASKS:
+        for key in ("start_positions", "end_positions"):
+            if isinstance(call.get(key), Tensor):
+                call[key] = call[key] + count
+    types = call.get("token_type_ids")
+    if types is not None:
+        call["token_type_ids"] = (torch.cat([types.new_zeros(types.shape[0], count), types], dim=1)
+                                  if task_type in TYPED_TASKS else None)
+    if "position_ids" in call:
+        call["position_ids"] = None
+    return call
+
+
+class InputSite:
+    """The hooks that put one adapter's virtual tokens into every call of ``model``."""
+
+    def __init__(self, model: nn.Module, tokens: VirtualTokens, count: int, task_type: str | None) -> None:
+        self.tokens, self.count, self.task_type = tokens, count, task_type
+        self.handles: list[RemovableHandle] = []
+        config = getattr(model, "config", None)
+        if getattr(config, "is_encoder_decoder", False):
+            encoder = getattr(model, "get_encoder")()
+            self.handles.append(encoder.register_forward_pre_hook(self._encoder_call, with_kwargs=True))
+            self.handles.append(model.register_forward_pre_hook(self._decoder_mask, with_kwargs=True))
+        else:
+            self.handles.append(model.register_forward_pre_hook(self._model_call, with_kwargs=True))
+
+    def _model_call(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        call = call_arguments(model, args, kwargs)
+        if cache_length(call.get("past_key_values")):  # generating: the virtual tokens are in the cache
+            call["attention_mask"] = longer_mask(call.get("attention_mask"), self.count)
+            if "position_ids" in call:
+                call["position_ids"] = None
+            return (), call
+        return (), prepend(model, call, self.tokens, self.count, self.task_type)
+
+    def _encoder_call(self, encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                      ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        call = call_arguments(encoder, args, kwargs)
+        rows = _embeddings(encoder, call).shape[1] if call.get("input_ids") is None else call["input_ids"].shape[1]
+        mask = call.get("attention_mask")
+        done = mask is not None and mask.shape[-1] == rows + self.count  # the model's hook lengthened it
+        return (), prepend(encoder, call, self.tokens, self.count, None, mask_done=done)
+
+    def _decoder_mask(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                      ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        call = call_arguments(model, args, kwargs)
+        call["attention_mask"] = longer_mask(call.get("attention_mask"), self.count)
+        return (), call
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()

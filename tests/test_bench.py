@@ -92,3 +92,37 @@ def test_bound_adapts_the_layers_deltatune_adapts(arch: str) -> None:
     adapted = {name.removesuffix(".deltas.default.A") for name, _ in model.named_parameters()
                if name.endswith(".deltas.default.A")}
     assert bound_names and bound_names == adapted
+
+
+def test_adapterhub_bench_figures_from_fabricated_runs() -> None:
+    """bench/adapterhub_bench.py (it needs `adapters`, so only in .venv-adapters) parses its flags
+    and turns per-round child results into the issue's figures: the step ratio, and peak RSS above
+    the floor's round by round. Fabricated results: no child runs, nothing is imported but the parent."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from adapterhub_bench import collect, parse_args, render
+    from adapterhub_child import AhSpec
+
+    args = parse_args(["--quick"])
+    assert (args.model, args.repeats, args.threads, args.modes) == ("bert-random", 1, 1, ["train", "infer"])
+    with pytest.raises(SystemExit):
+        parse_args(["--steps", "2"])  # a full run needs >= 5 timed steps
+    with pytest.raises(ValueError):
+        AhSpec(mode="infer", variant="floor").validate()
+
+    def child(step: float, rss: float) -> dict[str, object]:
+        return {"step_s_median": step, "peak_rss_mb": rss, "trainable": 10, "total": 100, "other_cpu_frac": 0.0,
+                "loss_first": 0.7, "logits_abs_mean": 0.1}
+
+    runs = {"train/floor": [child(1.0, 600), child(1.0, 610)],
+            "train/adapters": [child(1.2, 660), child(1.2, 670)],
+            "train/deltatune": [child(1.05, 630), child(1.05, 640)],
+            "infer/base": [child(0.5, 400)], "infer/adapters": [child(0.6, 410)], "infer/deltatune": [child(0.55, 405)]}
+    result = collect(runs, parse_args(["--repeats", "2"]))
+    figures = {(t["figure"], t["a"], t["b"]): t for t in result["targets"] + result["context"]}
+    step = figures[("Pfeiffer training step", "deltatune", "adapters")]
+    assert step["value"] == pytest.approx(0.875) and step["verdict"] == "met"
+    rss = figures[("peak RSS above the floor's", "deltatune", "adapters")]
+    assert rss["value"] == pytest.approx(0.5) and rss["verdict"] == "met"
+    infer = figures[("unmerged Pfeiffer forward over the base forward", "deltatune", "base")]
+    assert infer["value"] == pytest.approx(1.1)
+    assert "| Pfeiffer training step (deltatune / adapters) | train | <= 0.90 | 0.875 |" in render(result)

@@ -117,7 +117,7 @@ class DeltaConfig:
 
     def loads_trainable(self) -> bool:
         """Whether a saved adapter of this config can be loaded to train on: not when its file holds
-        what a trained module computed rather than the module (a P-tuning encoder's output)."""
+        what a trained module computed rather than the module (an encoder's output)."""
         return True
 
     def saved_module_names(self) -> tuple[str, ...]:

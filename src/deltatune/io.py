@@ -248,7 +248,7 @@ def load(model: nn.Module, directory: str | os.PathLike[str], name: str = "defau
         raise AdapterFileError(
             f"{folder}: this {config.peft_type} adapter's file holds what its trained encoder computed, not the encoder, "
             "so it cannot be trained further in this form; load it frozen (trainable=False), or attach a new adapter "
-            "whose tensors are the virtual tokens themselves (prompt tuning) and copy them in. The model was left unchanged.")
+            "whose saved tensors are its trained ones and start it from these values. The model was left unchanged.")
     tensors = read_tensors(folder)
     attach_plan = plan(model, config, name)
     pairs = _match(model, attach_plan, tensors, folder / WEIGHTS_NAME)

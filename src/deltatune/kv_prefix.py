@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .errors import AdapterError
 from .hf import filled_cache
-from .virtual_tokens import cache_length, call_arguments, longer_mask
+from .virtual_tokens import PREFIX_LENGTH_ATTR, cache_length, call_arguments, longer_mask
 
 Prefixes = Callable[[int], Tensor]
 """(batch size) -> every row's prefix table, (batch, n, layers * 2 * heads * head_dim)."""
@@ -68,6 +68,7 @@ class PrefixSite:
         self.encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
         owner = cache_owner(model)
         self.handle: RemovableHandle = owner.register_forward_pre_hook(self._call, with_kwargs=True)
+        self.after: RemovableHandle = owner.register_forward_hook(self._returned, with_kwargs=True)
 
     def _call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
               ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -83,12 +84,23 @@ class PrefixSite:
                                "add its prefix to the cache twice; call model.gradient_checkpointing_disable()")
         rows = _batch_size(call)
         table = self.prefixes(rows).to(_dtype(self.model))
-        call["past_key_values"] = filled_cache(layer_pairs(table, self.layers, self.heads, 2 if self.encoder_decoder else 1),
-                                               self.encoder_decoder)
+        cache = filled_cache(layer_pairs(table, self.layers, self.heads, 2 if self.encoder_decoder else 1),
+                             self.encoder_decoder)
+        setattr(cache, PREFIX_LENGTH_ATTR, self.count)  # a prompt adapter's hook after this one sees no tokens cached
+        call["past_key_values"] = cache
         return (), call
+
+    def _returned(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        """A call with ``use_cache=False`` returns no cache, as without the adapter: some models (LLaMA)
+        return the cache they were handed whatever ``use_cache`` says, and ``generate(use_cache=False)``
+        would hand the prefixed cache of one step to the next, which then skips its prefixes."""
+        if kwargs.get("use_cache") is False and getattr(output, "past_key_values", None) is not None:
+            output.past_key_values = None
+        return output
 
     def remove(self) -> None:
         self.handle.remove()
+        self.after.remove()
 
 
 def _batch_size(call: dict[str, Any]) -> int:

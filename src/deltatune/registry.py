@@ -103,6 +103,8 @@ class RecipeInput:
     common: Mapping[str, Any]
     """Config fields every recipe passes through: ``task_type`` and ``modules_to_save``."""
     total_steps: int
+    base_path: str | None = None
+    """The base model's folder (its tokenizer, for a prompt initialised from text)."""
 
 
 TrainingHooks = Callable[[nn.Module], tuple[list[Callable[[int], None]], list[Callable[[], Tensor]]]]

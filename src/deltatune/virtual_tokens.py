@@ -55,13 +55,19 @@ def call_arguments(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
     return out
 
 
+PREFIX_LENGTH_ATTR = "deltatune_prefix_length"
+"""Set by the key/value prefix site on the cache it fills: how many of its positions are prefixes."""
+
+
 def cache_length(cache: Any) -> int:
-    """How many positions a transformers cache already holds (0 for none)."""
+    """How many positions of the call's tokens a transformers cache already holds (0 for none):
+    the key/value prefixes a prefix adapter put in for this call do not count, so a prompt
+    adapter's hook that runs after a prefix adapter's still sees a first call, not a generation step."""
     if cache is None:
         return 0
     length = getattr(cache, "get_seq_length", None)
     if callable(length):
-        return int(length())
+        return int(length()) - int(getattr(cache, PREFIX_LENGTH_ATTR, 0))
     first = cache[0][0] if isinstance(cache, (tuple, list)) and cache and cache[0] else None
     return int(first.shape[-2]) if isinstance(first, Tensor) else 0
 

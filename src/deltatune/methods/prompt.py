@@ -23,10 +23,10 @@ from ..errors import AdapterError
 from ..layer import STATE_ATTR, HookedDelta, ModelDelta, Removable, adapter_dtype
 from ..registry import Method, register
 from ..sites import HOLDER, site_holder
-from ..kv_prefix import PrefixSite
+from ..kv_prefix import PrefixSite, cache_owner
 from ..virtual_tokens import InputSite, VirtualTokens, input_embeddings
 from .prompt_config import PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig, complete
-from .prompt_encoders import PromptTable, build_encoder
+from .prompt_encoders import PrefixEncoder, PromptTable, build_encoder
 
 FILE_KEY = "prompt_embeddings"
 """peft's file key for the virtual tokens (no module path, no adapter name)."""
@@ -64,8 +64,9 @@ class PromptAdapter(HookedDelta):
         return self.encoder.table()  # type: ignore[operator]
 
     def tensors(self) -> dict[str, Tensor]:
-        if isinstance(self.encoder, PromptTable):
-            return {FILE_KEY: self.encoder.embedding.weight}
+        if isinstance(self.encoder, PromptTable) or (isinstance(self.encoder, PrefixEncoder)
+                                                     and self.encoder.transform is None):
+            return {FILE_KEY: self.encoder.embedding.weight}  # the file holds this table itself
         return {f"prompt_encoder.{k}": t for k, t in self.encoder.state_dict(keep_vars=True).items()}
 
     def tensors_to_save(self) -> dict[str, Tensor]:
@@ -135,6 +136,8 @@ def make_prompt(model: nn.Module, config: DeltaConfig, views: Mapping[str, objec
     assert isinstance(config, PromptLearningConfig)
     words = input_embeddings(model).weight
     assert isinstance(words, Tensor)
+    if isinstance(config, PrefixTuningConfig):
+        cache_owner(model)  # a model that cannot take prefixes is refused before anything changes
     encoder = build_encoder(config, words).to(device=words.device, dtype=adapter_dtype(words.dtype))
     return (PrefixAdapter if isinstance(config, PrefixTuningConfig) else PromptAdapter)(config, encoder)
 

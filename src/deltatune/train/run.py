@@ -19,7 +19,7 @@ from torch import nn
 from ..adapters import summary
 from ..config import DeltaConfig
 from ..errors import DataError
-from ..hf import default_targets, load_tokenizer, output_head_name
+from ..hf import default_targets, load_tokenizer, name_or_path, output_head_name
 from ..inject import attach
 from ..state import set_active, state_of
 from ..io import CONFIG_NAME, load
@@ -71,7 +71,8 @@ def adapter_config(run: RunOptions, task: Task, model: nn.Module, total_steps: i
         targets = "all-linear"
     common: dict[str, Any] = {"task_type": task.task_type,
                               "modules_to_save": (*run.modules_to_save, *task.saved_modules(model)) or None}
-    return recipe_named(run.method).build(RecipeInput(run.method_options, targets, default_targets(model), common, total_steps))
+    return recipe_named(run.method).build(RecipeInput(run.method_options, targets, default_targets(model), common,
+                                                      total_steps, name_or_path(model)))
 
 
 def load_prior(run: RunOptions, model: nn.Module) -> None:

@@ -24,7 +24,7 @@ from ... import hf
 from ...errors import DataError
 from ..data import Row, Rows
 from .base import Batch, Features, Task, batches
-from .common import IGNORE, by_length, device_of, ensure_pad_token, generate, loss_metrics, mask, pad, text, \
+from .common import IGNORE, aligned, by_length, device_of, ensure_pad_token, generate, loss_metrics, mask, pad, text, \
     token_loss_sum, to_device
 
 Piece = tuple[list[int], bool]
@@ -177,6 +177,7 @@ class CausalLM(Task):
         for chunk in batches(order, batch_size):
             batch = to_device(self.collate([features[i] for i in chunk]), device_of(model))
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = aligned(logits, batch["input_ids"].shape[1])
             # position t predicts token t + 1
             chunk_total, chunk_count = token_loss_sum(logits[:, :-1], batch["labels"][:, 1:])
             total, count = total + chunk_total, count + chunk_count

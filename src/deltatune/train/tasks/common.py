@@ -38,6 +38,12 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {key: value.to(device) for key, value in batch.items()}
 
 
+def aligned(per_position: Tensor, length: int) -> Tensor:
+    """Per-position outputs for the input's ``length`` positions: an adapter that puts virtual tokens
+    before the input makes the model return that many more, in front."""
+    return per_position[:, per_position.shape[1] - length:]
+
+
 def token_loss_sum(logits: Tensor, labels: Tensor) -> tuple[float, int]:
     """(summed cross-entropy, number of scored tokens) over labels that are not :data:`IGNORE`.
 

@@ -26,7 +26,7 @@ from ...errors import DataError
 from ..data import Row, Rows
 from ..metrics import spearman
 from .base import Batch, Features, Task, batches
-from .common import device_of, mask, pad, require_inputs, text, to_device
+from .common import aligned, device_of, mask, pad, require_inputs, text, to_device
 
 SCALE = 20.0
 """Cosine similarities are multiplied by this before the softmax / CoSENT exponent (sharper targets)."""
@@ -34,7 +34,7 @@ SCALE = 20.0
 
 def embed(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """Mean of the last hidden states over the attention mask: one vector per row."""
-    hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = aligned(model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state, input_ids.shape[1])
     weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
 

@@ -24,7 +24,7 @@ from ... import hf
 from ..data import Row, Rows
 from ..metrics import squad_exact, squad_f1
 from .base import Batch, Features, Task, batches
-from .common import by_length, device_of, mask, pad, require_fast, require_inputs, text, to_device
+from .common import aligned, by_length, device_of, mask, pad, require_fast, require_inputs, text, to_device
 from .qa_spans import Answers, Offsets, best_span, context_offsets, read_answers, span_text, token_span
 
 
@@ -114,9 +114,11 @@ class QuestionAnswering(Task):
         predicted = [""] * len(features)
         for chunk in batches(by_length(features), batch_size):
             inputs = [{k: v for k, v in features[i].items() if k in ("input_ids", "token_type_ids")} for i in chunk]
-            output = model(**to_device(self.collate(inputs), device_of(model)))
+            batch = to_device(self.collate(inputs), device_of(model))
+            output, length = model(**batch), batch["input_ids"].shape[1]
+            starts, ends = aligned(output.start_logits, length), aligned(output.end_logits, length)
             for row, i in enumerate(chunk):
-                predicted[i] = self._answer(output.start_logits[row], output.end_logits[row], features[i])
+                predicted[i] = self._answer(starts[row], ends[row], features[i])
         return predicted
 
     def evaluate(self, model: nn.Module, features: Sequence[Features], batch_size: int) -> dict[str, float]:

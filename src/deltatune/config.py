@@ -120,6 +120,11 @@ class DeltaConfig:
         what a trained module computed rather than the module (an encoder's output)."""
         return True
 
+    def trains_with_checkpointing(self) -> bool:
+        """Whether the adapter can train while the model recomputes its layers in backward (gradient
+        checkpointing); not one that hands every layer state of its own for the call."""
+        return True
+
     def saved_module_names(self) -> tuple[str, ...]:
         """Modules copied, trained in full and saved with the adapter (``modules_to_save`` and the task's
         heads, for configs that have them)."""

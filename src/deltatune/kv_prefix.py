@@ -79,7 +79,7 @@ class PrefixSite:
             call["position_ids"] = call["position_ids"] + self.count
         if cache_length(call.get("past_key_values")):  # generating: the prefixes are in the cache
             return (), call
-        if self.model.training and getattr(self.model, "is_gradient_checkpointing", False):
+        if self.model.training and _checkpointing(self.model):
             raise AdapterError("prefix tuning cannot train with gradient checkpointing: recomputing a layer would "
                                "add its prefix to the cache twice; call model.gradient_checkpointing_disable()")
         rows = _batch_size(call)
@@ -101,6 +101,14 @@ class PrefixSite:
     def remove(self) -> None:
         self.handle.remove()
         self.after.remove()
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether transformers' gradient (activation) checkpointing is on, under either name it has had."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if name in dir(type(model)):
+            return bool(getattr(model, name))
+    return False
 
 
 def _batch_size(call: dict[str, Any]) -> int:

@@ -36,6 +36,10 @@ LABELED_TASKS = ("CAUSAL_LM", "TOKEN_CLS")
 """Task types whose labels are per position (extended with -100 over the virtual tokens)."""
 SPAN_TASKS = ("QUESTION_ANS",)
 """Task types whose labels are positions (start/end), shifted past the virtual tokens."""
+LAST_TOKEN_HEAD = "score"
+"""The sequence-classification head of transformers' decoder-only models: it classifies every
+position and the model keeps the last real token's, which it finds in ``input_ids``; called with
+``inputs_embeds`` it keeps the last position, padding for a row shorter than its batch."""
 
 
 def call_arguments(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -136,6 +140,20 @@ class InputSite:
             self.handles.append(model.register_forward_pre_hook(self._decoder_mask, with_kwargs=True))
         else:
             self.handles.append(model.register_forward_pre_hook(self._model_call, with_kwargs=True))
+            head = getattr(model, LAST_TOKEN_HEAD, None)
+            if task_type == "SEQ_CLS" and isinstance(head, nn.Module):
+                self.handles.append(head.register_forward_pre_hook(self._last_token_last))
+        self.last_token: Tensor | None = None
+
+    def _last_token_last(self, head: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """The head's input with each row's last real token's hidden state in the last position, which
+        the model classifies (see ``LAST_TOKEN_HEAD``)."""
+        last, self.last_token = self.last_token, None
+        hidden = args[0] if args else None
+        if last is None or not isinstance(hidden, Tensor) or hidden.dim() != 3 or hidden.shape[0] != last.shape[0]:
+            return None
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
+        return (torch.cat([hidden[:, :-1], picked[:, None]], dim=1), *args[1:])
 
     def _model_call(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
                     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -145,7 +163,11 @@ class InputSite:
             if "position_ids" in call:
                 call["position_ids"] = None
             return (), call
-        return (), prepend(model, call, self.tokens, self.count, self.task_type)
+        call = prepend(model, call, self.tokens, self.count, self.task_type)
+        mask = call.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2:  # each row's last attended position
+            self.last_token = (torch.arange(mask.shape[1], device=mask.device) * (mask != 0)).argmax(-1)
+        return (), call
 
     def _encoder_call(self, encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
                       ) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -162,6 +162,9 @@ class PrefixTuningConfig(PromptLearningConfig):
     def loads_trainable(self) -> bool:
         return not self.prefix_projection  # with the projection, the file holds the computed prefixes
 
+    def trains_with_checkpointing(self) -> bool:
+        return False  # recomputing a layer would add its prefix to the cache twice
+
     def validate(self) -> None:
         super().validate()
         self.check(self.encoder_hidden_size is None or _positive(self.encoder_hidden_size), "encoder_hidden_size",

@@ -54,7 +54,8 @@ register_recipe(Recipe(
     "p-tuning", "P-tuning (Liu et al. 2021): virtual tokens computed by a trained MLP or LSTM encoder", p_tuning,
     options=(MethodOption("prompt_encoder", "str", "mlp", "P-tuning: the encoder, mlp or lstm"),
              MethodOption("encoder_hidden_size", "int", 0, "P-tuning / prefix projection: encoder width; 0 = the "
-                                                            "model's hidden size"))))
+                                                            "model's hidden size (prefixes on a grouped-query model: "
+                                                            "the key/value width, as peft)"))))
 register_recipe(Recipe(
     "prefix-tuning", "prefix tuning (Li & Liang 2021): trained key/value prefixes in every attention layer; "
     "without --prefix-projection, P-tuning v2's deep prompts", prefix_tuning,

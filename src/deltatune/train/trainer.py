@@ -34,9 +34,10 @@ from typing import Any, NoReturn
 import torch
 from torch import Tensor, nn
 
-from ..errors import TrainingError
+from ..errors import AdapterError, TrainingError
 from ..fast import accelerate, retain_freed_memory
 from ..io import save
+from ..layer import STATE_ATTR
 from .checkpoint import latest_checkpoint, read_trainer_state, restore_adapters, rng_state, set_rng_state, write_checkpoint
 from .config import TrainConfig
 from .lock import own_folder
@@ -163,6 +164,16 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         make_inputs_require_grad()
 
 
+def refuse_checkpointing(model: nn.Module) -> None:
+    """Stop, before anything is written, when an active adapter cannot train with gradient checkpointing."""
+    state = model.__dict__.get(STATE_ATTR)
+    refusing = [n for n in state.active if not state.configs[n].trains_with_checkpointing()] if state else []
+    if refusing:
+        raise AdapterError(f"adapter(s) {refusing} cannot train with gradient checkpointing (every layer's recomputation "
+                           "would see the state the adapter handed it once more); drop --gradient-checkpointing "
+                           "(TrainConfig.gradient_checkpointing=False)")
+
+
 class Trainer:
     """Train a delta-tuned model on a task; evaluate, checkpoint and resume."""
 
@@ -193,6 +204,7 @@ class Trainer:
         if cfg.accelerate:  # first: it refuses an unsupported model before anything changes it
             accelerate(model)
         if cfg.gradient_checkpointing:
+            refuse_checkpointing(model)
             enable_gradient_checkpointing(model)
         if cfg.retain_freed_memory and not retain_freed_memory():
             warnings.warn("retain_freed_memory needs glibc (Linux); the allocator is left as it is",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,7 +12,7 @@ from ..data import Row, Rows
 from ..labels import LabelledTask, LabelSet
 from ..metrics import accuracy, macro_f1
 from .base import Batch, Features, Task, batches
-from .common import text
+from .common import ensure_pad_token, text
 
 
 class SequenceClassification(LabelledTask, Task):
@@ -24,13 +24,24 @@ class SequenceClassification(LabelledTask, Task):
     columns = {"text": "text", "label": "label"}
     optional_columns = {"text_pair": "text_pair"}
 
+    def __init__(self, tokenizer: Any, max_length: int = 128, column_map: Mapping[str, str] | None = None,
+                 state: Mapping[str, Any] | None = None) -> None:
+        super().__init__(tokenizer, max_length, column_map, state)
+        ensure_pad_token(tokenizer, self.name)
 
     def fit(self, rows: Rows) -> None:
         column = self.column("label")
         self.labels = LabelSet.learn(((r[column], rows.where(i)) for i, r in enumerate(rows.rows)), rows.source)
 
     def load_model(self, model_path: str, dtype: torch.dtype | None = None) -> nn.Module:
-        return self.labelled_model("AutoModelForSequenceClassification", model_path, dtype)
+        """The model with a head for the labels. A decoder's head classifies from the last token that is
+        not padding, which it finds by the config's pad token id: most decoder checkpoints leave it
+        unset (transformers then refuses batches of more than one row), so it is the tokenizer's."""
+        model = self.labelled_model("AutoModelForSequenceClassification", model_path, dtype)
+        config = getattr(model, "config", None)
+        if config is not None and getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = self.tokenizer.pad_token_id
+        return model
 
     def saved_modules(self, model: nn.Module) -> list[str]:
         """BERT-style models classify from a pooler (dense + tanh on [CLS]) that some checkpoints never

@@ -171,3 +171,20 @@ def file_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
 
 def config_json(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "adapter_config.json").read_text())
+
+
+def seeded_pair(factory: Callable[[str], nn.Module], theirs_config: Any, ours_config: Any, attn: str, seed: int
+                ) -> tuple[nn.Module, nn.Module]:
+    """(peft's model, deltatune's): the same tiny base, each adapter built right after the same seed
+    (both libraries then draw the same initial values)."""
+    import peft
+
+    import deltatune as dt
+
+    base = factory(attn)
+    torch.manual_seed(seed)
+    theirs = peft.get_peft_model(base, theirs_config)
+    ours = factory(attn)
+    torch.manual_seed(seed)
+    dt.attach(ours, ours_config)
+    return theirs.eval(), ours.eval()

@@ -190,3 +190,43 @@ def outputs(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     with torch.no_grad():
         out = model(**inputs)
     return torch.cat([v.float().flatten() for v in out.values() if isinstance(v, Tensor) and v.is_floating_point()])
+
+
+def check_rebuilds(out: Path, run: Watched, task_name: str, capsys: pytest.CaptureFixture[str]
+                   ) -> tuple[Any, dict[str, Tensor], Tensor]:
+    """The run folder rebuilds the trained model: the same outputs (within 1e-5), the same metrics
+    from ``deltatune eval`` and the same predictions. Returns (the task, an evaluation batch, the
+    trained model's outputs on it)."""
+    from deltatune.cli import main
+    from deltatune.train.run import rebuild
+
+    model, task = run.model, run.trainer.task
+    batch = task.collate(run.trainer.eval_features)
+    trained_out = outputs(model, batch)
+    rebuilt, rebuilt_task, _ = rebuild(out)
+    assert (outputs(rebuilt, batch) - trained_out).abs().max() <= 1e-5
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics == pytest.approx(task.evaluate(model, run.trainer.eval_features, 64), abs=1e-5)
+    rows = DATA[task_name](2, 3)
+    for generating in (task, rebuilt_task):  # causal-lm, seq2seq: a few tokens are enough to compare
+        if hasattr(generating, "max_new_tokens"):
+            generating.__dict__["max_new_tokens"] = 6
+    assert rebuilt_task.predict(rebuilt, rows) == task.predict(model, rows)
+    return task, batch, trained_out
+
+
+def base_model(task: Any, folder: Path) -> nn.Module:
+    """The base model as the run loaded it: seeded as the run was, so with the same new head."""
+    from deltatune.train import seed_everything
+
+    seed_everything(0)
+    return task.load_model(str(folder)).eval()
+
+
+def check_loss_fell(out: Path, run: Watched) -> None:
+    """The loss is finite at every logged step and the training loss fell."""
+    losses = train_losses(out)
+    assert len(losses) == STEPS and all(math.isfinite(loss) for loss in losses), losses
+    assert run.loss_after < run.loss_before, (run.loss_before, run.loss_after)

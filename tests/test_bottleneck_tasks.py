@@ -7,21 +7,18 @@ table is refused with a clear error before anything is written."""
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from task_runs import DATA, FIXTURE_ARCH, STEPS, WIDTH, Watched, model_folder, outputs, train_args, train_losses
+from task_runs import (FIXTURE_ARCH, WIDTH, Watched, base_model, check_loss_fell, check_rebuilds, model_folder, outputs,
+                       train_args)
 from task_runs import folders, watched  # noqa: F401  (fixtures, used by name)
 
 import deltatune as dt
 from deltatune.cli import main
-from deltatune.train import seed_everything
-from deltatune.train.run import rebuild
-from deltatune.train.tasks import Task
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("keep_thread_count")]
 
@@ -84,10 +81,7 @@ def test_bottleneck_adapter_trains_saves_and_rebuilds_for_the_task(
     [run] = watched
     model = run.model.eval()
 
-    # the loss is finite at every step and the training loss fell
-    losses = train_losses(out)
-    assert len(losses) == STEPS and all(math.isfinite(loss) for loss in losses), losses
-    assert run.loss_after < run.loss_before, (run.loss_before, run.loss_after)
+    check_loss_fell(out, run)
 
     # only the adapter's blocks and the task head train; all of them changed, nothing else did
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -104,24 +98,10 @@ def test_bottleneck_adapter_trains_saves_and_rebuilds_for_the_task(
     assert (config["peft_type"], config["reduction_factor"]) == ("BOTTLENECK", REDUCTION[case.method])
 
     # the run folder rebuilds the trained model: the same outputs, metrics and predictions
-    task: Task = run.trainer.task
-    batch = task.collate(run.trainer.eval_features)
-    trained_out = outputs(model, batch)
-    rebuilt, rebuilt_task, _ = rebuild(out)
-    assert (outputs(rebuilt, batch) - trained_out).abs().max() <= 1e-5
-    capsys.readouterr()
-    assert main(["eval", str(out)]) == 0
-    metrics = json.loads(capsys.readouterr().out)
-    assert metrics == pytest.approx(task.evaluate(model, run.trainer.eval_features, 64), abs=1e-5)
-    rows = DATA[case.task](2, 3)
-    for generating in (task, rebuilt_task):  # causal-lm, seq2seq: a few tokens are enough to compare
-        if hasattr(generating, "max_new_tokens"):
-            generating.__dict__["max_new_tokens"] = 6
-    assert rebuilt_task.predict(rebuilt, rows) == task.predict(model, rows)
+    task, batch, trained_out = check_rebuilds(out, run, case.task, capsys)
 
     # switched off, the adapter leaves the base model (with its untrained head, as loaded)
-    seed_everything(0)  # as the run did before loading the model: the same new head
-    base = task.load_model(str(folder)).eval()
+    base = base_model(task, folder)
     with dt.disabled(model):
         assert (outputs(model, batch) - outputs(base, batch)).abs().max() <= 1e-5
     assert (trained_out - outputs(base, batch)).abs().max() > 1e-3

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 import deltatune as dt
 from conftest import TOLERANCES, state_hash
 from prompt_models import (FP32_ATOL, LABELS, MODELS, N, QA, WIDTH, batch, config_json, file_shapes, llama, logits,
-                           max_diff, perturb_trainable)
+                           max_diff, perturb_trainable, seeded_pair)
 
 import peft
 
@@ -67,14 +67,7 @@ def pair(model: str, projection: bool, attn: str = "sdpa", seed: int = 7, **extr
          ) -> tuple[nn.Module, nn.Module]:
     """(peft's model, deltatune's) with a prefix adapter on a fresh tiny ``model``, from the same seed."""
     factory, task = (MODELS | QA)[model]
-    theirs_config, ours_config = configs(task, projection, **extra)
-    base = factory(attn)
-    torch.manual_seed(seed)
-    theirs = peft.get_peft_model(base, theirs_config)
-    ours = factory(attn)
-    torch.manual_seed(seed)
-    dt.attach(ours, ours_config)
-    return theirs.eval(), ours.eval()
+    return seeded_pair(factory, *configs(task, projection, **extra), attn, seed)
 
 
 def prefixed(model: str = "llama", projection: bool = False, name: str = "default", seed: int = 7,

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 import deltatune as dt
 from conftest import TOLERANCES, state_hash
 from prompt_models import (FP32_ATOL, LABELS, MODELS, N, QA, WIDTH, batch, config_json, file_shapes, labels_for, llama,
-                           logits, max_diff, perturb_trainable)
+                           logits, max_diff, perturb_trainable, seeded_pair)
 from task_fixtures import word_tokenizer
 
 import peft
@@ -78,14 +78,7 @@ def pair(model: str, method: str, attn: str = "sdpa", tokenizer: Path | None = N
          ) -> tuple[nn.Module, nn.Module]:
     """(peft's model, deltatune's) for ``method`` on a fresh tiny ``model``, from the same seed."""
     factory, task = (MODELS | QA)[model]
-    theirs_config, ours_config = configs(method, task, tokenizer)
-    base = factory(attn)
-    torch.manual_seed(seed)
-    theirs = peft.get_peft_model(base, theirs_config)
-    ours = factory(attn)
-    torch.manual_seed(seed)
-    dt.attach(ours, ours_config)
-    return theirs.eval(), ours.eval()
+    return seeded_pair(factory, *configs(method, task, tokenizer), attn, seed)
 
 
 def adapted_part(model: str, out: Tensor) -> Tensor:

@@ -25,16 +25,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from task_runs import DATA, FIXTURE_ARCH, STEPS, WIDTH, Watched, model_folder, outputs, train_args, train_losses
+from task_runs import (FIXTURE_ARCH, WIDTH, Watched, base_model, check_loss_fell, check_rebuilds, model_folder, outputs,
+                       train_args)
 from task_runs import folders, watched  # noqa: F401  (fixtures, used by name)
 from torch import nn
 
 import deltatune as dt
 from deltatune.cli import main
-from deltatune.train import seed_everything
 from deltatune.train.run import rebuild
 from deltatune.train.tasks.common import aligned
-from deltatune.train.tasks import Task
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("keep_thread_count")]
 
@@ -168,10 +167,7 @@ def test_prompt_method_trains_saves_and_rebuilds_for_the_task(
     [run] = watched
     model = run.model.eval()
 
-    # the loss is finite at every step and the training loss fell
-    losses = train_losses(out)
-    assert len(losses) == STEPS and all(math.isfinite(loss) for loss in losses), losses
-    assert run.loss_after < run.loss_before, (run.loss_before, run.loss_after)
+    check_loss_fell(out, run)
 
     # only the prompt encoder and the task head train; all of them changed, nothing else did
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -191,24 +187,10 @@ def test_prompt_method_trains_saves_and_rebuilds_for_the_task(
     assert (config["peft_type"], config["num_virtual_tokens"]) == (PEFT_TYPE[case.form.method], N)
 
     # the run folder rebuilds the trained model: the same outputs, metrics and predictions
-    task: Task = run.trainer.task
-    batch = task.collate(run.trainer.eval_features)
-    trained_out = outputs(model, batch)
-    rebuilt, rebuilt_task, _ = rebuild(out)
-    assert (outputs(rebuilt, batch) - trained_out).abs().max() <= 1e-5
-    capsys.readouterr()
-    assert main(["eval", str(out)]) == 0
-    metrics = json.loads(capsys.readouterr().out)
-    assert metrics == pytest.approx(task.evaluate(model, run.trainer.eval_features, 64), abs=1e-5)
-    rows = DATA[case.task](2, 3)
-    for generating in (task, rebuilt_task):  # causal-lm, seq2seq: a few tokens are enough to compare
-        if hasattr(generating, "max_new_tokens"):
-            generating.__dict__["max_new_tokens"] = 6
-    assert rebuilt_task.predict(rebuilt, rows) == task.predict(model, rows)
+    task, batch, trained_out = check_rebuilds(out, run, case.task, capsys)
 
     # switched off, the prompt leaves the base model (with its untrained head, as loaded)
-    seed_everything(0)  # as the run did before loading the model: the same new head
-    base = task.load_model(str(folder)).eval()
+    base = base_model(task, folder)
     with dt.disabled(model):
         assert (outputs(model, batch) - outputs(base, batch)).abs().max() <= 1e-5
     assert (input_outputs(model, batch) - input_outputs(base, batch)).abs().max() > 1e-3

@@ -3,8 +3,9 @@
 A site (``hf.SiteSpec``) is the step where a transformer layer adds a sub-block's output ``h`` to
 the residual ``x`` (and, in post-LN models, normalises the sum). ``SiteHooks`` hands ``(h, x,
 norm)`` to a function and puts its result where the model continues: post-LN, as the output of
-the module that computed ``LN(h + x)``; pre-LN, as the sub-block's output, to which the layer then
-adds ``x`` itself (the function is told so, and leaves ``x`` out). Hooks keep every module and
+the module that computed ``LN(h + x)`` (that output is handed over too: the function need not compute
+it again); pre-LN, as the sub-block's output, to which the layer then adds ``x`` itself (the function
+is told so, and leaves ``x`` out). Hooks keep every module and
 parameter name as it was. Names no method.
 """
 
@@ -27,9 +28,10 @@ FILE_PREFIX = "base_model.model."
 """What peft-style file keys start with."""
 
 Norm = Callable[[Tensor], Tensor]
-SiteFunction = Callable[[Tensor, Tensor, "Norm | None", bool], "Tensor | None"]
-"""(h, x, the site's layer norm or None, whether the model adds x afterwards) -> the site's
-output (without x when the model adds it), or None to leave the model's own."""
+SiteFunction = Callable[[Tensor, Tensor, "Norm | None", bool, "Tensor | None"], "Tensor | None"]
+"""(h, x, the site's layer norm or None, whether the model adds x afterwards, the model's own
+``LN(h + x)`` at a post-LN site or None) -> the site's output (without x when the model adds it), or
+None to leave the model's own."""
 
 
 class SiteConfig(TargetedConfig):
@@ -141,12 +143,13 @@ class SiteHooks:
         if self.site.owner is not None:  # post-LN: the owner's hook computes the site
             self._seen["h"] = h
             return None
-        result = self.compute(h, self._seen.pop("x"), None, True)
+        result = self.compute(h, self._seen.pop("x"), None, True, None)
         return None if result is None else _with_first(output, result)
 
     def _on_owner(self, module: nn.Module, args: Any, output: Any) -> Any:
         norm = self.site.norm
-        result = self.compute(self._seen.pop("h"), self._seen.pop("x"), None if norm is None else norm.forward, False)
+        result = self.compute(self._seen.pop("h"), self._seen.pop("x"), None if norm is None else norm.forward, False,
+                              _first(output))
         return None if result is None else _with_first(output, result)
 
     def remove(self) -> None:

@@ -125,7 +125,9 @@ class BottleneckBlock(nn.Module):
         """Adapter input ``x`` and adapter residual -> (output, scaled up-projection). Fusion attends over
         the second value: after ``scaling``, before dropout, gate, residual and ``norm_after``."""
         h = x if self.norm_before is None else self.norm_before(x)
-        up = self.up(self.activation(self.down(h))) * self.scaling
+        up = self.up(self.activation(self.down(h)))
+        if not isinstance(self.scaling, float) or self.scaling != 1.0:  # times 1.0 is the same bits: skip that pass
+            up = up * self.scaling
         out = self.dropout(up)
         if self.gate is not None:  # one gate per sequence: the sigmoid averaged over positions
             out = out * torch.mean(torch.sigmoid(self.gate(x)), dim=1).unsqueeze(-1)
@@ -153,13 +155,14 @@ class BottleneckBlock(nn.Module):
 
 
 def site_input(block: BottleneckBlock, hidden_states: Tensor, input_tensor: Tensor, layer_norm: SiteNorm | None,
-               query_before_ln: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+               query_before_ln: bool = False, normed: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """AdapterHub's ``pre_forward``: (adapter input, fusion query, adapter residual) at a site.
 
     Parallel: all three are ``input_tensor`` (the sub-block's input). Serial: the residual is
     ``hidden_states`` when ``residual_before_ln`` is True; with ``original_ln_before`` the input becomes
     ``layer_norm(hidden_states + input_tensor)`` (just the sum when the site has no layer norm); with
-    ``"post_add"`` the residual is that sum before the norm; with False it is the adapter input."""
+    ``"post_add"`` the residual is that sum before the norm; with False it is the adapter input. ``normed``:
+    that normed sum where the model has it already (a post-LN site's output): not computed nor saved twice."""
     if block.is_parallel:
         return input_tensor, input_tensor, input_tensor
     rbl = block.residual_before_ln
@@ -168,10 +171,9 @@ def site_input(block: BottleneckBlock, hidden_states: Tensor, input_tensor: Tens
                           "use True or False at this site")
     residual = query = hidden_states
     if block.original_ln_before:
-        hidden_states = hidden_states + input_tensor
-        if layer_norm is not None:
-            residual = hidden_states if rbl == "post_add" else residual
-            hidden_states = layer_norm(hidden_states)
+        total = hidden_states + input_tensor if layer_norm is None or normed is None or rbl == "post_add" else normed
+        residual = total if rbl == "post_add" else residual
+        hidden_states = total if layer_norm is None else (layer_norm(total) if normed is None else normed)
     if not rbl:
         residual = hidden_states
     return hidden_states, (query if query_before_ln else hidden_states), residual
@@ -190,8 +192,7 @@ def site_output(block: BottleneckBlock, output: Tensor, hidden_states: Tensor, i
     return output
 
 
-def apply_at_site(block: BottleneckBlock, hidden_states: Tensor, input_tensor: Tensor,
-                  layer_norm: SiteNorm | None) -> Tensor:
+def apply_at_site(block: BottleneckBlock, hidden_states: Tensor, input_tensor: Tensor, layer_norm: SiteNorm | None) -> Tensor:
     """The site's new output with one adapter active (serial or parallel)."""
     x, _, residual = site_input(block, hidden_states, input_tensor, layer_norm)
     return site_output(block, block(x, residual)[0], hidden_states, input_tensor, layer_norm)

@@ -5,6 +5,9 @@ step. ``dt.Average``: the first member's pre step, the mean of ``w_i o_i`` with 
 normalised to sum 1 (so the weighted sum divided by the number of members, AdapterHub's rule), the
 last member's post step. ``dt.BatchSplit``: each member on its rows. A single adapter: pre step,
 block, post step. Where the model adds the residual itself (pre-LN sites) the result leaves it out.
+Where the model has computed ``LN(h + x)`` itself (post-LN sites: ``own``), a pre step that needs it
+takes it rather than computing it again; a single Pfeiffer-placed adapter there runs fused
+(``bottleneck_fused``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from ..compose import Active, Average, BatchSplit, Composition, Fuse, Parallel, 
 from ..errors import AdapterError
 from ..sites import Norm
 from .bottleneck_block import BottleneckBlock, FusionBlock, site_input, site_output
+from .bottleneck_fused import fused_site
 
 
 @runtime_checkable
@@ -31,16 +35,17 @@ class SiteFusion(Protocol):
 
 
 def run_site(active: Active, blocks: Mapping[str, BottleneckBlock], fusions: Mapping[tuple[str, ...], FusionBlock],
-             h: Tensor, x: Tensor, norm: Norm | None, adds: bool) -> Tensor | None:
-    """The site's output under the active composition (None: no member has a block here)."""
+             h: Tensor, x: Tensor, norm: Norm | None, adds: bool, own: Tensor | None) -> Tensor | None:
+    """The site's output under the active composition (None: no member has a block here); ``own`` is
+    the model's ``LN(h + x)`` at a post-LN site (else None)."""
     composition = active.composition
     if isinstance(composition, Fuse):
-        return _fuse(composition, blocks, fusions, h, x, norm, adds)
-    return _evaluate(composition, blocks, h, x, norm, adds)
+        return _fuse(composition, blocks, fusions, h, x, norm, adds, own)
+    return _evaluate(composition, blocks, h, x, norm, adds, own)
 
 
 def _fuse(fuse: Fuse, blocks: Mapping[str, BottleneckBlock], fusions: Mapping[tuple[str, ...], FusionBlock],
-          h: Tensor, x: Tensor, norm: Norm | None, adds: bool) -> Tensor | None:
+          h: Tensor, x: Tensor, norm: Norm | None, adds: bool, own: Tensor | None) -> Tensor | None:
     """AdapterFusion: the last member's pre step, every member's block on its output, the fusion's
     attention over their scaled up-projections, the last member's post step."""
     names = tuple(m for m in fuse.members if isinstance(m, str))
@@ -51,16 +56,20 @@ def _fuse(fuse: Fuse, blocks: Mapping[str, BottleneckBlock], fusions: Mapping[tu
     if len(members) != len(names):
         return None
     fusion = fusions[names]
-    a, query, r = site_input(members[-1], h, x, norm, fusion.query_before_ln)
+    a, query, r = site_input(members[-1], h, x, norm, fusion.query_before_ln, own)
     ups = torch.stack([block(a, r)[1] for block in members], dim=2)
     return _post(members[-1], fusion(query, ups, r), h, x, norm, adds)
 
 
 def _evaluate(composition: Composition, blocks: Mapping[str, BottleneckBlock], h: Tensor, x: Tensor,
-              norm: Norm | None, adds: bool) -> Tensor | None:
+              norm: Norm | None, adds: bool, own: Tensor | None) -> Tensor | None:
     here = [blocks[n] for n in composition.names() if n in blocks]
     if not here:
         return None
+    if isinstance(composition, Sum) and len(here) == 1 and not adds:
+        fused = fused_site(here[0], h, x, norm, own)
+        if fused is not None:
+            return fused
     if isinstance(composition, Parallel):  # the inputs were repeated: member i gets the i-th copy
         composition = composition.split(h.shape[0])
     nested = [m for m in composition.members if not isinstance(m, str)]
@@ -68,14 +77,14 @@ def _evaluate(composition: Composition, blocks: Mapping[str, BottleneckBlock], h
         raise AdapterError(f"{composition!r} is not supported at adapter sites yet: bottleneck adapters combine with "
                            "dt.Stack, dt.Average, dt.BatchSplit and dt.Parallel of adapter names")
     if isinstance(composition, BatchSplit):
-        return _split(composition, blocks, h, x, norm, adds)
+        return _split(composition, blocks, h, x, norm, adds, own)
     if isinstance(composition, Stack):  # each member's own pre step, on the previous member's output
         out = h
-        for block in here:
-            a, _, r = site_input(block, out, x, norm)
+        for block in here:  # the model's LN(h + x) serves the first member only
+            a, _, r = site_input(block, out, x, norm, normed=own if out is h else None)
             out = block(a, r)[0]
         return _post(here[-1], out, h, x, norm, adds)
-    a, _, r = site_input(here[0], h, x, norm)
+    a, _, r = site_input(here[0], h, x, norm, normed=own)
     if isinstance(composition, Average):  # AdapterHub: mean of w_i o_i, weights normalised to sum 1
         weights = [w for n, w in zip(composition.members, composition.weights) if n in blocks]
         total = sum(weights)
@@ -89,22 +98,29 @@ def _evaluate(composition: Composition, blocks: Mapping[str, BottleneckBlock], h
 
 
 def _post(block: BottleneckBlock, out: Tensor, h: Tensor, x: Tensor, norm: Norm | None, adds: bool) -> Tensor:
-    """AdapterHub's post step; where the model adds ``x`` itself, the result leaves it out."""
+    """AdapterHub's post step; where the model adds ``x`` itself (pre-LN: no site norm), the result
+    leaves it out: the parallel sum, less ``x`` unless the post step would add it (``original_ln_after``)."""
     if not adds:
         return site_output(block, out, h, x, norm)
-    result = site_output(block, out, h, torch.zeros_like(x), None)
-    return result if block.original_ln_after else result - x
+    out = out + h if block.is_parallel else out
+    return out if block.original_ln_after else out - x
 
 
 def _split(split: BatchSplit, blocks: Mapping[str, BottleneckBlock], h: Tensor, x: Tensor, norm: Norm | None,
-           adds: bool) -> Tensor:
+           adds: bool, own: Tensor | None) -> Tensor:
     if sum(split.sizes) != h.shape[0]:
         raise AdapterError(f"{split!r}: the sizes add up to {sum(split.sizes)} rows but the batch has {h.shape[0]}")
     parts, start = [], 0
     for name, size in zip(split.members, split.sizes):
         rows = slice(start, start + size)
-        result = _evaluate(Sum(name), blocks, h[rows], x[rows], norm, adds) if name in blocks else None
-        base = h[rows] if adds else (h[rows] + x[rows] if norm is None else norm(h[rows] + x[rows]))
+        mine = None if own is None else own[rows]
+        result = _evaluate(Sum(name), blocks, h[rows], x[rows], norm, adds, mine) if name in blocks else None
+        if adds:  # the model's own result for these rows
+            base = h[rows]
+        elif mine is not None:
+            base = mine
+        else:
+            base = h[rows] + x[rows] if norm is None else norm(h[rows] + x[rows])
         parts.append(base if result is None else result)
         start += size
     return torch.cat(parts)

@@ -89,3 +89,11 @@ def test_bad_fusion_configs_are_named(bad: dict[str, object]) -> None:
     fields = {"adapter_names": ["a", "b"], **bad}
     with pytest.raises(dt.ConfigError, match=f"FusionConfig.{next(iter(bad))}"):
         dt.FusionConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_a_second_fusion_of_the_same_members_is_refused() -> None:
+    model = fused_model()
+    before = state_hash(model)
+    with pytest.raises(dt.TargetError, match="already fuses"):
+        dt.attach(model, dt.FusionConfig(adapter_names=["a", "b"]), name="ab2")
+    assert state_hash(model) == before

@@ -542,3 +542,40 @@ def test_training_reduces_the_loss(projection: bool) -> None:
     assert all(after < before for before, after in zip(losses, losses[1:])), losses
     assert losses[-1] < losses[0] - 0.01, losses
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_a_prefixed_model_is_freed_when_dropped() -> None:
+    """The prefix hook holds no reference to its model (the hook registry is keyed weakly by it)."""
+    import gc
+    import weakref
+
+    model = prefixed("llama")
+    with torch.no_grad():
+        model(**batch("llama"))
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
+def test_a_decoder_classifier_with_prefix_and_prompt_reads_each_rows_last_token() -> None:
+    """Both sites on a LLaMA classifier: the prefix lengthens the mask, not the hidden states, so the
+    head must still find each row's own last token (a short row alone == batched with a long one)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, vocab_size=100, num_labels=3, pad_token_id=0)
+    model = LlamaForSequenceClassification(config).eval()
+    torch.manual_seed(1)
+    dt.attach(model, dt.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N), name="pfx")
+    dt.attach(model, dt.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3), name="pt")
+    dt.set_active(model, ["pfx", "pt"])
+    short, long = torch.tensor([[5, 6, 7]]), torch.tensor([[8, 9, 10, 11, 12, 13]])
+    batched_ids = torch.tensor([[5, 6, 7, 0, 0, 0], [8, 9, 10, 11, 12, 13]])
+    mask = (batched_ids != 0).long()
+    with torch.no_grad():
+        alone = model(input_ids=short, attention_mask=torch.ones_like(short)).logits
+        together = model(input_ids=batched_ids, attention_mask=mask).logits
+        last = model(input_ids=long, attention_mask=torch.ones_like(long)).logits
+    assert max_diff(together[:1], alone) <= 1e-5 and max_diff(together[1:], last) <= 1e-5

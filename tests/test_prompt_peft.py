@@ -432,11 +432,35 @@ def test_parallel_gives_each_copy_its_prompt(model: str) -> None:
     assert max_diff(both[2:], alone["q"]) <= FP32_ATOL
 
 
-def test_two_prompts_summed_refuse_when_called() -> None:
+@pytest.mark.parametrize("composition", [["p", "q"], dt.Average("p", "q"), dt.Stack("p", "q")],
+                         ids=["sum", "average", "stack"])
+def test_two_prompts_on_one_row_are_refused_and_change_nothing(composition: object) -> None:
     model = two_prompts()
-    dt.set_active(model, ["p", "q"])
-    with pytest.raises(dt.AdapterError, match="exactly one prompt adapter"):
-        model(**batch("llama"))
+    dt.set_active(model, "p")
+    inputs = batch("llama")
+    before = logits(model, inputs)
+    with pytest.raises(dt.AdapterError, match="every row must take exactly one of the adapters"):
+        dt.set_active(model, composition)  # type: ignore[arg-type]
+    assert dt.active_adapters(model) == ("p",)
+    assert torch.equal(logits(model, inputs), before)
+
+
+def test_a_row_without_a_prompt_is_refused() -> None:
+    """One prompt adapter under a BatchSplit would otherwise put its tokens into every row."""
+    model = prompted("pt-random", "llama", "p")
+    dt.attach(model, dt.LoraConfig(r=2, target_modules=["q_proj"]), name="l")
+    with pytest.raises(dt.AdapterError, match="every row must take exactly one"):
+        dt.set_active(model, dt.BatchSplit("p", "l", sizes=[1, 1]))
+
+
+def test_prompts_of_different_shapes_are_refused_before_anything_changes() -> None:
+    model = prompted("pt-random", "llama", "p")
+    dt.attach(model, dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N + 2), name="q")
+    inputs = batch("llama")
+    before = logits(model, inputs)
+    with pytest.raises(dt.AdapterError, match="different numbers or widths"):
+        dt.set_active(model, dt.BatchSplit("p", "q", sizes=[1, 1]))
+    assert torch.equal(logits(model, inputs), before)
 
 
 def test_prompt_summed_with_lora() -> None:

@@ -131,7 +131,10 @@ def _saved_copies(model: nn.Module, config: DeltaConfig) -> dict[str, nn.Module]
         return {}
     found = {key: module for key, module in logical_modules(model)
              if key in wanted or any(key.endswith(f".{name}") for name in wanted)}
-    asked = getattr(config, "modules_to_save", None) or ()
+    # The task's head names peft writes into modules_to_save itself may match nothing (a model whose
+    # head has another name): only names a user asked for must match.
+    heads = TASK_HEADS.get(config.task_type or "", ())
+    asked = [n for n in getattr(config, "modules_to_save", None) or () if n not in heads]
     if not found and asked:
         names = [n for n, _ in logical_modules(model)]
         raise TargetError(
@@ -142,7 +145,8 @@ def _saved_copies(model: nn.Module, config: DeltaConfig) -> dict[str, nn.Module]
 
 def _with_head_alias(model: nn.Module, config: DeltaConfig) -> DeltaConfig:
     """``config`` naming the task head in ``modules_to_save`` when the model calls it by a name peft
-    does not know (``HEAD_ALIASES``), so that it trains, saves and loads like any task head."""
+    does not know (``HEAD_ALIASES``), so that it trains, saves and loads like any task head. For a new
+    adapter only: a loaded one saves what its file says."""
     heads, aliases = TASK_HEADS.get(config.task_type or "", ()), HEAD_ALIASES.get(config.task_type or "", ())
     if not aliases or not hasattr(config, "modules_to_save"):
         return config
@@ -170,7 +174,7 @@ def plan(model: nn.Module, config: DeltaConfig, name: str) -> AttachPlan:
             raise TargetError(f"{type(config).__name__} does not select modules; it cannot be attached here")
         config = _resolve_targets(model, config)
         views = _find_targets(model, config)
-    config = _with_head_alias(model, method.finalize(model, config, views))
+    config = method.finalize(model, config, views)
     saved = _saved_copies(model, config)
     result = AttachPlan(name, config, views=views, saved=saved)
     if method.make_model_delta is not None:
@@ -270,7 +274,7 @@ def attach(model: nn.Module, config: DeltaConfig, name: str = "default") -> nn.M
     attached becomes active; later ones are added inactive (switch with ``dt.set_active``),
     as peft's ``add_adapter`` does. Raises before changing anything if the config does not fit.
     """
-    apply(model, plan(model, config, name))
+    apply(model, plan(model, _with_head_alias(model, config), name))
     return model
 
 

@@ -42,8 +42,9 @@ def cache_owner(model: nn.Module) -> nn.Module:
     base = getattr(model, str(getattr(model, "base_model_prefix", "")), None)
     if isinstance(base, nn.Module) and _takes_cache(base):
         return base
-    raise AdapterError(f"{type(model).__name__} takes no past_key_values (nor does its base model), so prefixes "
-                       "cannot reach its attention layers; use prompt tuning or a weight-space method")
+    raise AdapterError(f"{type(model).__name__} takes no past_key_values (nor does its base model), so key/value "
+                       "prefixes cannot reach its attention layers; use virtual tokens at the input or a weight-space "
+                       "method")
 
 
 def layer_pairs(table: Tensor, layers: int, heads: int, stacks: int) -> list[tuple[Tensor, Tensor]]:
@@ -64,7 +65,9 @@ class PrefixSite:
     """The hook that puts one batch of prefixes into every call of ``model``."""
 
     def __init__(self, model: nn.Module, prefixes: Prefixes, count: int, layers: int, heads: int) -> None:
-        self.model, self.prefixes, self.count, self.layers, self.heads = model, prefixes, count, layers, heads
+        # No reference to the model here: the hooks are kept by the model's weak registry, so a strong
+        # one would keep the model alive.
+        self.prefixes, self.count, self.layers, self.heads = prefixes, count, layers, heads
         self.encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
         owner = cache_owner(model)
         self.handle: RemovableHandle = owner.register_forward_pre_hook(self._call, with_kwargs=True)
@@ -79,14 +82,14 @@ class PrefixSite:
             call["position_ids"] = call["position_ids"] + self.count
         if cache_length(call.get("past_key_values")):  # generating: the prefixes are in the cache
             return (), call
-        if self.model.training and _checkpointing(self.model):
-            raise AdapterError("prefix tuning cannot train with gradient checkpointing: recomputing a layer would "
-                               "add its prefix to the cache twice; call model.gradient_checkpointing_disable()")
+        if module.training and _checkpointing(module):
+            raise AdapterError("key/value prefixes cannot train with gradient checkpointing: recomputing a layer "
+                               "would add its prefix to the cache twice; call model.gradient_checkpointing_disable()")
         rows = _batch_size(call)
-        table = self.prefixes(rows).to(_dtype(self.model))
+        table = self.prefixes(rows).to(_dtype(module))
         cache = filled_cache(layer_pairs(table, self.layers, self.heads, 2 if self.encoder_decoder else 1),
                              self.encoder_decoder)
-        setattr(cache, PREFIX_LENGTH_ATTR, self.count)  # a prompt adapter's hook after this one sees no tokens cached
+        setattr(cache, PREFIX_LENGTH_ATTR, self.count)  # an input-site hook after this one sees no tokens cached
         call["past_key_values"] = cache
         return (), call
 
@@ -120,7 +123,7 @@ def _batch_size(call: dict[str, Any]) -> int:
     first = encoded[0] if encoded is not None else None
     if isinstance(first, Tensor):
         return int(first.shape[0])
-    raise AdapterError("a prefix adapter needs the call's input_ids or inputs_embeds to know the batch size")
+    raise AdapterError("key/value prefixes need the call's input_ids or inputs_embeds to know the batch size")
 
 
 def _dtype(model: nn.Module) -> Any:

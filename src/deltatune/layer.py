@@ -25,7 +25,7 @@ forward unknown attributes to the wrapped module so code that reads ``layer.in_f
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -153,6 +153,11 @@ class ModelDelta(nn.Module):
     def switch(self, model: nn.Module, on: bool) -> None:
         """Make ``model`` compute with (``on``) or without this change. Shared tensors act only
         through the layer deltas, so by default there is nothing to do."""
+
+    @classmethod
+    def check_active(cls, model: nn.Module, active: Mapping[str, ModelDelta], composition: Composition) -> None:
+        """Refuse, before anything changes, a composition that the ``active`` parts of this class (by
+        adapter name) cannot compute; ``combine`` then cannot fail. By default every one can."""
 
     @classmethod
     def combine(cls, model: nn.Module, active: Sequence[ModelDelta], every: Sequence[ModelDelta],

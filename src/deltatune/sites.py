@@ -40,10 +40,9 @@ class SiteConfig(TargetedConfig):
 
     def validate(self) -> None:
         super().validate()
-        for field_name in ("target_modules", "exclude_modules", "layers_to_transform"):
+        for field_name in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"):
             self.check(getattr(self, field_name) is None, field_name, "this adapter attaches at the architecture's sites",
-                       "leave it unset; a bottleneck config chooses sites with mh_adapter / output_adapter and skips "
-                       "layers with leave_out")
+                       "leave it unset; the config's own fields choose its sites")
 
 
 @dataclass

@@ -189,6 +189,9 @@ def set_active(model: nn.Module, names: str | Sequence[str] | Composition) -> No
     if merged and type(composition) is not Sum:
         raise AdapterError(f"set_active: adapters {merged} are merged into the weights, which holds a plain sum "
                            f"only; call dt.unmerge(model) before activating {composition!r}")
+    parts = {n: state.model_deltas[n] for n in active if n in state.model_deltas}
+    for kind in {type(p) for p in parts.values()}:
+        kind.check_active(model, {n: p for n, p in parts.items() if type(p) is kind}, composition)
     users = tuple(n for n, c in state.configs.items() if _runs_within(c.active_form(n), composition))
     state.active_set.composition, state.active_set.users = composition, users
     state.switch_model_deltas(model, active)

@@ -65,8 +65,8 @@ PREFIX_LENGTH_ATTR = "deltatune_prefix_length"
 
 def cache_length(cache: Any) -> int:
     """How many positions of the call's tokens a transformers cache already holds (0 for none):
-    the key/value prefixes a prefix adapter put in for this call do not count, so a prompt
-    adapter's hook that runs after a prefix adapter's still sees a first call, not a generation step."""
+    the key/value prefixes put in for this call (``kv_prefix``) do not count, so an input-site
+    hook that runs after the key/value site's still sees a first call, not a generation step."""
     if cache is None:
         return 0
     length = getattr(cache, "get_seq_length", None)
@@ -89,7 +89,7 @@ def _embeddings(model: nn.Module, call: dict[str, Any]) -> Tensor:
         return embeds
     ids = call.get("input_ids")
     if ids is None:
-        raise AdapterError("a prompt adapter needs the call's input_ids or inputs_embeds; neither was given")
+        raise AdapterError("virtual tokens need the call's input_ids or inputs_embeds to go before; neither was given")
     return input_embeddings(model)(ids)
 
 
@@ -99,7 +99,7 @@ def input_embeddings(model: nn.Module) -> nn.Module:
     module = get() if callable(get) else None
     if not isinstance(module, nn.Module):
         raise AdapterError(f"{type(model).__name__} does not say where its token embeddings are "
-                           "(get_input_embeddings); a prompt adapter needs a transformers model")
+                           "(get_input_embeddings); virtual tokens need a transformers model")
     return module
 
 
@@ -144,15 +144,17 @@ class InputSite:
             if task_type == "SEQ_CLS" and isinstance(head, nn.Module):
                 self.handles.append(head.register_forward_pre_hook(self._last_token_last))
         self.last_token: Tensor | None = None
+        """Each row's last attended position, counted from the end, between the model call and its head."""
 
     def _last_token_last(self, head: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         """The head's input with each row's last real token's hidden state in the last position, which
         the model classifies (see ``LAST_TOKEN_HEAD``)."""
-        last, self.last_token = self.last_token, None
+        from_end, self.last_token = self.last_token, None
         hidden = args[0] if args else None
-        if last is None or not isinstance(hidden, Tensor) or hidden.dim() != 3 or hidden.shape[0] != last.shape[0]:
+        if from_end is None or not isinstance(hidden, Tensor) or hidden.dim() != 3 or hidden.shape[0] != from_end.shape[0]:
             return None
-        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
+        last = hidden.shape[1] - 1 - from_end.to(hidden.device)
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return (torch.cat([hidden[:, :-1], picked[:, None]], dim=1), *args[1:])
 
     def _model_call(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -165,8 +167,10 @@ class InputSite:
             return (), call
         call = prepend(model, call, self.tokens, self.count, self.task_type)
         mask = call.get("attention_mask")
-        if isinstance(mask, Tensor) and mask.dim() == 2:  # each row's last attended position
-            self.last_token = (torch.arange(mask.shape[1], device=mask.device) * (mask != 0)).argmax(-1)
+        if isinstance(mask, Tensor) and mask.dim() == 2:  # each row's last attended position, counted from the end
+            # (from the end: a key/value prefix may also lengthen the mask, but not the hidden states)
+            last = (torch.arange(mask.shape[1], device=mask.device) * (mask != 0)).argmax(-1)
+            self.last_token = mask.shape[1] - 1 - last
         return (), call
 
     def _encoder_call(self, encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -105,6 +105,10 @@ def make_fusion(model: nn.Module, config: DeltaConfig, views: Mapping[str, objec
     if missing:
         raise TargetError(f"FusionConfig.adapter_names: {missing} are not bottleneck adapters on this model; attach "
                           "or load the member adapters first (a fusion attends over bottleneck adapters' outputs)")
+    twin = next((n for n, p in parts.items() if isinstance(p, FusionAdapter) and p.members == config.adapter_names), None)
+    if twin is not None:
+        raise TargetError(f"fusion {twin!r} already fuses {list(config.adapter_names)}; dt.Fuse finds a fusion by its "
+                          f"members, so a second one could not run. Delete it first (dt.delete_adapter(model, {twin!r}))")
     members = [parts[n] for n in config.adapter_names]
     shared = [s for s in members[0].sites if all(s in m.sites for m in members)]
     if not shared:

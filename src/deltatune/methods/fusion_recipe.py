@@ -42,7 +42,9 @@ def members(options: Mapping[str, Any]) -> dict[str, Path]:
     """The ``--fuse`` adapters by name, in the order given (the fusion's member order)."""
     out: dict[str, Path] = {}
     for item in options["fuse"]:
-        name, sep, value = item.rpartition("=")
+        name, sep, value = item.partition("=")
+        if not sep:
+            name, value = "", item
         folder = _folder(value)
         name = name if sep else _default_name(folder)
         try:

@@ -6,8 +6,8 @@ attention layer, at the attention key/value site (``kv_prefix``).
 The trained module lives at ``<model>.site_adapters.<adapter>``; a file holds the virtual tokens
 themselves under peft's key ``prompt_embeddings`` (for P-tuning the encoder's output, as peft
 saves it; such an adapter loads frozen). Several prompt adapters can be active over different rows
-(``BatchSplit``, ``Parallel``); a row takes one adapter's virtual tokens, so a ``Sum`` or ``Average``
-of two is refused when the model is called. Merging refuses them: there is no weight to fold into.
+(``BatchSplit``, ``Parallel``); a row takes one adapter's virtual tokens, so ``set_active`` refuses a
+composition that gives a row two of them, or none. Merging refuses them: there is no weight to fold into.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..compose import Average, BatchSplit, Composition, Parallel, Sum, row_weights
+from ..compose import BatchSplit, Composition, Parallel, Sum, row_weights
 from ..config import DeltaConfig
 from ..errors import AdapterError
 from ..layer import STATE_ATTR, HookedDelta, ModelDelta, Removable, adapter_dtype
@@ -26,12 +26,10 @@ from ..sites import HOLDER, site_holder
 from ..kv_prefix import PrefixSite, cache_owner
 from ..virtual_tokens import InputSite, VirtualTokens, input_embeddings
 from .prompt_config import PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig, complete
-from .prompt_encoders import PrefixEncoder, PromptTable, build_encoder
+from .prompt_encoders import PrefixEncoder, PromptTable, build_encoder, table_shape
 
 FILE_KEY = "prompt_embeddings"
 """peft's file key for the virtual tokens (no module path, no adapter name)."""
-ROW_SPLITS = (Sum, BatchSplit, Parallel)
-"""Compositions that give each row one prompt adapter."""
 
 
 class PromptAdapter(HookedDelta):
@@ -80,16 +78,25 @@ class PromptAdapter(HookedDelta):
             self.encoder.train(training)
 
     @classmethod
+    def check_active(cls, model: nn.Module, active: Mapping[str, ModelDelta], composition: Composition) -> None:
+        shapes = {table_shape(p.config)[1:] + (p.count,) for p in active.values() if isinstance(p, PromptAdapter)}
+        if len(shapes) > 1:
+            raise AdapterError(f"set_active: adapters {list(active)} put virtual tokens of different numbers or widths "
+                               "into the model; activate one of them, or adapters of one shape over different rows")
+        if not _one_per_row(composition, set(active)):
+            raise AdapterError(f"set_active: {composition!r}: every row must take exactly one of the adapters "
+                               f"{list(active)} (their virtual tokens replace each other's); use one of them, alone or "
+                               "in a dt.Sum of names with other kinds of adapters, or dt.BatchSplit / dt.Parallel "
+                               "whose every member holds one of them")
+
+    @classmethod
     def install(cls, model: nn.Module, parts: Mapping[str, ModelDelta], final: bool) -> list[Removable]:
         prompts = {name: part for name, part in parts.items() if isinstance(part, cls)}
         if final or not prompts:
             return []
-        first = next(iter(prompts.values()))
-        if any(p.count != first.count or p.table().shape[-1] != first.table().shape[-1] for p in prompts.values()):
-            raise AdapterError(f"prompt adapters {list(prompts)} are active together but differ in their number or "
-                               "width of virtual tokens; activate one, or adapters of one shape over different rows")
         state = model.__dict__[STATE_ATTR]
-        return [cls.site(model, lambda rows: _tokens(state.active_set.composition, prompts, rows), first.config)]
+        first = next(iter(prompts.values())).config
+        return [cls.site(model, lambda rows: _tokens(state.active_set.composition, prompts, rows), first)]
 
     @classmethod
     def site(cls, model: nn.Module, tokens: VirtualTokens, config: PromptLearningConfig) -> Removable:
@@ -107,27 +114,31 @@ class PrefixAdapter(PromptAdapter):
         return PrefixSite(model, tokens, config.num_virtual_tokens, config.num_layers, config.num_attention_heads)
 
 
+def _one_per_row(composition: Composition, names: set[str]) -> bool:
+    """Whether the composition gives every row exactly one of ``names`` (see ``check_active``)."""
+    def one(member: str | Composition) -> bool:
+        if isinstance(member, str):
+            return member in names
+        return type(member) is Sum and all(isinstance(m, str) for m in member.members) and \
+            sum(m in names for m in member.members) == 1
+    if isinstance(composition, (BatchSplit, Parallel)):
+        return all(one(m) for m in composition.members)
+    return one(composition)
+
+
 def _tokens(composition: Composition, prompts: Mapping[str, PromptAdapter], rows: int) -> Tensor:
-    """Each row's virtual tokens, (rows, n, width): the one prompt adapter the composition gives it."""
-    if not isinstance(composition, ROW_SPLITS) or any(isinstance(m, Composition) and not isinstance(m, ROW_SPLITS)
-                                                       for m in composition.members):
-        raise AdapterError(f"{composition!r}: prompt adapters {list(prompts)} combine with dt.Sum (one prompt adapter, "
-                           "with other methods' adapters), dt.BatchSplit and dt.Parallel (one per row) only")
-    if len(prompts) == 1:
-        name, part = next(iter(prompts.items()))
-        return part.table()[None].expand(rows, -1, -1)
-    weights = {name: row_weights(composition, name, rows) for name in prompts}
-    share = [sum(w[i] for w in weights.values() if w is not None) for i in range(rows)]
-    if isinstance(composition, Average) or any(s != 1 for s in share):
-        raise AdapterError(f"{composition!r}: a row takes the virtual tokens of exactly one prompt adapter; "
-                           "give each prompt adapter its own rows (dt.BatchSplit)")
-    total = None
-    for name, part in prompts.items():
-        w = weights[name]
-        if w is None:
-            continue
-        mask = torch.tensor(w, dtype=part.table().dtype, device=part.table().device)[:, None, None]
-        total = mask * part.table()[None] if total is None else total + mask * part.table()[None]
+    """Each row's virtual tokens, (rows, n, width): the one adapter the composition gives it (checked
+    when it was activated)."""
+    tables = {name: part.table() for name, part in prompts.items()}
+    if type(composition) is Sum:
+        (table,) = tables.values()
+        return table[None].expand(rows, -1, -1)
+    total: Tensor | None = None
+    for name, table in tables.items():
+        weights = row_weights(composition, name, rows)
+        if weights is not None:
+            part = torch.tensor(weights, dtype=table.dtype, device=table.device)[:, None, None] * table[None]
+            total = part if total is None else total + part
     assert total is not None
     return total
 

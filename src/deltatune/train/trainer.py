@@ -201,10 +201,11 @@ class Trainer:
         self.last_loss = math.nan
         self.log_records: int | None = 0  # records in metrics.jsonl; None: unknown (an older checkpoint)
         self.param_norm = math.nan  # the trainable parameters' norm after the last step (for divergence)
-        if cfg.accelerate:  # first: it refuses an unsupported model before anything changes it
+        if cfg.gradient_checkpointing:  # checked first: nothing has changed the model yet
+            refuse_checkpointing(model)
+        if cfg.accelerate:  # it refuses an unsupported model before anything changes it
             accelerate(model)
         if cfg.gradient_checkpointing:
-            refuse_checkpointing(model)
             enable_gradient_checkpointing(model)
         if cfg.retain_freed_memory and not retain_freed_memory():
             warnings.warn("retain_freed_memory needs glibc (Linux); the allocator is left as it is",

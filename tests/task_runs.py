@@ -230,3 +230,18 @@ def check_loss_fell(out: Path, run: Watched) -> None:
     losses = train_losses(out)
     assert len(losses) == STEPS and all(math.isfinite(loss) for loss in losses), losses
     assert run.loss_after < run.loss_before, (run.loss_before, run.loss_after)
+
+
+def check_only_adapter_trained(run: Watched, adapter: set[str], heads: tuple[str, ...], count: int) -> None:
+    """Only the adapter's parameters (``adapter``, ``count`` values in all) and the task ``heads`` train;
+    all of them changed, nothing else did."""
+    model = run.model
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    others = trained - adapter
+    assert sum(p.numel() for n, p in model.named_parameters() if n in adapter) == count
+    assert {h for h in heads if any(n.startswith(h + ".") for n in others)} == set(heads), sorted(others)
+    assert all(any(n.startswith(h + ".") for h in heads) for n in others), sorted(others)
+    now = dict(model.named_parameters())
+    assert now.keys() == run.before.keys()
+    assert [n for n in trained if torch.equal(now[n], run.before[n])] == []
+    assert [n for n in now if n not in trained and not torch.equal(now[n], run.before[n])] == []

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
-from task_runs import (FIXTURE_ARCH, WIDTH, Watched, base_model, check_loss_fell, check_rebuilds, model_folder, outputs,
-                       train_args)
+from task_runs import (FIXTURE_ARCH, WIDTH, Watched, base_model, check_loss_fell, check_only_adapter_trained,
+                       check_rebuilds, model_folder, outputs, train_args)
 from task_runs import folders, watched  # noqa: F401  (fixtures, used by name)
 
 import deltatune as dt
@@ -84,16 +83,8 @@ def test_bottleneck_adapter_trains_saves_and_rebuilds_for_the_task(
     check_loss_fell(out, run)
 
     # only the adapter's blocks and the task head train; all of them changed, nothing else did
-    trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    sites = {n for n in trained if ".site_adapters.default." in n}
-    heads = trained - sites
-    assert sum(p.numel() for n, p in model.named_parameters() if n in sites) == site_parameters(case)
-    assert {h for h in case.heads if any(n.startswith(h + ".") for n in heads)} == set(case.heads), sorted(heads)
-    assert all(any(n.startswith(h + ".") for h in case.heads) for n in heads), sorted(heads)
-    now = dict(model.named_parameters())
-    assert now.keys() == run.before.keys()
-    assert [n for n in trained if torch.equal(now[n], run.before[n])] == []
-    assert [n for n in now if n not in trained and not torch.equal(now[n], run.before[n])] == []
+    sites = {n for n, p in model.named_parameters() if p.requires_grad and ".site_adapters.default." in n}
+    check_only_adapter_trained(run, sites, case.heads, site_parameters(case))
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert (config["peft_type"], config["reduction_factor"]) == ("BOTTLENECK", REDUCTION[case.method])
 

@@ -8,7 +8,6 @@ or ``inference_mode``) keeps only the table a file holds: the encoder's output, 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -89,7 +88,7 @@ def table_shape(config: PromptLearningConfig) -> tuple[int, int]:
     return config.total_virtual_tokens, config.token_dim
 
 
-def build_encoder(config: PromptLearningConfig, word_embeddings: Tensor, tokenizer: Any = None) -> nn.Module:
+def build_encoder(config: PromptLearningConfig, word_embeddings: Tensor) -> nn.Module:
     """The module a new adapter trains, or for a frozen one the table its file fills (``word_embeddings``:
     the model's token embedding table, for initialisation from the vocabulary)."""
     rows, width = table_shape(config)
@@ -105,7 +104,7 @@ def build_encoder(config: PromptLearningConfig, word_embeddings: Tensor, tokeniz
         ids = torch.randint(0, int(word_embeddings.shape[0]), (rows,), dtype=torch.long)
         _copy_rows(table, word_embeddings, ids)
     elif config.prompt_tuning_init == "TEXT":
-        _copy_rows(table, word_embeddings, torch.tensor(_text_ids(config, rows, tokenizer)))
+        _copy_rows(table, word_embeddings, torch.tensor(_text_ids(config, rows)))
     return table
 
 
@@ -114,15 +113,14 @@ def _copy_rows(table: PromptTable, weight: Tensor, ids: Tensor) -> None:
         table.embedding.weight.copy_(weight[ids.to(weight.device)].detach().float())
 
 
-def _text_ids(config: PromptTuningConfig, rows: int, tokenizer: Any) -> list[int]:
+def _text_ids(config: PromptTuningConfig, rows: int) -> list[int]:
     """The init text's token ids (special tokens included), repeated or cut to ``rows``, as peft does."""
-    if tokenizer is None:
-        kwargs = {k: v for k, v in (config.tokenizer_kwargs or {}).items() if k != "trust_remote_code"}
-        try:
-            tokenizer = from_pretrained("AutoTokenizer", str(config.tokenizer_name_or_path), **kwargs)
-        except (OSError, ValueError) as error:
-            raise ConfigError("PromptTuningConfig", "tokenizer_name_or_path", config.tokenizer_name_or_path,
-                              f"the tokenizer could not be loaded ({error})", "pass a local tokenizer folder") from None
+    kwargs = {k: v for k, v in (config.tokenizer_kwargs or {}).items() if k != "trust_remote_code"}
+    try:
+        tokenizer = from_pretrained("AutoTokenizer", str(config.tokenizer_name_or_path), **kwargs)
+    except (OSError, ValueError) as error:
+        raise ConfigError("PromptTuningConfig", "tokenizer_name_or_path", config.tokenizer_name_or_path,
+                          f"the tokenizer could not be loaded ({error})", "pass a local tokenizer folder") from None
     ids = list(tokenizer(config.prompt_tuning_init_text)["input_ids"])
     if not ids:
         raise ConfigError("PromptTuningConfig", "prompt_tuning_init_text", config.prompt_tuning_init_text,

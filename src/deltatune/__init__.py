@@ -15,11 +15,12 @@ from .adapters import (
     summary,
     trainable_parameters,
 )
-from .compose import Average, BatchSplit, Composition, Fuse, Parallel, Stack, Sum
+from .compose import Average, BatchSplit, Composition, Fuse, Parallel, Route, Stack, Sum
 from .config import DeltaConfig, TargetedConfig
 from .errors import AdapterError, AdapterFileError, ConfigError, DeltatuneError, TargetError
 from .inject import attach
 from .io import load, save
+from .routing import routing
 from .merge import merge, unload, unmerge
 from .methods.adalora import AdaLoraConfig
 from .methods.adalora_schedule import AdaLoraScheduler
@@ -63,6 +64,7 @@ __all__ = [
     "PromptTuningConfig",
     "QuantConfig",
     "QuantError",
+    "Route",
     "SeqBnConfig",
     "StaticFusionConfig",
     "Stack",
@@ -84,6 +86,7 @@ __all__ = [
     "quantize",
     "restore",
     "retain_freed_memory",
+    "routing",
     "save",
     "set_active",
     "summary",

@@ -10,6 +10,8 @@ A composition is a small frozen value built from adapter names:
 - ``BatchSplit("a", "b", sizes=[2, 2])``: each member adapts its own slice of rows.
 - ``Average("a", "b", weights=[0.3, 0.7])``: a weighted average of the members' outputs.
 - ``Fuse("a", "b")``: AdapterFusion, attention over the members' outputs.
+- ``Route(["a", "b", None, "a"])``: a different adapter per batch row (None: the base); each
+  adapter's work runs on its rows only (``dt.routing``, peft's ``adapter_names=``).
 
 The model keeps one ``Active`` holder; every wrapper holds that same object, so switching is
 one assignment, never a copy into each layer. What a composition means at one site is decided by
@@ -20,6 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
 
 from .errors import AdapterError
 
@@ -130,6 +136,71 @@ class Average(Composition):
         return f"weights={list(self.weights)}"
 
 
+BASE_NAMES = (None, "__base__")
+"""What a route may give a row for "no adapter": None, or peft's name for the base."""
+
+
+@dataclass(frozen=True, init=False, repr=False)
+class Route(Composition):
+    """Row ``i`` of a batch takes adapter ``rows[i]`` (None: the base model); the members are the
+    distinct adapter names. A batch may also be ``k`` times as long as the route, each row repeated
+    ``k`` times in place (``generate`` expanding rows for beams or several sequences, or a layer that
+    sees every token of a row as a row of its own): row ``j`` then takes ``rows[j // k]``."""
+
+    rows: tuple[str | None, ...] = field(default=())
+    _cache: dict[tuple[Any, ...], Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __init__(self, rows: Sequence[str | None]) -> None:
+        if isinstance(rows, str) or not isinstance(rows, Sequence) or not rows:
+            raise AdapterError(f"a route needs one adapter name (or None for the base) per batch row, got {rows!r}; "
+                               'e.g. dt.routing(model, ["a", "b", None])')
+        bad = [r for r in rows if r not in BASE_NAMES and not isinstance(r, str)]
+        if bad:
+            raise AdapterError(f"a route holds adapter names or None (the base) per row, got {bad[0]!r} "
+                               f"({type(bad[0]).__name__})")
+        cleaned = tuple(None if r in BASE_NAMES else r for r in rows)
+        names = tuple(dict.fromkeys(r for r in cleaned if r is not None))
+        object.__setattr__(self, "members", names)
+        object.__setattr__(self, "rows", cleaned)
+        object.__setattr__(self, "_cache", {})
+
+    def single(self) -> str | None:
+        """The adapter every row takes, when they all take the same one (else None)."""
+        names = self.names()
+        return names[0] if len(names) == 1 and None not in self.rows else None
+
+    def repeats(self, rows: int) -> int:
+        """How many times each route row is repeated in a batch of ``rows`` (see the class docstring)."""
+        if rows % len(self.rows):
+            raise AdapterError(f"the route gives {len(self.rows)} rows an adapter each but the batch has {rows} rows; "
+                               "pass one adapter name (or None) per row of the batch")
+        return rows // len(self.rows)
+
+    def slots(self, rows: int, device: torch.device) -> Tensor:
+        """For a batch of ``rows``: each row's adapter as its index in ``members`` (-1: the base)."""
+        key = (rows, str(device))
+        if key not in self._cache:  # every layer asks, once per forward: computed once per batch shape
+            index = {name: i for i, name in enumerate(self.names())}
+            owners = torch.tensor([index.get(r, -1) if r is not None else -1 for r in self.rows], device=device)
+            self._cache[key] = owners.repeat_interleave(self.repeats(rows))
+        return self._cache[key]
+
+    def groups(self, rows: int, device: torch.device) -> list[tuple[str, Tensor]]:
+        """Each adapter's batch rows (an index tensor), for a batch of ``rows``; base rows are in none."""
+        slots = self.slots(rows, device)
+        key = (rows, str(device), "groups")
+        if key not in self._cache:
+            self._cache[key] = [(name, (slots == i).nonzero().flatten()) for i, name in enumerate(self.names())]
+        groups: list[tuple[str, Tensor]] = self._cache[key]
+        return groups
+
+    def _extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        return f"Route({list(self.rows)!r})"
+
+
 NOTHING = Sum.__new__(Sum)
 object.__setattr__(NOTHING, "members", ())
 """The empty composition: no adapter runs (the base model)."""
@@ -165,7 +236,10 @@ class Active:
 
 def without(composition: Composition, name: str) -> Composition:
     """``composition`` with adapter ``name`` taken out (a member left empty goes too, with its
-    batch size or weight); used when an adapter is deleted."""
+    batch size or weight; a routed row goes to the base); used when an adapter is deleted."""
+    if isinstance(composition, Route):
+        rows = [None if r == name else r for r in composition.rows]
+        return Route(rows) if any(r is not None for r in rows) else NOTHING
     kept: list[tuple[str | Composition, int]] = []
     for index, member in enumerate(composition.members):
         if isinstance(member, Composition):
@@ -198,6 +272,11 @@ def row_weights(composition: Composition | str, name: str, rows: int) -> list[fl
         return _add([[w * v for v in p] for p, w in zip(parts, composition.weights) if p is not None])
     if isinstance(composition, Parallel):
         return row_weights(composition.split(rows), name, rows)
+    if isinstance(composition, Route):
+        if name not in composition.members:
+            return None
+        repeats = composition.repeats(rows)
+        return [1.0 if owner == name else 0.0 for owner in composition.rows for _ in range(repeats)]
     if isinstance(composition, BatchSplit):
         if sum(composition.sizes) != rows:
             raise AdapterError(f"{composition!r}: the sizes add up to {sum(composition.sizes)} rows but the batch has {rows}")
@@ -210,7 +289,7 @@ def row_weights(composition: Composition | str, name: str, rows: int) -> list[fl
         return out if found else None
     if name in composition.names():
         raise AdapterError(f"{composition!r}: adapter {name!r} changes a whole output at once (a bias); it combines "
-                           "with dt.Sum, dt.Average, dt.BatchSplit and dt.Parallel only")
+                           "with dt.Sum, dt.Average, dt.BatchSplit, dt.Parallel and dt.Route only")
     return None
 
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from . import hf
 from .bases import BaseLayer, base_layer_for, is_linear
 from .compose import without
+from .routing import accept_keyword
 from .config import HEAD_ALIASES, TASK_HEADS, DeltaConfig, TargetedConfig
 from .errors import AdapterError, TargetError
 from .layer import ADAPTER_PARTS, Delta, DeltaLayer, ModelDelta, MovesBase, SavedModule, adapter_dtype
@@ -198,6 +199,7 @@ def apply(model: nn.Module, attach_plan: AttachPlan) -> None:
     biases stay trainable for every adapter that trains them.
     """
     state = state_of(model, create=True)
+    accept_keyword(model)
     for key, delta in attach_plan.deltas.items():
         parent, child = parent_of(model, key)
         layer = getattr(parent, child)

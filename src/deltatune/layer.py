@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .bases import BaseLayer
-from .compose import Active, Average, BatchSplit, Composition, Parallel, Sum
+from .compose import Active, Average, BatchSplit, Composition, Parallel, Route, Sum
 from .errors import AdapterError
 
 
@@ -116,6 +116,19 @@ does not apply to this input; used when one delta runs alone on a layer."""
 def register_fused(delta_class: type[Delta], kind: str, forward: FusedForward) -> None:
     """Declare a fused whole-layer forward for ``delta_class`` on base layers of ``kind``."""
     FUSED_FORWARD[(delta_class, kind)] = forward
+
+
+RoutedChange = Callable[[Sequence[Any], Tensor, Tensor, Tensor], "Tensor | None"]
+ROUTED_CHANGE: dict[tuple[type[Delta], str], RoutedChange] = {}
+"""(delta class, base kind) -> a function computing, in one batched product, what several deltas of
+that class add to a batch whose rows are routed among them: ``f(deltas, slots, x, y)`` with
+``slots[i]`` the index in ``deltas`` of row ``i``'s delta (-1: none), or None when it does not apply
+(the layer then runs each delta on its own rows)."""
+
+
+def register_routed(delta_class: type[Delta], kind: str, change: RoutedChange) -> None:
+    """Declare a batched routed change for deltas of ``delta_class`` on base layers of ``kind``."""
+    ROUTED_CHANGE[(delta_class, kind)] = change
 
 
 class ModelDelta(nn.Module):
@@ -273,13 +286,19 @@ class DeltaLayer(_Forwarding):
         composition = self.active_set.composition
         alone = self._alone(composition)
         if alone is not None and not args and not kwargs:
+            if isinstance(composition, Route):
+                composition.repeats(x.shape[0])  # a batch that does not fit the route is refused
             return self._forward_alone(alone, x)
         y = self.base_layer(x, *args, **kwargs)
         change = self._change(composition, x, y)
         return y if change is None else (y + change).to(y.dtype)
 
     def _alone(self, composition: Composition) -> Delta | None:
-        """The one delta that runs here, when the composition is a plain sum with one running member."""
+        """The one delta that runs here, when the composition is a plain sum with one running member
+        (or a route giving every row the same adapter)."""
+        if isinstance(composition, Route):
+            single = composition.single()
+            return None if single is None else self._running(single)
         if type(composition) is not Sum:
             return None
         running = [d for d in (self._running(n) for n in composition.names()) if d is not None]
@@ -310,6 +329,8 @@ class DeltaLayer(_Forwarding):
             return self._split_change(composition, x, y)
         if isinstance(composition, Parallel):
             return self._split_change(composition.split(x.shape[0]), x, y)
+        if isinstance(composition, Route):
+            return self._routed_change(composition, x, y)
         if not any(name in self.deltas for name in composition.names()):
             return None
         raise AdapterError(
@@ -332,6 +353,26 @@ class DeltaLayer(_Forwarding):
             parts.append(torch.zeros_like(y[rows]) if part is None else part.to(y.dtype))
             start += size
         return torch.cat(parts) if found else None
+
+    def _routed_change(self, route: Route, x: Tensor, y: Tensor) -> Tensor | None:
+        """Each routed adapter's change on its own rows: one batched product over all of them where
+        their class has one (``ROUTED_CHANGE``), else one gather and one change per adapter."""
+        groups = [(d, rows) for d, rows in ((self._running(n), rows) for n, rows in route.groups(x.shape[0], x.device))
+                  if d is not None and rows.numel()]
+        if not groups:
+            return None
+        kinds = {type(d) for d, _ in groups}
+        batched = ROUTED_CHANGE.get((kinds.pop(), self.view.kind)) if len(kinds) == 1 and len(groups) > 1 else None
+        if batched is not None:
+            deltas = [self._running(n) for n in route.names()]
+            change = batched(deltas, route.slots(x.shape[0], x.device), x, y)
+            if change is not None:
+                return change
+        out = torch.zeros_like(y)
+        for delta, rows in groups:
+            part = delta.contribution(x.index_select(0, rows), y.index_select(0, rows))
+            out = out.index_copy(0, rows, part.to(y.dtype))
+        return out
 
     def merge(self, names: Sequence[str]) -> None:
         """Fold the named deltas (with those already merged) into the base weight: ``W + Σ ΔW_i(W)``,
@@ -467,7 +508,38 @@ class SavedModule(_Forwarding):
         return self.original_module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        route = self.active_set.composition
+        if self.enabled and isinstance(route, Route) and any(n in self.copies for n in route.names()):
+            return self._routed(route, args, kwargs)
         return self.current()(*args, **kwargs)
+
+    def _routed(self, route: Route, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """Each adapter's copy on its own rows, the original on the others (per-adapter task heads)."""
+        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor) and v.dim()), None)
+        if first is None:
+            raise AdapterError(f"{type(self.original_module).__name__}: routed rows need a batched tensor input")
+        size = first.shape[0]
+
+        def rows_of(value: Any, rows: Tensor) -> Any:
+            return value.index_select(0, rows) if isinstance(value, Tensor) and value.dim() and value.shape[0] == size \
+                else value
+
+        slots = route.slots(size, first.device)
+        groups = [(self.copies[n] if n in self.copies else self.original_module, rows)
+                  for n, rows in route.groups(size, first.device) if rows.numel()]
+        base_rows = (slots < 0).nonzero().flatten()
+        if base_rows.numel():
+            groups.append((self.original_module, base_rows))
+        out: Tensor | None = None
+        for module, rows in groups:
+            part = module(*(rows_of(a, rows) for a in args), **{k: rows_of(v, rows) for k, v in kwargs.items()})
+            if not isinstance(part, Tensor):
+                raise AdapterError(f"{type(self.original_module).__name__} returns {type(part).__name__}, not a tensor: "
+                                   "its per-adapter copies cannot be routed by row")
+            out = part.new_zeros(size, *part.shape[1:]) if out is None else out
+            out = out.index_copy(0, rows, part)
+        assert out is not None
+        return out
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:

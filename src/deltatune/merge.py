@@ -16,6 +16,7 @@ from torch import nn
 from .bases import base_layer_for
 from .compose import Composition, Sum
 from .errors import AdapterError
+from .routing import release_keyword
 from .state import delta_layers, drop_state, parent_of, saved_modules, state_of
 
 
@@ -95,6 +96,7 @@ def unload(model: nn.Module, merge: bool = True, requantize: bool = False) -> nn
     for name, part in state.model_deltas.items():
         part.unplace(model, name)
     drop_state(model)
+    release_keyword(model)
     return model
 
 

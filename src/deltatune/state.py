@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .compose import Active, Composition, Parallel, Sum, as_composition
+from .compose import Active, Composition, Parallel, Route, Sum, as_composition
 from .config import DeltaConfig
 from .errors import AdapterError
 from .layer import STATE_ATTR, DeltaLayer, ModelDelta, SavedModule
@@ -175,6 +175,11 @@ def set_active(model: nn.Module, names: str | Sequence[str] | Composition) -> No
         state.require(name)
     if len(active) != _count_names(composition):
         raise AdapterError(f"set_active: adapter names repeat in {composition!r}; give each name once")
+    for name in active if isinstance(composition, Route) else ():
+        form = state.configs[name].active_form(name)
+        if form != name:
+            raise AdapterError(f"set_active: adapter {name!r} runs as {form!r}, a composition of other adapters; a "
+                               "route gives each row one adapter. Activate it for the whole batch instead.")
     if any(_has_parallel(m) for m in composition.members if not isinstance(m, str)):
         raise AdapterError(f"set_active: {composition!r} nests dt.Parallel; Parallel repeats the whole batch, so it "
                            "can only be the outermost composition")

@@ -3,7 +3,7 @@
 ``dt.Stack``: each member's own pre step on the previous member's output, the last member's post
 step. ``dt.Average``: the first member's pre step, the mean of ``w_i o_i`` with the weights
 normalised to sum 1 (so the weighted sum divided by the number of members, AdapterHub's rule), the
-last member's post step. ``dt.BatchSplit``: each member on its rows. A single adapter: pre step,
+last member's post step. ``dt.BatchSplit`` and ``dt.Route``: each member on its rows. A single adapter: pre step,
 block, post step. Where the model adds the residual itself (pre-LN sites) the result leaves it out.
 Where the model has computed ``LN(h + x)`` itself (post-LN sites: ``own``), a pre step that needs it
 takes it rather than computing it again; a single Pfeiffer-placed adapter there runs fused
@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from ..compose import Active, Average, BatchSplit, Composition, Fuse, Parallel, Stack, Sum
+from ..compose import Active, Average, BatchSplit, Composition, Fuse, Parallel, Route, Stack, Sum
 from ..errors import AdapterError
 from ..sites import Norm
 from .bottleneck_block import BottleneckBlock, FusionBlock, site_input, site_output
@@ -72,6 +72,12 @@ def _evaluate(composition: Composition, blocks: Mapping[str, BottleneckBlock], h
             return fused
     if isinstance(composition, Parallel):  # the inputs were repeated: member i gets the i-th copy
         composition = composition.split(h.shape[0])
+    if isinstance(composition, Route):
+        single = composition.single()
+        if single is None:
+            return _by_rows(composition.groups(h.shape[0], h.device), blocks, h, x, norm, adds, own)
+        composition.repeats(h.shape[0])  # a batch that does not fit the route is refused
+        return _evaluate(Sum(single), blocks, h, x, norm, adds, own)
     nested = [m for m in composition.members if not isinstance(m, str)]
     if nested or not isinstance(composition, (Sum, Stack, Average, BatchSplit)):
         raise AdapterError(f"{composition!r} is not supported at adapter sites yet: bottleneck adapters combine with "
@@ -110,17 +116,26 @@ def _split(split: BatchSplit, blocks: Mapping[str, BottleneckBlock], h: Tensor, 
            adds: bool, own: Tensor | None) -> Tensor:
     if sum(split.sizes) != h.shape[0]:
         raise AdapterError(f"{split!r}: the sizes add up to {sum(split.sizes)} rows but the batch has {h.shape[0]}")
-    parts, start = [], 0
-    for name, size in zip(split.members, split.sizes):
-        rows = slice(start, start + size)
-        mine = None if own is None else own[rows]
-        result = _evaluate(Sum(name), blocks, h[rows], x[rows], norm, adds, mine) if name in blocks else None
-        if adds:  # the model's own result for these rows
-            base = h[rows]
-        elif mine is not None:
-            base = mine
-        else:
-            base = h[rows] + x[rows] if norm is None else norm(h[rows] + x[rows])
-        parts.append(base if result is None else result)
-        start += size
-    return torch.cat(parts)
+    starts = [sum(split.sizes[:i]) for i in range(len(split.sizes))]
+    groups = [(str(name), torch.arange(start, start + size, device=h.device))
+              for name, start, size in zip(split.members, starts, split.sizes)]
+    return _by_rows(groups, blocks, h, x, norm, adds, own)
+
+
+def _by_rows(groups: list[tuple[str, Tensor]], blocks: Mapping[str, BottleneckBlock], h: Tensor, x: Tensor,
+             norm: Norm | None, adds: bool, own: Tensor | None) -> Tensor:
+    """Each adapter on its rows (index tensors), the model's own result on the rest."""
+    if adds:  # the model's own result
+        out = h
+    elif own is not None:
+        out = own
+    else:
+        out = h + x if norm is None else norm(h + x)
+    for name, rows in groups:
+        if name not in blocks or not rows.numel():
+            continue
+        mine = None if own is None else own.index_select(0, rows)
+        result = _evaluate(Sum(name), blocks, h.index_select(0, rows), x.index_select(0, rows), norm, adds, mine)
+        if result is not None:
+            out = out.index_copy(0, rows, result.to(out.dtype))
+    return out

@@ -6,7 +6,7 @@ attention layer, at the attention key/value site (``kv_prefix``).
 The trained module lives at ``<model>.site_adapters.<adapter>``; a file holds the virtual tokens
 themselves under peft's key ``prompt_embeddings`` (for P-tuning the encoder's output, as peft
 saves it; such an adapter loads frozen). Several prompt adapters can be active over different rows
-(``BatchSplit``, ``Parallel``); a row takes one adapter's virtual tokens, so ``set_active`` refuses a
+(``BatchSplit``, ``Parallel``, ``Route``); a row takes one adapter's virtual tokens, so ``set_active`` refuses a
 composition that gives a row two of them, or none. Merging refuses them: there is no weight to fold into.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..compose import BatchSplit, Composition, Parallel, Sum, row_weights
+from ..compose import BatchSplit, Composition, Parallel, Route, Sum, row_weights
 from ..config import DeltaConfig
 from ..errors import AdapterError
 from ..layer import STATE_ATTR, HookedDelta, ModelDelta, Removable, adapter_dtype
@@ -86,8 +86,9 @@ class PromptAdapter(HookedDelta):
         if not _one_per_row(composition, set(active)):
             raise AdapterError(f"set_active: {composition!r}: every row must take exactly one of the adapters "
                                f"{list(active)} (their virtual tokens replace each other's); use one of them, alone or "
-                               "in a dt.Sum of names with other kinds of adapters, or dt.BatchSplit / dt.Parallel "
-                               "whose every member holds one of them")
+                               "in a dt.Sum of names with other kinds of adapters, dt.BatchSplit / dt.Parallel "
+                               "whose every member holds one of them, or a route giving every row one of them "
+                               "(no row on the base)")
 
     @classmethod
     def install(cls, model: nn.Module, parts: Mapping[str, ModelDelta], final: bool) -> list[Removable]:
@@ -123,6 +124,8 @@ def _one_per_row(composition: Composition, names: set[str]) -> bool:
             sum(m in names for m in member.members) == 1
     if isinstance(composition, (BatchSplit, Parallel)):
         return all(one(m) for m in composition.members)
+    if isinstance(composition, Route):
+        return all(row in names for row in composition.rows)
     return one(composition)
 
 

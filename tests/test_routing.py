@@ -61,6 +61,8 @@ LLAMA_METHODS: dict[str, Attach] = {
     "ia3": _perturbed(lambda: dt.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
                                            feedforward_modules=["down_proj"])),
     "vera": _perturbed(lambda: dt.VeraConfig(r=4, target_modules=["q_proj", "v_proj"])),
+    "adalora": _perturbed(lambda: dt.AdaLoraConfig(init_r=6, target_r=4, total_step=20, tinit=2, tfinal=2,
+                                                   target_modules=["q_proj", "v_proj"])),
 }
 BERT_METHODS: dict[str, Attach] = {
     "lora-head": _perturbed(lambda: dt.LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"])),
@@ -71,6 +73,8 @@ BERT_METHODS: dict[str, Attach] = {
 }
 PROMPT_METHODS: dict[str, Attach] = {
     "prompt-tuning": _perturbed(lambda: dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+    "p-tuning": _perturbed(lambda: dt.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                          encoder_hidden_size=16)),
     "prefix": _perturbed(lambda: dt.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
 }
 

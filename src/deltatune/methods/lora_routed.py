@@ -50,14 +50,18 @@ def routed_lora(deltas: Sequence[LoraDelta | None], slots: Tensor, x: Tensor, y:
     if factors is None:
         return None
     a, b = factors
+    if bool((slots >= 0).all()):  # every row routed: no gather of the input, no scatter of the change
+        return _batched(x, a, b, slots).to(y.dtype)
     routed = (slots >= 0).nonzero().flatten()
-    owners = slots.index_select(0, routed)
-    rows = x.index_select(0, routed).to(a.dtype)
-    flat = rows.reshape(rows.shape[0], -1, rows.shape[-1])
+    change = _batched(x.index_select(0, routed), a, b, slots.index_select(0, routed))
+    return torch.zeros_like(y).index_copy(0, routed, change.to(y.dtype))
+
+
+def _batched(x: Tensor, a: Tensor, b: Tensor, owners: Tensor) -> Tensor:
+    """Row i's change ``(x_i A_{o(i)}ᵀ) B_{o(i)}ᵀ`` for every row, in two batched products."""
+    flat = x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])
     hidden = torch.bmm(flat, a.index_select(0, owners).transpose(1, 2))
     change = torch.bmm(hidden, b.index_select(0, owners).transpose(1, 2))
-    out = torch.zeros_like(y)
-    return out.index_copy(0, routed, change.reshape(*rows.shape[:-1], -1).to(y.dtype))
-
+    return change.reshape(*x.shape[:-1], -1)
 
 register_routed(LoraDelta, "linear", routed_lora)

@@ -18,6 +18,7 @@ from .adapters import (
 from .compose import Average, BatchSplit, Composition, Fuse, Parallel, Route, Stack, Sum
 from .config import DeltaConfig, TargetedConfig
 from .errors import AdapterError, AdapterFileError, ConfigError, DeltatuneError, TargetError
+from .combine import combine
 from .inject import attach
 from .io import load, save
 from .routing import routing
@@ -77,6 +78,7 @@ __all__ = [
     "adapter_names",
     "adapter_parameters",
     "attach",
+    "combine",
     "delete_adapter",
     "disabled",
     "load",

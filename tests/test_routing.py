@@ -301,3 +301,23 @@ def test_unload_takes_the_keyword_away() -> None:
     plain = dt.unload(copy.deepcopy(model), merge=False)
     assert "generate" not in plain.__dict__
     assert not plain._forward_pre_hooks
+
+
+def test_stacked_factors_are_kept_between_calls_without_gradients_and_follow_changes() -> None:
+    """Serving runs one route for many steps: the stack is built once, and any in-place change of
+    an adapter's tensors (a hot-swap, an optimizer step) or a deleted adapter makes a new one."""
+    from deltatune.methods import lora_routed
+
+    model = _adapted(llama, _lora())
+    inputs = _inputs(len(ROUTE))
+    first = _routed(model, ROUTE, inputs)
+    kept = dict(lora_routed._STACKS)
+    assert kept and torch.equal(_routed(model, ROUTE, inputs), first)
+    assert all(lora_routed._STACKS[k] is v for k, v in kept.items())  # reused, not rebuilt
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if key.endswith(".deltas.b.B"):
+                param.mul_(2)
+    changed = _routed(model, ROUTE, inputs)
+    assert max_diff(changed, _alone(model, ROUTE, inputs)) <= ATOL
+    assert max_diff(changed, first) > 1e-3

@@ -1,4 +1,4 @@
-"""The ``deltatune`` command: train, eval, predict, merge, inspect.
+"""The ``deltatune`` command: train, eval, predict, merge, inspect, serve.
 
 ``deltatune train`` with no arguments is the main job: the default method on all-MiniLM-L6-v2 for sentiment,
 on the data shipped with the package. Every training option is a field of
@@ -86,7 +86,32 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
             sub.add_argument("--model", default="", help="base model folder (default: the one the adapter names)")
         if name == "merge":
             sub.add_argument("--output", type=Path, required=True, help="folder for the merged model")
+    subcommands["serve"] = add_serve(commands)
     return parser, subcommands
+
+
+def add_serve(commands: Any) -> Parser:
+    """``deltatune serve``: the flags of the HTTP server (docs/serving.md)."""
+    text = "serve a model and its adapters over HTTP (OpenAI-compatible; needs the serve extra)"
+    sub: Parser = commands.add_parser("serve", help=text, description=text + ". A request picks its adapter by "
+                                      "its `model` field; the base model's name means no adapter.")
+    sub.add_argument("--model", required=True, help="a transformers model folder or a `deltatune train` run folder "
+                     "(causal-lm: text generation; seq-cls: classification), loaded offline")
+    sub.add_argument("--adapter", action="append", default=[], metavar="NAME=FOLDER",
+                     help="serve the adapter saved in FOLDER as NAME (repeatable)")
+    sub.add_argument("--served-model-name", default="", help="the base model's name in requests (default: the "
+                     "model folder's name)")
+    sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    sub.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    sub.add_argument("--max-batch-size", type=int, default=32, help="most requests computed together (default: 32)")
+    sub.add_argument("--max-new-tokens-limit", type=int, default=1024,
+                     help="most tokens one request may generate (default: 1024)")
+    sub.add_argument("--max-prompt-tokens", type=int, default=0,
+                     help="longest prompt accepted, in tokens; 0 = the model's context length (default: 0)")
+    sub.add_argument("--device", default="", help="cpu, cuda, cuda:N (default: where the model loads)")
+    sub.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    sub.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return sub
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -145,6 +170,34 @@ def _predict_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [{column: text} for text in args.text]
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        from . import serve
+    except ModuleNotFoundError as error:
+        if error.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
+            raise
+        return _fail("serve", f"needs {error.name}, which the serve extra installs: pip install 'deltatune[serve]'", 2)
+    adapters = [_named_folder(item) for item in args.adapter]
+    for flag in ("max_batch_size", "max_new_tokens_limit"):
+        if getattr(args, flag) < 1:
+            raise ConfigError("deltatune serve", flag, getattr(args, flag), "must be >= 1", "pass a positive integer")
+    if args.max_prompt_tokens < 0:
+        raise ConfigError("deltatune serve", "max_prompt_tokens", args.max_prompt_tokens, "must be >= 0",
+                          "pass 0 (the model's context length) or a positive integer")
+    limits = serve.Limits(args.max_batch_size, args.max_new_tokens_limit, args.max_prompt_tokens or None)
+    serve.serve(serve.Settings(args.model, adapters, args.served_model_name, args.host, args.port, limits,
+                               args.device, args.threads, args.log_level))
+    return 0
+
+
+def _named_folder(item: str) -> tuple[str, str]:
+    name, sep, folder = item.partition("=")
+    if not sep or not name or not folder:
+        raise ConfigError("deltatune serve", "adapter", item, "must look like NAME=FOLDER",
+                          "e.g. --adapter support=runs/support/adapter")
+    return name, folder
+
+
 def _fail(command: str, message: str, status: int) -> int:
     """One line on stderr (no traceback) and the exit status."""
     print(f"deltatune {command}: " + " ".join(message.split("\n")), file=sys.stderr)
@@ -159,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:  # reported by the subcommand's parser, which knows the options to suggest
         subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args.command == "serve":
+            return run_serve(args)
         return run_train(args) if args.command == "train" else run_other(args)
     except TrainingError as error:
         if error.__cause__ is not None:  # raised from a failure around the run (a full disk), not by the training

@@ -11,7 +11,9 @@ different dtypes the layer runs each adapter on its own rows instead.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +43,57 @@ def stacked_factors(deltas: Sequence[LoraDelta | None]) -> tuple[Tensor, Tensor]
     return torch.stack(a_rows), torch.stack(b_rows)
 
 
+@dataclass
+class _Stacked:
+    """Stacked factors kept between calls that need no gradient (a served route keeps its adapters
+    for many decoding steps), with what they were built from: the deltas themselves (weakly, so a
+    deleted adapter never matches a new one) and their tensors' versions (an in-place change such as
+    a hot-swap makes a new stack)."""
+
+    deltas: list[weakref.ref[LoraDelta] | None]
+    versions: list[tuple[int, ...]]
+    factors: tuple[Tensor, Tensor]
+
+    def serves(self, deltas: Sequence[LoraDelta | None]) -> bool:
+        return len(deltas) == len(self.deltas) and all(
+            (d is None and r is None) or (d is not None and r is not None and r() is d)
+            for d, r in zip(deltas, self.deltas)) and self.versions == _versions(deltas)
+
+
+_STACKS: weakref.WeakKeyDictionary[LoraDelta, _Stacked] = weakref.WeakKeyDictionary()
+"""The last stack built without gradients, by the first routed delta of a layer."""
+
+
+def _versions(deltas: Sequence[LoraDelta | None]) -> list[tuple[int, ...]]:
+    return [() if d is None else (d.A._version, d.B._version, d.A.data_ptr(), d.B.data_ptr(), *_scaling_key(d))
+            for d in deltas]
+
+
+def _scaling_key(delta: LoraDelta) -> tuple[int, ...]:
+    scaling = delta.scaling
+    return (scaling._version, scaling.data_ptr()) if isinstance(scaling, Tensor) else (hash(scaling),)
+
+
+def factors_for(deltas: Sequence[LoraDelta | None]) -> tuple[Tensor, Tensor] | None:
+    """``stacked_factors``, kept for the next call when gradients are off (``no_grad``, inference mode)."""
+    live = [d for d in deltas if d is not None]
+    if torch.is_grad_enabled():  # a stack in the autograd graph (or one from inference mode) cannot be kept
+        return stacked_factors(deltas)
+    kept = _STACKS.get(live[0])
+    if kept is not None and kept.serves(deltas):
+        return kept.factors
+    factors = stacked_factors(deltas)
+    if factors is not None:
+        _STACKS[live[0]] = _Stacked([None if d is None else weakref.ref(d) for d in deltas], _versions(deltas), factors)
+    return factors
+
+
 def routed_lora(deltas: Sequence[LoraDelta | None], slots: Tensor, x: Tensor, y: Tensor) -> Tensor | None:
     """What the routed adapters add to ``y`` (see the module docstring), or None where it does not apply."""
     live = [d for d in deltas if d is not None]
     if any(d.training and isinstance(d.dropout, nn.Dropout) for d in live) or not x.is_floating_point():
         return None
-    factors = stacked_factors(deltas)
+    factors = factors_for(deltas)
     if factors is None:
         return None
     a, b = factors

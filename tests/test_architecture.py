@@ -11,8 +11,8 @@ import deltatune
 import deltatune.registry as registry
 
 SRC = Path(deltatune.__file__).parent
-GENERIC = ["adapters", "bases", "combine", "combine_layer", "combine_ops", "compose", "config", "factor_form", "hf", "inject",
-           "io", "layer", "merge", "registry", "routing", "state", "targets"]
+GENERIC = ["adapters", "bases", "combine", "combine_layer", "combine_ops", "compose", "config", "factor_form", "hf",
+           "hotswap", "inject", "io", "layer", "merge", "registry", "routing", "state", "targets"]
 METHOD_WORDS = re.compile(r"(?<![A-Za-z])(?i:lora|ia3|dora|adalora|vera|bitfit|prompt.?tuning|p.?tuning|prefix.?tuning)")
 """A method name not inside a lower-case word ("several" is fine; "LoraConfig" and "use_dora" are not)."""
 

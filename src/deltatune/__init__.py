@@ -20,7 +20,8 @@ from .config import DeltaConfig, TargetedConfig
 from .errors import AdapterError, AdapterFileError, ConfigError, DeltatuneError, TargetError
 from .combine import combine
 from .inject import attach
-from .io import load, save
+from .hotswap import prepare_hotswap
+from .io import hotswap, load, save
 from .routing import routing
 from .merge import merge, unload, unmerge
 from .methods.adalora import AdaLoraConfig
@@ -81,9 +82,11 @@ __all__ = [
     "combine",
     "delete_adapter",
     "disabled",
+    "hotswap",
     "load",
     "loraplus_optimizer",
     "merge",
+    "prepare_hotswap",
     "quant",
     "quantize",
     "restore",

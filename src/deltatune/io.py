@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from . import hf
+from . import hf, hotswap as swaps
 from .config import DeltaConfig, TargetedConfig
 from .errors import AdapterFileError, ConfigError
 from .files import recover, replace_files
@@ -173,6 +173,8 @@ def _base_overrides(model: nn.Module, attach_plan: AttachPlan) -> dict[str, nn.P
     uses_bias = isinstance(config, TargetedConfig) and config.trained_biases() != "none"
     targeted = {id(view.weight) for view in attach_plan.views.values()}
     tables = {id(getattr(m, "weight", None)) for m in hf.embedding_modules(model)} & targeted
+    if not uses_bias and not tables:  # the common case: no walk over every parameter of the model
+        return {}
     return {name: p for name, p in _base_params(model).items()
             if (uses_bias and name.endswith("bias")) or id(p) in tables}
 
@@ -185,11 +187,15 @@ def _is_saved_module_artifact(key: str, attach_plan: AttachPlan) -> bool:
     return cut is not None and ".".join(parts[:cut]) in attach_plan.saved
 
 
-def _match(model: nn.Module, attach_plan: AttachPlan, tensors: dict[str, Tensor],
-           source: Path) -> list[tuple[Tensor, Tensor]]:
+LOAD_SHAPE_HINT = "check r, rank_pattern and that this adapter was made for this model"
+
+
+def _match(model: nn.Module, attach_plan: AttachPlan, tensors: dict[str, Tensor], source: Path,
+           hint: str = LOAD_SHAPE_HINT) -> list[tuple[Tensor, Tensor]]:
     """Pair every file tensor with the planned tensor it fills (returned) or the base tensor it
     overwrites (put in ``attach_plan.base_writes``, for ``apply`` to write and removal to undo);
-    raise on any key the config does not account for, or any shape mismatch."""
+    raise on any key the config does not account for, or any shape mismatch (saying ``hint``).
+    The plan may be a new adapter's or, for a swap, an existing one's live tensors (``hotswap.slot``)."""
     prefix = attach_plan.config.file_prefix
     expected = {prefix + k: t for k, t in _by_module_path(attach_plan.deltas, attach_plan.saved).items()}
     expected.update(attach_plan.model_delta.tensors() if attach_plan.model_delta is not None else {})
@@ -209,7 +215,7 @@ def _match(model: nn.Module, attach_plan: AttachPlan, tensors: dict[str, Tensor]
         if target.shape != value.shape:
             raise AdapterFileError(
                 f"{source}: tensor {file_key!r} has shape {tuple(value.shape)} but the model needs "
-                f"{tuple(target.shape)} there (check r, rank_pattern and that this adapter was made for this model). "
+                f"{tuple(target.shape)} there ({hint}). "
                 "The model was left unchanged."
             )
         if base_key is not None:
@@ -231,24 +237,24 @@ def _match(model: nn.Module, attach_plan: AttachPlan, tensors: dict[str, Tensor]
 
 
 def load(model: nn.Module, directory: str | os.PathLike[str], name: str = "default",
-         trainable: bool = False) -> nn.Module:
+         trainable: bool = False, replace: bool = False) -> nn.Module:
     """Load an adapter folder (written by deltatune or peft, or in a registered layout) into ``model`` as ``name``.
 
     The adapter is frozen unless ``trainable``; it becomes active if no adapter was active.
+    ``replace``: ``name`` is already loaded and the folder's adapter replaces its values in place, keeping
+    its tensor objects (a hot-swap, see ``hotswap``).
     Every check happens before the model changes: on any error the model is as it was.
     """
     folder = Path(directory)
+    if replace:
+        _swap(swaps.unwrapped(model), folder, name, trainable)
+        return model
     recover(folder)  # a save killed past its commit point is finished first
     layout = claiming(folder)
     if layout is not None:  # its reader checks everything and fills a plan; the model is untouched until apply
         apply(model, layout.read(model, folder, name, trainable))
         return model
-    config = read_config(folder).replace(inference_mode=not trainable)
-    if trainable and not config.loads_trainable():
-        raise AdapterFileError(
-            f"{folder}: this {config.peft_type} adapter's file holds what its trained encoder computed, not the encoder, "
-            "so it cannot be trained further in this form; load it frozen (trainable=False), or attach a new adapter "
-            "whose saved tensors are its trained ones and start it from these values. The model was left unchanged.")
+    config = _read_loadable_config(folder, trainable)
     tensors = read_tensors(folder)
     attach_plan = plan(model, config, name)
     pairs = _match(model, attach_plan, tensors, folder / WEIGHTS_NAME)
@@ -257,3 +263,49 @@ def load(model: nn.Module, directory: str | os.PathLike[str], name: str = "defau
             target.copy_(value)
     apply(model, attach_plan)
     return model
+
+
+def _read_loadable_config(folder: Path, trainable: bool) -> DeltaConfig:
+    """The folder's config, in inference mode unless ``trainable``; refused when it cannot train in this form."""
+    config = read_config(folder).replace(inference_mode=not trainable)
+    if trainable and not config.loads_trainable():
+        raise AdapterFileError(
+            f"{folder}: this {config.peft_type} adapter's file holds what its trained encoder computed, not the encoder, "
+            "so it cannot be trained further in this form; load it frozen (trainable=False), or attach a new adapter "
+            "whose saved tensors are its trained ones and start it from these values. The model was left unchanged.")
+    return config
+
+
+def hotswap(model: nn.Module, directory: str | os.PathLike[str], name: str = "default",
+            trainable: bool = False) -> nn.Module:
+    """Replace loaded adapter ``name``'s values in place with the adapter in ``directory``; returns ``model``.
+
+    The same as ``load(model, directory, name, trainable, replace=True)``. The adapter keeps its modules
+    and its tensor objects (an optimizer or server holding them keeps working; a compiled model, which
+    may be passed itself, does not recompile); its config becomes the folder's. The folder's adapter must
+    be of the same method on the same layers with the same shapes; a method that pads ranks also takes a
+    smaller rank (and, after ``dt.prepare_hotswap(model, target_rank=R)``, any rank up to R). It is frozen
+    unless ``trainable``. Every check happens before the first write: on any error the model is as it was.
+    """
+    return load(model, directory, name, trainable, replace=True)
+
+
+def _swap(model: nn.Module, folder: Path, name: str, trainable: bool) -> None:
+    """The hot-swap: the folder read and checked as a load reads it, its tensors matched against the live
+    tensors of adapter ``name`` (instead of a new plan's), then written in place."""
+    state_of(model).require(name)
+    recover(folder)
+    layout = claiming(folder)
+    if layout is not None:
+        raise AdapterFileError(
+            f"{folder} is in the {layout.name!r} layout; a hot-swap reads peft's layout. Fix: load it once under a "
+            "new name and save that in peft's layout (dt.load(model, folder, name='tmp'); "
+            "dt.save(model, out, ['tmp'])), then swap from the folder dt.save wrote. The model was left unchanged.")
+    config = _read_loadable_config(folder, trainable)
+    source = folder / WEIGHTS_NAME
+    attach_plan = swaps.slot(model, name, config, str(folder / CONFIG_NAME))
+    tensors = read_tensors(folder)
+    swaps.check_layers(attach_plan, tensors, str(source))
+    tensors = swaps.fit_ranks(attach_plan, tensors, str(source))
+    pairs = _match(model, attach_plan, tensors, source, hint=swaps.SHAPE_HINT)
+    swaps.commit(model, attach_plan, pairs)

@@ -47,6 +47,8 @@ class DoraDelta(LoraDelta):
         """``||W + s B A||`` per output, in the adapter dtype, without autograd (DoRA detaches it)."""
         a, b = self.A.flatten(1), self.B.flatten(1)
         w = (self.base.read_weight() if weight is None else weight).to(a.dtype).flatten(1)
+        if isinstance(self.scaling, Tensor):  # a scale held for hot-swaps (lora_slot): addmm takes only numbers
+            return torch.linalg.vector_norm(w + (b @ a) * self.scaling, dim=1)
         return torch.linalg.vector_norm(torch.addmm(w, b, a, alpha=self.scaling), dim=1)
 
     @torch.no_grad()

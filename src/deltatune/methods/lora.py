@@ -31,6 +31,7 @@ from ..errors import TargetError
 from ..layer import ModelDelta, WeightDelta
 from ..registry import Method, MethodOption, Recipe, RecipeInput, register, register_recipe
 from .lora_init import check_rank_fits, factors_from_weight, takes_weight
+from .lora_slot import RankSlot, scale_for
 
 _INITS = (True, False, "gaussian", "pissa", "olora")
 _PISSA_NITER = re.compile(r"pissa_niter_\d+")
@@ -134,7 +135,7 @@ def _pattern_key(patterns: Mapping[str, Any], key: str) -> str:
     return next((p for p in patterns if re.match(rf"(.*\.)?({p})$", key)), key)
 
 
-class LoraDelta(WeightDelta):
+class LoraDelta(RankSlot, WeightDelta):
     """``y + s * B(A(dropout(x)))`` on any base kind; A and B kept in peft's shapes."""
 
     def __init__(self, base: BaseLayer, r: int, scaling: float, dropout: float) -> None:
@@ -212,7 +213,7 @@ def make_lora(base: BaseLayer, config: DeltaConfig, key: str, shared: ModelDelta
     assert isinstance(config, LoraConfig)
     r, alpha = config.rank_and_alpha(key)
     check_rank_fits(base, config.init_lora_weights, key, r, type(config).__name__, config.rank_pattern_entry(key))
-    scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+    scaling = scale_for(r, alpha, config.use_rslora)
     if config.use_dora:
         return VARIANTS["use_dora"](base, r, scaling, config.lora_dropout, config.init_lora_weights)
     delta = LoraDelta(base, r, scaling, config.lora_dropout)

@@ -76,9 +76,11 @@ def base_plus_low_rank(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor
 
 
 def low_rank_backward(g: Tensor, x: Tensor, hidden: Tensor, weight: Tensor, a: Tensor, b: Tensor,
-                      s: float, needs: tuple[bool, bool, bool, bool]) -> tuple[Tensor | None, ...]:
+                      s: float | Tensor, needs: tuple[bool, bool, bool, bool]) -> tuple[Tensor | None, ...]:
     """Gradients of x, W, A and B (None where not needed) for ``z = x Wᵀ + s · (x Aᵀ) Bᵀ`` given
-    ``g = dL/dz`` as a 2-D ``(tokens, out)`` tensor."""
+    ``g = dL/dz`` as a 2-D ``(tokens, out)`` tensor. ``s`` may be a 0-dim tensor (a scale held for
+    hot-swaps, ``lora_slot``): ``addmm_`` takes only a number as ``alpha``, so the product is then
+    scaled on its own (a compiled backward cannot read the tensor's value)."""
     need_x, need_w, need_a, need_b = needs
     x2 = x.reshape(-1, x.shape[-1])
     g_wide = g.to(a.dtype)  # an fp32 adapter over a 16-bit base works in fp32, as in peft
@@ -86,7 +88,7 @@ def low_rank_backward(g: Tensor, x: Tensor, hidden: Tensor, weight: Tensor, a: T
     grad_x = grad_w = grad_a = grad_b = None
     if need_x:
         grad_x = g @ weight
-        if a.dtype == g.dtype:
+        if a.dtype == g.dtype and not isinstance(s, Tensor):
             grad_x.addmm_(g_b, a, alpha=s)
         else:  # the adapter's share rounded to the base dtype, then added (peft's order)
             grad_x.add_((g_b @ a).mul_(s).to(grad_x.dtype))

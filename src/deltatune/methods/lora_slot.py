@@ -1,0 +1,168 @@
+"""LoRA's part in hot-swapping (``dt.hotswap``): a rank slot padded with zeros and a scale held in a tensor.
+
+``LoraDelta`` (and so DoRA's) inherits ``RankSlot``, which gives it ``hotswap``'s two capabilities:
+
+- ``PaddedRank``: the change ``s * B @ A`` is the same when A gets zero rows and B zero columns (they
+  add only zero products), so a slot of rank R takes an adapter of any rank r <= R: its factors go to
+  the top-left and the rest is zero. ``pad_rank`` grows a slot; the adapter's own rank is kept
+  (``true_rank``) so that a save writes rank-r factors, which peft reads.
+- ``Retunable``: the scale ``s`` is a Python float, a constant to compiled code; after
+  ``hold_settings_in_tensors`` it is a 0-dim buffer in the factors' dtype and device (moved by
+  ``model.to`` with them), so a swap to another alpha or r changes a value, not the code. The float
+  and the tensor give the same bits in every use (a multiplication in the factors' dtype, the fused
+  kernel, DoRA's ``alpha=``), which is why ``scaling`` stays annotated as the float it stands for.
+
+What may differ in a swap: the rank (``r``, ``rank_pattern``), the scale (``lora_alpha``,
+``alpha_pattern``, ``use_rslora``), ``init_lora_weights`` (it acts only when an adapter is created) and
+``lora_dropout`` between two non-zero rates (the rate is a constant of the dropout module: a compiled
+model in training recompiles once for a new one). Nothing may when either adapter's init took part
+of the base weight (PiSSA, OLoRA): the base then holds a residual that depends on those settings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import DeltaConfig
+from ..errors import AdapterFileError
+from ..layer import Delta
+from .lora_init import takes_weight
+
+RANK_FIELDS = frozenset({"r", "rank_pattern"})
+SCALE_FIELDS = frozenset({"lora_alpha", "alpha_pattern", "use_rslora"})
+
+
+def scale_for(r: int, alpha: float, rslora: bool) -> float:
+    """LoRA's scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+@runtime_checkable
+class FactorSettings(Protocol):
+    """What a LoRA-family config says about the factors of one layer (``LoraConfig`` has all of it)."""
+
+    use_rslora: bool
+    lora_dropout: float
+    init_lora_weights: bool | str
+
+    def rank_and_alpha(self, key: str) -> tuple[int, float]: ...
+
+
+_SETTINGS_CLASSES: set[type] = set()
+"""Config classes seen to have ``FactorSettings`` (a protocol check inspects every member each time: a
+swap asks it several times per layer)."""
+
+
+def _settings(config: DeltaConfig) -> FactorSettings:
+    if type(config) not in _SETTINGS_CLASSES:
+        assert isinstance(config, FactorSettings), type(config).__name__
+        _SETTINGS_CLASSES.add(type(config))
+    return config  # type: ignore[return-value]
+
+
+def _padded(t: Tensor, size: int, dim: int) -> Tensor:
+    """``t`` with zeros appended along ``dim`` up to ``size`` (one allocation, one copy)."""
+    extra = size - t.shape[dim]
+    return t if extra == 0 else F.pad(t, (0, 0) * (t.dim() - dim - 1) + (0, extra))
+
+
+class RankSlot(Delta):
+    """The hot-swap side of a delta ``s * B @ A`` with ``A: (r, in, *kernel)`` and ``B: (out, r, 1, ...)``."""
+
+    A: nn.Parameter
+    B: nn.Parameter
+    scaling: float
+    """A Python float, or after ``hold_settings_in_tensors`` a 0-dim tensor buffer standing for it."""
+    dropout: nn.Module
+    true_rank: int | None = None
+    """The adapter's rank when the factors hold more (zero) rows than it; None: all of them."""
+
+    def _factor_names(self) -> tuple[str, str]:
+        names = {id(t): n for n, t in self.tensors().items()}
+        return names[id(self.A)], names[id(self.B)]
+
+    def tensors_to_save(self) -> dict[str, Tensor]:
+        """``tensors()`` with the factors cut to the adapter's rank: a padded slot saves the adapter it holds."""
+        out = self.tensors()
+        rank = self.true_rank
+        if rank is not None and rank != self.slot_rank():
+            a, b = self._factor_names()
+            out[a], out[b] = self.A[:rank], self.B[:, :rank]
+        return out
+
+    def slot_rank(self) -> int:
+        return self.A.shape[0]
+
+    @torch.no_grad()
+    def pad_rank(self, target: int) -> None:
+        slot = self.slot_rank()
+        if target <= slot:
+            return
+        self.true_rank = slot if self.true_rank is None else self.true_rank
+        self.A = nn.Parameter(_padded(self.A, target, 0), requires_grad=self.A.requires_grad)
+        self.B = nn.Parameter(_padded(self.B, target, 1), requires_grad=self.B.requires_grad)
+
+    def fit_rank(self, values: Mapping[str, Tensor], config: DeltaConfig, key: str, where: str) -> dict[str, Tensor]:
+        a_name, b_name = self._factor_names()
+        out = dict(values)
+        a, b = values.get(a_name), values.get(b_name)
+        if a is None or b is None or not self._are_factors(a, b):
+            return out  # not this layer's factors at any rank: the shape check reports them
+        rank, slot = a.shape[0], self.slot_rank()
+        expected = _settings(config).rank_and_alpha(key)[0]
+        if rank != expected:
+            raise AdapterFileError(f"{where}: the factors have rank {rank} but the folder's config gives this layer "
+                                   f"rank {expected} (r, rank_pattern): the folder is inconsistent. "
+                                   "The model was left unchanged.")
+        if rank > slot:
+            raise AdapterFileError(
+                f"{where}: the adapter has rank {rank} here ({a_name} {tuple(a.shape)}, {b_name} {tuple(b.shape)}) but "
+                f"the slot has room for rank {slot} ({tuple(self.A.shape)}, {tuple(self.B.shape)}). Fix: after loading "
+                f"the first adapter and before compiling, call dt.prepare_hotswap(model, target_rank={rank}) or larger "
+                "(the largest rank you will swap in). The model was left unchanged.")
+        out[a_name], out[b_name] = _padded(a, slot, 0), _padded(b, slot, 1)
+        return out
+
+    def _are_factors(self, a: Tensor, b: Tensor) -> bool:
+        """Whether ``a`` and ``b`` are this layer's factors at some rank (only the rank axis may differ)."""
+        return (a.dim() == self.A.dim() and b.dim() == self.B.dim() and a.shape[1:] == self.A.shape[1:]
+                and b.shape[0] == self.B.shape[0] and b.shape[2:] == self.B.shape[2:] and b.shape[1] == a.shape[0])
+
+    def retunable_fields(self, slot: DeltaConfig, new: DeltaConfig) -> frozenset[str]:
+        old_settings, new_settings = _settings(slot), _settings(new)
+        if takes_weight(old_settings.init_lora_weights) or takes_weight(new_settings.init_lora_weights):
+            return frozenset()
+        same_dropout_kind = (old_settings.lora_dropout > 0) == (new_settings.lora_dropout > 0)
+        return RANK_FIELDS | SCALE_FIELDS | {"init_lora_weights"} | ({"lora_dropout"} if same_dropout_kind else set())
+
+    def hold_settings_in_tensors(self) -> None:
+        if isinstance(self.scaling, Tensor):
+            return
+        value = torch.tensor(self.scaling, dtype=self.A.dtype, device=self.A.device)
+        del self.scaling  # a plain attribute until now; a buffer from here on
+        self.register_buffer("scaling", value, persistent=False)
+
+    def retune(self, config: DeltaConfig, key: str) -> None:
+        settings = _settings(config)
+        rank, alpha = settings.rank_and_alpha(key)
+        scale = scale_for(rank, alpha, settings.use_rslora)
+        if isinstance(self.scaling, Tensor):
+            self.scaling.fill_(scale)
+        else:
+            self.scaling = scale
+        self.true_rank = None if rank == self.slot_rank() else rank
+        if isinstance(self.dropout, nn.Dropout):
+            self.dropout.p = float(settings.lora_dropout)
+
+
+if TYPE_CHECKING:  # the class declares hotswap's capabilities; mypy checks the signatures here
+    from ..hotswap import PaddedRank, Retunable
+
+    def _declares(slot: RankSlot) -> tuple[PaddedRank, Retunable]:
+        return slot, slot

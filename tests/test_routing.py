@@ -321,3 +321,33 @@ def test_stacked_factors_are_kept_between_calls_without_gradients_and_follow_cha
     changed = _routed(model, ROUTE, inputs)
     assert max_diff(changed, _alone(model, ROUTE, inputs)) <= ATOL
     assert max_diff(changed, first) > 1e-3
+
+
+class _EmbedConvLinear(nn.Module):
+    """LoRA on every base kind but the transposed one: an embedding, a 1-d conv, a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(50, 12)
+        self.conv = nn.Conv1d(12, 12, kernel_size=3, padding=1)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Any:
+        hidden = self.conv(self.embed(input_ids).transpose(1, 2)).transpose(1, 2)
+        return type("Out", (), {"logits": self.head(hidden)})()
+
+
+def test_lora_routes_on_embeddings_convolutions_and_a_4bit_base() -> None:
+    model = _EmbedConvLinear()
+    for seed, name in enumerate(("a", "b", "c")):
+        dt.attach(model, dt.LoraConfig(r=2 + seed, init_lora_weights=False, target_modules=["embed", "conv", "head"]),
+                  name=name)
+    inputs = {"input_ids": torch.randint(0, 50, (len(ROUTE), 6), generator=torch.Generator().manual_seed(3))}
+    assert max_diff(_routed(model, ROUTE, inputs), _alone(model, ROUTE, inputs)) <= ATOL
+
+    quantized = dt.quantize(llama(), dt.QuantConfig(quant_type="nf4"))
+    for seed, name in enumerate(("a", "b", "c")):
+        _lora()(quantized, name, seed)
+    inputs = _inputs(len(ROUTE))
+    assert max_diff(_routed(quantized, ROUTE, inputs), _alone(quantized, ROUTE, inputs)) <= ATOL

@@ -102,9 +102,12 @@ def save(model: nn.Module, directory: str | os.PathLike[str], names: Sequence[st
         return root
     for name in chosen:
         state.require(name)
+    # every config first: one that peft's format cannot hold is refused before any folder is written
+    texts = {name: json.dumps(config_dict(model, name), indent=2) + "\n" for name in chosen}
+    for name in chosen:
         folder = adapter_folder(root, name)
         tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in adapter_tensors(model, name, saving=True).items()}
-        text = json.dumps(config_dict(model, name), indent=2) + "\n"
+        text = texts[name]
         replace_files(folder, {
             WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
             CONFIG_NAME: lambda p: p.write_text(text, encoding="utf-8"),

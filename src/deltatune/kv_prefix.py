@@ -4,7 +4,9 @@ transformers' cache objects.
 A forward pre-hook hands the model a cache that already holds the prefixes (``n`` positions per
 layer), so every attention layer attends over ``prefix + tokens``, and lengthens the attention
 mask by ``n``; position ids (given or computed) then start after the prefix, as the model counts
-the cache. Generation works through the same hook: once the cache is filled, later calls only
+the cache (peft's numbering), or, when the site keeps positions, stay what they are without the prefix
+(AdapterHub's: the hook passes ``0, 1, ...`` after the tokens already cached, since the model would count
+the prefix). Generation works through the same hook: once the cache is filled, later calls only
 get the longer mask. Models whose head class takes no cache (BERT's sequence classifier) are
 hooked at their base model, which does. An encoder-decoder model gets the prefixes in its
 decoder's self-attention (peft's layout for two transformer stacks). Names no method.
@@ -20,6 +22,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -47,6 +50,16 @@ def cache_owner(model: nn.Module) -> nn.Module:
                        "method")
 
 
+def check_positions(model: nn.Module) -> nn.Module:
+    """The cache owner, refused unless its calls take ``position_ids`` (keeping the tokens' positions needs them)."""
+    owner = cache_owner(model)
+    if "position_ids" not in inspect.signature(owner.forward).parameters:
+        raise AdapterError(f"{type(owner).__name__} takes no position_ids, so its tokens cannot keep their positions "
+                           "behind key/value prefixes (AdapterHub's numbering); use prefixes that number the tokens "
+                           "after them (peft's, token_positions='after_prefix')")
+    return owner
+
+
 def layer_pairs(table: Tensor, layers: int, heads: int, stacks: int) -> list[tuple[Tensor, Tensor]]:
     """Per layer the (key, value) prefix, each (batch, heads, n, head_dim), from a batch of tables.
 
@@ -64,12 +77,14 @@ def layer_pairs(table: Tensor, layers: int, heads: int, stacks: int) -> list[tup
 class PrefixSite:
     """The hook that puts one batch of prefixes into every call of ``model``."""
 
-    def __init__(self, model: nn.Module, prefixes: Prefixes, count: int, layers: int, heads: int) -> None:
+    def __init__(self, model: nn.Module, prefixes: Prefixes, count: int, layers: int, heads: int,
+                 shift_positions: bool = True) -> None:
         # No reference to the model here: the hooks are kept by the model's weak registry, so a strong
         # one would keep the model alive.
         self.prefixes, self.count, self.layers, self.heads = prefixes, count, layers, heads
+        self.shift_positions = shift_positions
         self.encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-        owner = cache_owner(model)
+        owner = cache_owner(model) if shift_positions else check_positions(model)
         self.handle: RemovableHandle = owner.register_forward_pre_hook(self._call, with_kwargs=True)
         self.after: RemovableHandle = owner.register_forward_hook(self._returned, with_kwargs=True)
 
@@ -78,7 +93,9 @@ class PrefixSite:
         call = call_arguments(module, args, kwargs)
         mask_key = "decoder_attention_mask" if self.encoder_decoder else "attention_mask"
         call[mask_key] = longer_mask(call.get(mask_key), self.count)
-        if isinstance(call.get("position_ids"), Tensor):
+        if not self.shift_positions:
+            call["position_ids"] = _own_positions(call)
+        elif isinstance(call.get("position_ids"), Tensor):
             call["position_ids"] = call["position_ids"] + self.count
         if cache_length(call.get("past_key_values")):  # generating: the prefixes are in the cache
             return (), call
@@ -112,6 +129,21 @@ def _checkpointing(model: nn.Module) -> bool:
         if name in dir(type(model)):
             return bool(getattr(model, name))
     return False
+
+
+def _own_positions(call: dict[str, Any]) -> Tensor:
+    """The call's position ids as without the prefix: the given ones, else ``past, past + 1, ...`` for its
+    tokens, ``past`` being the tokens already cached (the prefix not counted; the model would count it)."""
+    given = call.get("position_ids")
+    if isinstance(given, Tensor):
+        return given
+    tokens = next((call[k] for k in ("input_ids", "inputs_embeds") if isinstance(call.get(k), Tensor)), None)
+    if tokens is None:
+        raise AdapterError("key/value prefixes that keep the tokens' positions need the call's input_ids or "
+                           "inputs_embeds (or its position_ids)")
+    past = cache_length(call.get("past_key_values"))
+    positions = torch.arange(past, past + int(tokens.shape[1]), device=tokens.device)
+    return positions[None].expand(int(tokens.shape[0]), -1)
 
 
 def _batch_size(call: dict[str, Any]) -> int:

@@ -17,14 +17,16 @@ import json
 import re
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .. import hf
+from ..config import DeltaConfig
 from ..errors import AdapterFileError
 from ..formats import FolderFiles, FolderFormat, register_format
 from ..inject import AttachPlan, plan
@@ -34,8 +36,8 @@ from ..state import check_name, saved_modules, state_of
 from .bottleneck import BnConfig, BottleneckAdapter
 from .bottleneck_block import BottleneckBlock
 from .bottleneck_hub import from_hub, to_hub
-from .bottleneck_hub_files import (HEAD_CONFIG, HEAD_WEIGHTS, head_config, head_pairs, legacy, match_keys, read_head,
-                                   read_json, read_weights, without_prefix)
+from .bottleneck_hub_files import (HEAD_CONFIG, HEAD_WEIGHTS, Head, head_config, head_pairs, legacy, match_keys,
+                                   read_head, read_json, read_weights, without_prefix)
 from .fusion import FusionConfig
 from .fusion_hub import FUSION_CONFIG, fusion_files, read_fusion
 
@@ -46,6 +48,7 @@ VERSION = "adapters.1.3.0"
 OTHER_PARTS = {"adapter_fusion_layer": "AdapterFusion weights", "invertible_adapters": "an invertible adapter",
                "prefix_tunings": "prefix tuning", "loras": "LoRA", "refts": "ReFT", "prompt_tuning": "prompt tuning"}
 """Key parts of AdapterHub methods deltatune does not read from these folders, for a precise error."""
+C = TypeVar("C", bound=DeltaConfig)
 T5_BASE = ("encoder", "decoder", "shared")
 """What AdapterHub's head saver counts as the base model of a T5 (its classes have no base-model attribute)."""
 
@@ -91,11 +94,20 @@ def _unexpected_hint(keys: list[str], hub_name: str) -> str:
     return hint + (f" They hold {', '.join(parts)}, which deltatune does not read from AdapterHub folders." if parts else "")
 
 
-def read(model: nn.Module, folder: Path, name: str, trainable: bool) -> AttachPlan:
-    """An AdapterHub folder -> a filled attach plan for adapter ``name`` (a fusion folder: ``fusion_hub``); the
-    model is not touched."""
-    if not (folder / CONFIG).is_file():
-        return read_fusion(model, folder, name, trainable)
+@dataclass(frozen=True)
+class HubFolder:
+    """What every AdapterHub adapter folder holds besides its method's config: read and checked, nothing changed."""
+
+    meta: dict[str, Any]
+    hub_name: str
+    """The adapter name the file's keys are stored under."""
+    tensors: dict[str, Tensor]
+    source: Path
+    head: Head
+
+
+def open_folder(model: nn.Module, folder: Path) -> HubFolder:
+    """The folder's adapter_config.json, weights and head decision (``read_head``) for ``model``."""
     meta = read_json(folder / CONFIG)
     hub_name = meta.get("name")
     if not isinstance(hub_name, str) or not hub_name:
@@ -103,24 +115,37 @@ def read(model: nn.Module, folder: Path, name: str, trainable: bool) -> AttachPl
     weights = read_weights(folder, WEIGHTS)
     if weights is None:
         raise AdapterFileError(f"{folder} has neither {WEIGHTS[0]} nor {WEIGHTS[1]}; pass the folder AdapterHub's save_adapter wrote.")
-    tensors, source = weights
-    inverse = any("invertible_adapters." in legacy(k) for k in tensors)
-    config = from_hub(meta.get("config"), str(folder / CONFIG), "version" in meta, inverse, meta.get("type") == "text_task")
     if meta.get("model_type") not in (None, hf.model_type(model)):
         warnings.warn(f"{folder / CONFIG}: the adapter was saved from a {meta.get('model_type')!r} model and is loaded "
                       f"into a {hf.model_type(model)!r} one; it loads if its sites and shapes fit; check that this is intended.",
-                      stacklevel=3)
-    head = read_head(model, folder)
-    source_model = meta.get("model_name")
-    config = config.replace(inference_mode=not trainable, modules_to_save=head.modules or None,
-                            base_model_name_or_path=source_model if isinstance(source_model, str) and source_model else None)
-    attach_plan = plan(model, config, name)
+                      stacklevel=4)
+    return HubFolder(meta, hub_name, weights[0], weights[1], read_head(model, folder))
+
+
+def with_folder(config: C, opened: HubFolder, trainable: bool) -> C:
+    """``config`` as loaded from ``opened``: frozen unless ``trainable``, carrying the head it brought, named after
+    the model it was saved from."""
+    source_model = opened.meta.get("model_name")
+    return config.replace(inference_mode=not trainable, modules_to_save=opened.head.modules or None,
+                          base_model_name_or_path=source_model if isinstance(source_model, str) and source_model else None)
+
+
+def read(model: nn.Module, folder: Path, name: str, trainable: bool) -> AttachPlan:
+    """An AdapterHub folder -> a filled attach plan for adapter ``name`` (a fusion folder: ``fusion_hub``); the
+    model is not touched."""
+    if not (folder / CONFIG).is_file():
+        return read_fusion(model, folder, name, trainable)
+    opened = open_folder(model, folder)
+    meta, hub_name = opened.meta, opened.hub_name
+    inverse = any("invertible_adapters." in legacy(k) for k in opened.tensors)
+    config = from_hub(meta.get("config"), str(folder / CONFIG), "version" in meta, inverse, meta.get("type") == "text_task")
+    attach_plan = plan(model, with_folder(config, opened, trainable), name)
     part = attach_plan.model_delta
     assert isinstance(part, BottleneckAdapter)
     prefix = hf.base_model_prefix(model)
-    pairs = match_keys(_expected(part, hub_name, prefix), prefix, tensors, source,
+    pairs = match_keys(_expected(part, hub_name, prefix), prefix, opened.tensors, opened.source,
                        lambda keys: _unexpected_hint(keys, hub_name))
-    pairs += head_pairs(attach_plan, head, folder) if head.modules else []
+    pairs += head_pairs(attach_plan, opened.head, folder) if opened.head.modules else []
     with torch.no_grad():
         for target, value in pairs:  # planned tensors only: not yet in the model
             target.copy_(value)
@@ -160,9 +185,30 @@ def _check_head_modules(model: nn.Module, name: str, paths: list[str]) -> None:
             "default), or keep modules_to_save to whole head modules. Nothing was written.")
 
 
+def folder_files(model: nn.Module, name: str, folder: Path, hub_config: dict[str, Any],
+                 tensors: dict[str, Tensor]) -> FolderFiles:
+    """An AdapterHub adapter folder: adapter_config.json (``hub_config`` as its ``config``), adapter.safetensors
+    (``tensors``, by model key), and the head files when the adapter carries its own copy of a head
+    (``modules_to_save``); refused, before anything is written, where AdapterHub would read it otherwise."""
+    carried = {path: module.copies[name] for path, module in saved_modules(model) if name in module.copies}
+    _check_head_modules(model, name, list(carried))
+    head = {f"{path}.{k}": _cpu(t) for path, copy in carried.items() for k, t in copy.state_dict().items()}
+    _check_destination(folder, bool(head))
+    meta = _meta(model)
+    text = json.dumps({**meta, "config": hub_config, "name": name}, indent=2, sort_keys=True)
+    saved = {k: _cpu(t) for k, t in tensors.items()}
+    writers = {WEIGHTS[0]: lambda p: save_file(saved, p, metadata={"format": "pt"}),
+               CONFIG: lambda p: p.write_text(text, encoding="utf-8")}
+    if head:
+        head_text = json.dumps(head_config(model, meta), indent=2, sort_keys=True)
+        writers[HEAD_WEIGHTS[0]] = lambda p: save_file(head, p, metadata={"format": "pt"})
+        writers[HEAD_CONFIG] = lambda p: p.write_text(head_text, encoding="utf-8")
+    return FolderFiles(writers, first=CONFIG)
+
+
 def files(model: nn.Module, name: str, folder: Path) -> FolderFiles:
-    """Adapter ``name``'s AdapterHub folder: adapter_config.json, adapter.safetensors, and the head files when
-    the adapter carries its own copy of a head (``modules_to_save``)."""
+    """Adapter ``name``'s AdapterHub folder (``folder_files``); a fusion's: ``fusion_hub``. Prefix and prompt
+    tuning adapters are written by ``prompt_hub`` (a part of this layout)."""
     state = state_of(model)
     config = state.require(name)
     if isinstance(config, FusionConfig):
@@ -170,26 +216,15 @@ def files(model: nn.Module, name: str, folder: Path) -> FolderFiles:
     if not isinstance(config, BnConfig):
         raise AdapterFileError(
             f"cannot save adapter {name!r} in AdapterHub's format: it is a {method_for(config).peft_type} adapter "
-            f"({type(config).__name__}), and format='adapters' writes bottleneck adapters (dt.BnConfig and its presets) "
-            "and their fusions (dt.FusionConfig) only. Fix: save it with format='peft' (the default).")
+            f"({type(config).__name__}), and format='adapters' writes bottleneck adapters (dt.BnConfig and its presets), "
+            "their fusions (dt.FusionConfig) and prefix / prompt tuning adapters only. Fix: save it with format='peft' "
+            "(the default).")
     part = state.model_deltas[name]
     assert isinstance(part, BottleneckAdapter)
-    tensors = {f"{site.key_path}.adapters.{name}.{local}": _cpu(block.state_dict()[ours])
+    tensors = {f"{site.key_path}.adapters.{name}.{local}": block.state_dict()[ours]
                for site, block in _site_blocks(part)
                for ours, locals_ in block.adapterhub_keys().items() for local in locals_}
-    carried = {path: module.copies[name] for path, module in saved_modules(model) if name in module.copies}
-    _check_head_modules(model, name, list(carried))
-    head = {f"{path}.{k}": _cpu(t) for path, copy in carried.items() for k, t in copy.state_dict().items()}
-    _check_destination(folder, bool(head))
-    meta = _meta(model)
-    text = json.dumps({**meta, "config": to_hub(config), "name": name}, indent=2, sort_keys=True)
-    writers = {WEIGHTS[0]: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
-               CONFIG: lambda p: p.write_text(text, encoding="utf-8")}
-    if head:
-        head_text = json.dumps(head_config(model, meta), indent=2, sort_keys=True)
-        writers[HEAD_WEIGHTS[0]] = lambda p: save_file(head, p, metadata={"format": "pt"})
-        writers[HEAD_CONFIG] = lambda p: p.write_text(head_text, encoding="utf-8")
-    return FolderFiles(writers, first=CONFIG)
+    return folder_files(model, name, folder, to_hub(config), tensors)
 
 
 def folder_for(root: Path, name: str, names: Sequence[str]) -> Path:

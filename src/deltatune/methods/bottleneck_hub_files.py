@@ -105,7 +105,7 @@ def read_head(model: nn.Module, folder: Path) -> Head:
     saved_class, own_class = meta.get("model_class"), type(model).__name__
     if saved_class is not None and saved_class != own_class:
         warnings.warn(f"{folder}: the head files hold {sorted(tensors)} for a {saved_class}; this model is a {own_class}, "
-                      "so they were not loaded (AdapterHub skips them too); the adapter itself was.", stacklevel=4)
+                      "so they were not loaded (AdapterHub skips them too); the adapter itself was.", stacklevel=5)
         return Head()
     tops = tuple(sorted({key.split(".")[0] for key in tensors}))
     modules = dict(logical_modules(model))

@@ -23,7 +23,8 @@ from ..errors import AdapterError
 from ..layer import STATE_ATTR, HookedDelta, ModelDelta, Removable, adapter_dtype
 from ..registry import Method, register
 from ..sites import HOLDER, site_holder
-from ..kv_prefix import PrefixSite, cache_owner
+from ..embedding_tokens import EmbeddingSite, embeddings_module
+from ..kv_prefix import PrefixSite, cache_owner, check_positions
 from ..virtual_tokens import InputSite, VirtualTokens, input_embeddings
 from .prompt_config import PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig, complete
 from .prompt_encoders import PrefixEncoder, PromptTable, build_encoder, table_shape
@@ -79,10 +80,12 @@ class PromptAdapter(HookedDelta):
 
     @classmethod
     def check_active(cls, model: nn.Module, active: Mapping[str, ModelDelta], composition: Composition) -> None:
-        shapes = {table_shape(p.config)[1:] + (p.count,) for p in active.values() if isinstance(p, PromptAdapter)}
+        shapes = {table_shape(p.config)[1:] + (p.count, _place(p.config)) for p in active.values()
+                  if isinstance(p, PromptAdapter)}
         if len(shapes) > 1:
-            raise AdapterError(f"set_active: adapters {list(active)} put virtual tokens of different numbers or widths "
-                               "into the model; activate one of them, or adapters of one shape over different rows")
+            raise AdapterError(f"set_active: adapters {list(active)} put virtual tokens of different numbers or widths, "
+                               "or in different places (peft's or AdapterHub's convention), into the model; activate "
+                               "one of them, or adapters of one shape and place over different rows")
         if not _one_per_row(composition, set(active)):
             raise AdapterError(f"set_active: {composition!r}: every row must take exactly one of the adapters "
                                f"{list(active)} (their virtual tokens replace each other's); use one of them, alone or "
@@ -103,6 +106,10 @@ class PromptAdapter(HookedDelta):
     def site(cls, model: nn.Module, tokens: VirtualTokens, config: PromptLearningConfig) -> Removable:
         """The hook that puts every row's virtual tokens (``tokens``) into the model's calls."""
         assert config.num_virtual_tokens is not None
+        place = _place(config)
+        if place != "input":  # AdapterHub's convention (prompt_config.PromptTuningConfig.insert_at)
+            at = 1 if place == "embeddings_after_first" else 0
+            return EmbeddingSite(model, tokens, config.num_virtual_tokens, at, config.task_type)
         return InputSite(model, tokens, config.num_virtual_tokens, config.task_type)
 
 
@@ -112,7 +119,15 @@ class PrefixAdapter(PromptAdapter):
     @classmethod
     def site(cls, model: nn.Module, tokens: VirtualTokens, config: PromptLearningConfig) -> Removable:
         assert config.num_virtual_tokens and config.num_layers and config.num_attention_heads
-        return PrefixSite(model, tokens, config.num_virtual_tokens, config.num_layers, config.num_attention_heads)
+        return PrefixSite(model, tokens, config.num_virtual_tokens, config.num_layers, config.num_attention_heads,
+                          shift_positions=_place(config) == "after_prefix")
+
+
+def _place(config: PromptLearningConfig) -> str:
+    """Where an adapter's virtual tokens go: ``insert_at`` / ``token_positions``, peft's for P-tuning."""
+    if isinstance(config, PrefixTuningConfig):
+        return config.token_positions
+    return config.insert_at if isinstance(config, PromptTuningConfig) else "input"
 
 
 def _one_per_row(composition: Composition, names: set[str]) -> bool:
@@ -150,8 +165,10 @@ def make_prompt(model: nn.Module, config: DeltaConfig, views: Mapping[str, objec
     assert isinstance(config, PromptLearningConfig)
     words = input_embeddings(model).weight
     assert isinstance(words, Tensor)
-    if isinstance(config, PrefixTuningConfig):
-        cache_owner(model)  # a model that cannot take prefixes is refused before anything changes
+    if isinstance(config, PrefixTuningConfig):  # a model that cannot take them is refused before anything changes
+        (cache_owner if config.token_positions == "after_prefix" else check_positions)(model)
+    if isinstance(config, PromptTuningConfig) and config.insert_at != "input":
+        embeddings_module(model)
     encoder = build_encoder(config, words).to(device=words.device, dtype=adapter_dtype(words.dtype))
     return (PrefixAdapter if isinstance(config, PrefixTuningConfig) else PromptAdapter)(config, encoder)
 

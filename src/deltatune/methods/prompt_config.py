@@ -7,18 +7,23 @@ The shape fields (``token_dim``, ``num_layers``, ``num_attention_heads``,
 from the model's config as peft does (``complete``) and the saved config records them. For prefix
 tuning on a model with grouped-query attention, peft sizes the prefix for the key/value heads:
 ``token_dim = head_dim * num_key_value_heads`` and ``num_attention_heads = num_key_value_heads``.
+
+Two fields follow AdapterHub's conventions instead of peft's when set (``prompt_hub`` reads and writes
+AdapterHub's folders): ``PrefixTuningConfig.token_positions`` and ``PromptTuningConfig.insert_at``. peft's
+files cannot express them, so such an adapter is saved with ``format="adapters"`` only (``HUB_ONLY``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 from torch import nn
 
 from ..config import TASK_HEADS, DeltaConfig
-from ..errors import ConfigError
+from ..errors import AdapterFileError, ConfigError
 
 SEQ_2_SEQ = "SEQ_2_SEQ_LM"
 """The task type whose models get virtual tokens for two transformer stacks (peft's rule)."""
@@ -33,6 +38,8 @@ class PromptLearningConfig(DeltaConfig):
     """Fields every prompt-space method shares (peft's ``PromptLearningConfig``)."""
 
     file_prefix: ClassVar[str] = "base_model."  # peft wraps the model itself, with no tuner model between
+    HUB_ONLY: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    """Fields peft's files cannot hold -> the value meaning peft's convention (left out of adapter_config.json)."""
 
     num_virtual_tokens: int | None = None
     token_dim: int | None = None
@@ -56,6 +63,16 @@ class PromptLearningConfig(DeltaConfig):
     def saved_module_names(self) -> tuple[str, ...]:
         names = list(self.modules_to_save or ())
         return tuple(names + [h for h in TASK_HEADS.get(self.task_type or "", ()) if h not in names])
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        """peft's dict; refused for an adapter following AdapterHub's convention, which peft would load as another model."""
+        other = {k: getattr(self, k) for k, peft_value in self.HUB_ONLY.items() if getattr(self, k) != peft_value}
+        if other:
+            raise AdapterFileError(
+                f"cannot write this {type(self).__name__} in peft's format: {other} is AdapterHub's convention, which "
+                "peft's adapter_config.json cannot express (peft would load a different model). Fix: save it with "
+                "format='adapters' (AdapterHub's folder).")
+        return {k: v for k, v in super().to_peft_dict().items() if k not in self.HUB_ONLY}
 
     @property
     def total_virtual_tokens(self) -> int:
@@ -100,14 +117,24 @@ class PromptTuningConfig(PromptLearningConfig):
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
     INITS: ClassVar[tuple[str, ...]] = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
+    PLACES: ClassVar[tuple[str, ...]] = ("input", "embeddings", "embeddings_after_first")
+    HUB_ONLY: ClassVar[Mapping[str, Any]] = MappingProxyType({"insert_at": "input"})
 
     prompt_tuning_init: str = "RANDOM"
     prompt_tuning_init_text: str | None = None
     tokenizer_name_or_path: str | None = None
     tokenizer_kwargs: Mapping[str, Any] | None = None
+    insert_at: str = "input"
+    """Where the virtual tokens go. "input" (peft): before the tokens as input embeddings, so the model adds
+    its position embeddings and input norm to them and numbers the tokens after them. "embeddings"
+    (AdapterHub's combine="prefix"): into the output of the model's embeddings module, in front, as they are;
+    the tokens keep their positions. "embeddings_after_first" (AdapterHub's "prefix_after_bos"): the same,
+    after the first token. The attention mask gets ones in front in every case."""
 
     def validate(self) -> None:
         super().validate()
+        self.check(self.insert_at in self.PLACES, "insert_at", "unknown place for the virtual tokens",
+                   f"use one of {self.PLACES}")
         self.check(self.prompt_tuning_init in self.INITS, "prompt_tuning_init", "unknown initialisation",
                    f"use one of {self.INITS}")
         text = self.prompt_tuning_init == "TEXT"
@@ -154,10 +181,15 @@ class PrefixTuningConfig(PromptLearningConfig):
     prefixes themselves are trained (deep prompts: P-tuning v2, Liu et al. 2022)."""
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
+    POSITIONS: ClassVar[tuple[str, ...]] = ("after_prefix", "from_zero")
+    HUB_ONLY: ClassVar[Mapping[str, Any]] = MappingProxyType({"token_positions": "after_prefix"})
 
     encoder_hidden_size: int | None = None
     prefix_projection: bool = False
     init_weights: str | None = None
+    token_positions: str = "after_prefix"
+    """How the tokens are numbered: "after_prefix" (peft: the prefix counts as cached positions, so the first
+    token's position is the prefix length) or "from_zero" (AdapterHub: the positions they have without it)."""
 
     def loads_trainable(self) -> bool:
         return not self.prefix_projection  # with the projection, the file holds the computed prefixes
@@ -172,6 +204,8 @@ class PrefixTuningConfig(PromptLearningConfig):
         self.check(isinstance(self.prefix_projection, bool), "prefix_projection", "it must be a bool", "pass True or False")
         self.check(self.init_weights in (None, "zero"), "init_weights", "unknown initialisation",
                    "pass None (random) or 'zero'")
+        self.check(self.token_positions in self.POSITIONS, "token_positions", "unknown numbering of the tokens",
+                   f"use one of {self.POSITIONS}")
 
     def shape_fields(self, model_config: Mapping[str, Any]) -> dict[str, int]:
         found = super().shape_fields(model_config)

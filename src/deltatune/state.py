@@ -109,8 +109,17 @@ class ModelState:
         return self.configs[name]
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside data-parallel wrappers (DistributedDataParallel, DataParallel), which hold it as
+    ``.module``: deltatune's bookkeeping and module names belong to the model, not to the wrapper."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
 def state_of(model: nn.Module, create: bool = False) -> ModelState:
     """The model's adapter bookkeeping; raises if nothing was attached (unless ``create``)."""
+    model = unwrap(model)
     state = model.__dict__.get(STATE_ATTR)
     if state is None:
         if not create:
@@ -126,14 +135,14 @@ def drop_state(model: nn.Module) -> None:
 
 def delta_layers(model: nn.Module) -> Iterator[tuple[str, DeltaLayer]]:
     """Every ``DeltaLayer`` in the model with its module name."""
-    for name, module in model.named_modules():
+    for name, module in unwrap(model).named_modules():
         if isinstance(module, DeltaLayer):
             yield name, module
 
 
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
     """Every ``SavedModule`` in the model with its module name."""
-    for name, module in model.named_modules():
+    for name, module in unwrap(model).named_modules():
         if isinstance(module, SavedModule):
             yield name, module
 

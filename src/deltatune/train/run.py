@@ -6,6 +6,7 @@ label set), so ``deltatune eval`` / ``predict`` / ``merge`` can rebuild exactly 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from ..state import set_active, state_of
 from ..io import CONFIG_NAME, load
 from ..quant import QuantConfig, quantize
 from ..registry import RecipeInput, recipe_named, training_hooks
+from . import distributed
 from .config import TrainConfig
 from .data import Rows, read_rows, split_rows
 from .lock import own_folder
@@ -135,23 +137,29 @@ def read_run_file(folder: Path) -> dict[str, Any]:
 
 
 def setup_device(run: RunOptions) -> torch.device:
+    """The device (under torchrun: this rank's own GPU, ``cuda:LOCAL_RANK``, or the CPU)."""
     if run.threads:
         torch.set_num_threads(run.threads)
-    return torch.device(run.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return distributed.device_for(distributed.world_from_env(), run.device)
 
 
 def train_run(run: RunOptions, train: TrainConfig, say: Print = print) -> TrainResult:
     """Train as the options say, printing what happens; returns the trainer's result.
 
     The output folder is locked first, so a second run on it is refused before any work; a run
-    that fails before training starts leaves the folder as it was.
+    that fails before training starts leaves the folder as it was. Under torchrun every rank runs
+    this; the process group lives for the call (torn down on error too), and only rank 0 locks the
+    folder, writes run.json and prints.
     """
-    with own_folder(Path(train.output_dir)):
-        return _train_run(run, train, say)
-
-
-def _train_run(run: RunOptions, train: TrainConfig, say: Print) -> TrainResult:
     device = setup_device(run)
+    with distributed.process_group(device) as world:
+        quiet: Print = lambda _: None  # noqa: E731
+        with own_folder(Path(train.output_dir)) if world.main else contextlib.nullcontext():
+            return _train_run(run, train, say if world.main else quiet, device, world)
+
+
+def _train_run(run: RunOptions, train: TrainConfig, say: Print, device: torch.device,
+               world: distributed.World) -> TrainResult:
     seed_everything(train.seed)
     model_path = run.model or default_model_dir()
     train_rows, eval_rows = load_data(run)
@@ -166,16 +174,18 @@ def _train_run(run: RunOptions, train: TrainConfig, say: Print) -> TrainResult:
         f"{len(eval_features)} evaluation rows ({eval_rows.source})")
     model = prepare_base(run, task, task.load_model(model_path).to(device))
     load_prior(run, model)
-    attach_trained(model, adapter_config(run, task, model, planned_steps(len(train_features), train)))
+    attach_trained(model, adapter_config(run, task, model, planned_steps(len(train_features), train, world.size)))
     say(summary(model))
     callbacks, loss_terms = training_hooks(run.method, model)
     trainer = Trainer(model, task, train_features, eval_features, train, callbacks=callbacks, loss_terms=loss_terms)
     if not run.resume:
         before = trainer.evaluate()
         say("before training: " + _format(before))
-    write_run_file(Path(train.output_dir), run, train, model_path, task)  # only now: all checks have passed
-    say(f"training {trainer.total_steps} steps: batch {train.batch_size} x {train.grad_accum}, lr {train.lr}, "
-        f"{train.schedule} schedule, {torch.get_num_threads()} threads, {device}")
+    if world.main:
+        write_run_file(Path(train.output_dir), run, train, model_path, task)  # only now: all checks have passed
+    processes = f" x {world.size} processes" if world.distributed else ""
+    say(f"training {trainer.total_steps} steps: batch {train.batch_size} x {train.grad_accum}{processes}, "
+        f"lr {train.lr}, {train.schedule} schedule, {torch.get_num_threads()} threads, {device}")
     result = trainer.fit(resume=run.resume)
     say("after training: " + _format(result.metrics))
     say(f"adapter saved to {result.adapter_dir} (peft format); metrics log: {Path(train.output_dir) / 'metrics.jsonl'}")

@@ -18,10 +18,21 @@ broken state. A step stops the run (TrainingError) when
   model in memory, but no checkpoint, ``best/`` or final adapter is written from it.
 
 The checks run before the step is counted or saved, so every checkpoint on disk passed them.
+
+Under torchrun (``WORLD_SIZE`` > 1) the run is data parallel (see ``distributed.py``): global
+micro-batch ``k`` is the 1-process micro-batch of ``batch_size x world size`` rows, and rank ``r``
+takes its ``r``-th slice of ``batch_size`` rows. Each rank scales its loss by its share of the
+global loss terms (rows, or labelled tokens: ``Task.loss_weight``), and the adapter gradients are
+averaged once per optimizer step (none on the other micro-batches of an accumulation), so an
+N-process run computes the update of a 1-process run with N times the micro-batch. Every rank
+then holds the same adapter; rank 0 alone evaluates (the others wait for its metrics) and writes
+the log, checkpoints, ``best/``, the adapter and the progress display.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import random
 import shutil
@@ -38,6 +49,8 @@ from ..errors import AdapterError, TrainingError
 from ..fast import accelerate, retain_freed_memory
 from ..io import save
 from ..layer import STATE_ATTR
+from ..state import unwrap
+from . import distributed
 from .checkpoint import latest_checkpoint, read_trainer_state, restore_adapters, rng_state, set_rng_state, write_checkpoint
 from .config import TrainConfig
 from .lock import own_folder
@@ -52,12 +65,15 @@ LossTerm = Callable[[], Tensor]
 """A scalar added to every micro-batch's loss (e.g. a regulariser on the adapter's parameters)."""
 
 
-def planned_steps(num_examples: int, config: TrainConfig) -> int:
-    """The optimizer steps a run of ``config`` makes over ``num_examples`` training examples."""
-    micro_batches_per_epoch = num_examples // config.batch_size
+def planned_steps(num_examples: int, config: TrainConfig, world_size: int = 1) -> int:
+    """The optimizer steps a run of ``config`` makes over ``num_examples`` training examples
+    (on ``world_size`` processes, each micro-batch takes ``batch_size`` rows per process)."""
+    rows = config.batch_size * world_size
+    micro_batches_per_epoch = num_examples // rows
     if micro_batches_per_epoch == 0:
+        across = f" ({config.batch_size} per process x {world_size} processes)" if world_size > 1 else ""
         raise TrainingError(f"{num_examples} training examples are fewer than one batch of "
-                            f"{config.batch_size}; lower --batch-size or add data")
+                            f"{rows}{across}; lower --batch-size or add data")
     steps_per_epoch = max(1, micro_batches_per_epoch // config.grad_accum)
     return config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
 
@@ -81,11 +97,17 @@ class TrainResult:
 
 
 class MicroBatches:
-    """Micro-batch ``k`` of the endless, epoch-by-epoch shuffled stream of training features."""
+    """Micro-batch ``k`` of the endless, epoch-by-epoch shuffled stream of training features.
 
-    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+    With ``world`` processes the stream is the one of a single process with ``batch_size x world.size``
+    rows per micro-batch, and this rank's micro-batch ``k`` is its ``world.rank``-th slice of it: the
+    ranks together see exactly the rows of that single process, in the same steps.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, world: distributed.World | None = None) -> None:
+        self.world = world or distributed.World()
         self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.per_epoch = size // batch_size
+        self.per_epoch = size // (batch_size * self.world.size)
         self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
 
     def indices(self, k: int) -> list[int]:
@@ -93,8 +115,25 @@ class MicroBatches:
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             self._epoch, self._order = epoch, torch.randperm(self.size, generator=generator)
-        start = position * self.batch_size
+        start = (position * self.world.size + self.world.rank) * self.batch_size
         return self._order[start:start + self.batch_size].tolist()
+
+
+class Discard(io.StringIO):
+    """A text stream that keeps nothing (the progress display of a rank other than 0)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+class SilentLog(MetricsLog):
+    """The metrics log of a rank other than 0: it counts records like rank 0's, and writes nothing."""
+
+    def __init__(self, records: int = 0) -> None:
+        self.records, self.writer = records, None
+
+    def write(self, event: str, step: int, values: dict[str, Any]) -> None:
+        self.records += 1
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -181,14 +220,18 @@ class Trainer:
                  eval_features: Sequence[Features] = (), config: TrainConfig | None = None,
                  optimizer: torch.optim.Optimizer | None = None, callbacks: Sequence[StepCallback] = (),
                  loss_terms: Sequence[LossTerm] = ()) -> None:
+        # a DDP-wrapped model trains as the model inside: gradients are synchronised here, without its hooks
+        model = unwrap(model)
         self.model, self.task, self.config = model, task, config or TrainConfig()
         self.train_features, self.eval_features = list(train_features), list(eval_features)
         cfg = self.config
-        self.total_steps = planned_steps(len(self.train_features), cfg)
-        self.stream = MicroBatches(len(self.train_features), cfg.batch_size, cfg.seed)
         self.optimizer = optimizer or make_optimizer(model, cfg)
         self.params = trainable(model)
         self.device = self.params[0].device  # batches go where the adapter lives
+        self.owns_group = distributed.start(self.device)  # under torchrun without a group set up by the caller
+        self.world = distributed.current()
+        self.total_steps = planned_steps(len(self.train_features), cfg, self.world.size)
+        self.stream = MicroBatches(len(self.train_features), cfg.batch_size, cfg.seed, self.world)
         self.scheduler = make_scheduler(self.optimizer, cfg.schedule, self.total_steps, cfg.warmup_ratio)
         self.callbacks, self.loss_terms = list(callbacks), list(loss_terms)
         self.output = Path(cfg.output_dir)
@@ -219,7 +262,8 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "best": self.best, "evals_without_improvement": self.evals_without_improvement, "rng": rng_state(),
                 "tokens": self.tokens, "loss_window": list(self.window), "last_loss": self.last_loss,
-                "log_records": log_records}
+                "log_records": log_records, "world_size": self.world.size,
+                "global_micro_batch": self.config.batch_size * self.world.size}
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint in ``output_dir``; False when there is none."""
@@ -227,6 +271,7 @@ class Trainer:
         if folder is None:
             return False
         state = read_trainer_state(folder)
+        self._check_same_batches(state, folder)
         restore_adapters(self.model, folder)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -242,6 +287,17 @@ class Trainer:
         self._check_resumed(folder)
         return True
 
+    def _check_same_batches(self, state: dict[str, Any], folder: Path) -> None:
+        """The data position of a checkpoint means the same rows only with the same global micro-batch
+        (batch size x processes): 2 processes x 4 rows may resume as 1 x 8, not as 2 x 8."""
+        stored = state.get("global_micro_batch")  # absent from older (one-process) checkpoints
+        here = self.config.batch_size * self.world.size
+        if stored is not None and int(stored) != here:
+            raise TrainingError(f"{folder} was written by a run with {state.get('world_size', 1)} process(es) x "
+                                f"{int(stored) // int(state.get('world_size', 1))} rows per micro-batch; this run has "
+                                f"{self.world.size} x {self.config.batch_size}. Resume with a batch size and number of "
+                                f"processes whose product is {stored}")
+
     def _check_resumed(self, folder: Path) -> None:
         """A checkpoint written before divergence was checked on every step may hold broken weights."""
         norm, peak = parameter_stats(self.params)
@@ -256,20 +312,23 @@ class Trainer:
         return {key: value.to(self.device) for key, value in batch.items()}
 
     def _train_step(self) -> tuple[float, int]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, tokens)."""
+        """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, tokens), over all ranks."""
         cfg, losses, tokens = self.config, [], 0
         for micro in range(cfg.grad_accum):
             batch = self._batch(self.step * cfg.grad_accum + micro)
-            tokens += tokens_in(batch)
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss = self.task.loss(self.model, batch)
                 for term in self.loss_terms:
                     loss = loss + term()
             value = float(loss.detach())  # detached: a scalar of a graph tensor warns, and needs no graph
-            if not math.isfinite(value):
+            value, share, counted = self._global_loss(value, batch)
+            if not math.isfinite(value):  # the global value: every rank stops together, none waits for another
                 self._stop(f"the training loss became {value}", applied=False)
-            (loss / cfg.grad_accum).backward()
+            if share:  # a rank whose rows hold no loss terms has nothing to add (and its own mean is 0/0)
+                (loss * share / cfg.grad_accum).backward()
             losses.append(value)
+            tokens += counted
+        distributed.all_reduce_mean(self.params)  # once per step: accumulation needs no traffic in between
         self._clip_and_check_gradients()
         self.optimizer.step()
         self._check_update()
@@ -279,6 +338,22 @@ class Trainer:
             callback(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         return sum(losses) / len(losses), tokens
+
+    def _global_loss(self, value: float, batch: Batch) -> tuple[float, float, int]:
+        """(the loss of the global micro-batch, this rank's loss scale, the global micro-batch's tokens).
+
+        The global loss averages all ranks' loss terms (rows, or labelled tokens), so this rank's share
+        is its terms over all terms; times the world size, since the gradient sync averages over ranks.
+        """
+        tokens = tokens_in(batch)
+        if not self.world.distributed:
+            return value, 1.0, tokens
+        weight = self.task.loss_weight(batch)
+        weighted = value * weight if weight else 0.0
+        total_weight, total_loss, total_tokens = distributed.all_reduce_sum([weight, weighted, tokens], self.device)
+        if total_weight == 0:
+            return math.nan, 0.0, int(total_tokens)
+        return total_loss / total_weight, weight * self.world.size / total_weight, int(total_tokens)
 
     def _clip_and_check_gradients(self) -> None:
         """Clip to ``max_grad_norm``; a NaN/inf gradient norm stops before the update is applied."""
@@ -309,9 +384,17 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """The task's metrics on the evaluation features (empty when there are none)."""
+        """The task's metrics on the evaluation features (empty when there are none).
+
+        Distributed, rank 0 evaluates the whole set and hands its metrics to the others, which wait:
+        every rank then takes the same early-stopping and best-adapter decisions.
+        """
         if not self.eval_features:
             return {}
+        metrics = self._evaluate_here() if self.world.main else {}
+        return dict(distributed.broadcast_object(metrics))
+
+    def _evaluate_here(self) -> dict[str, float]:
         was_training = self.model.training
         self.model.eval()
         try:
@@ -327,7 +410,8 @@ class Trainer:
             return False
         if self.best is None or value > self.best:
             self.best, self.evals_without_improvement = value, 0
-            save(self.model, self.output / "best")
+            if self.world.main:
+                save(self.model, self.output / "best")
             return False
         self.evals_without_improvement += 1
         return 0 < self.config.early_stopping <= self.evals_without_improvement
@@ -336,6 +420,8 @@ class Trainer:
         """The metrics log, cut back to what it held at the checkpoint resumed from."""
         cfg = self.config
         path = self.output / "metrics.jsonl"
+        if not self.world.main:
+            return SilentLog(self.log_records or 0)
         records = rewind_log(path, self.log_records, self.step)
         return MetricsLog(path, self.output / "tensorboard" if cfg.tensorboard else None, records,
                           purge_step=self.step + 1)
@@ -352,23 +438,33 @@ class Trainer:
         """Train to ``total_steps`` (or until early stopping); save the final adapter.
 
         The output folder is locked for the whole call: a second run on it (another process)
-        is refused with a ConfigError before it changes anything.
+        is refused with a ConfigError before it changes anything. Distributed, rank 0 holds the lock
+        and writes; a process group this trainer started is destroyed at the end, also on error.
         """
-        with own_folder(self.output):
-            return self._fit(resume)
+        try:
+            with own_folder(self.output) if self.world.main else contextlib.nullcontext():
+                return self._fit(resume)
+        finally:
+            if self.owns_group:
+                distributed.stop()
+                self.owns_group = False
 
     def _fit(self, resume: bool) -> TrainResult:
         cfg = self.config
         resumed = resume and self.resume()
-        progress = Progress(self.total_steps, self.step, cfg.progress)
+        # ranks other than 0 keep quiet: one display and one log per run
+        progress = Progress(self.total_steps, self.step, cfg.progress, None if self.world.main else Discard())
         if resumed:
             progress.message(f"resumed from step {self.step} ({self.output / 'checkpoints'})")
             log = self._resume_log()
+        elif not self.world.main:
+            log = SilentLog()
         else:
             if self._clear_earlier_run():
                 progress.message(f"{self.output}: removed the checkpoints and metrics of an earlier run (fresh start; "
                                  "pass resume=True / --resume to continue a run instead)")
             log = MetricsLog(self.output / "metrics.jsonl", self.output / "tensorboard" if cfg.tensorboard else None)
+        distributed.broadcast_parameters(self.params)  # identical adapters on every rank, however they were built
         self.param_norm = parameter_stats(self.params)[0]
         self.model.train()
         stopped_early, metrics = False, {}
@@ -390,7 +486,7 @@ class Trainer:
                     log.write("eval", self.step, metrics)
                     progress.message(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                     stopped_early = self._record_eval(metrics)
-                if cfg.save_every and self.step % cfg.save_every == 0:
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.world.main:
                     write_checkpoint(self.output / "checkpoints", self.model, self.state(log.records),
                                      {"step": self.step, "loss": loss}, cfg.keep_checkpoints)
         finally:
@@ -400,5 +496,6 @@ class Trainer:
             log.write("eval", self.step, metrics)
             self._record_eval(metrics)
         log.close()
-        adapter_dir = save(self.model, self.output / "adapter")
+        adapter_dir = save(self.model, self.output / "adapter") if self.world.main else self.output / "adapter"
+        distributed.barrier()  # when fit returns on any rank, the adapter is on disk
         return TrainResult(self.step, self.last_loss, metrics, self.best, stopped_early, adapter_dir)

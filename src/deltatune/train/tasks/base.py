@@ -97,6 +97,20 @@ class Task(ABC):
         """The training loss of one batch (default: the model's own loss from ``labels``)."""
         return model(**batch).loss
 
+    def loss_weight(self, batch: Batch) -> int:
+        """How many terms :meth:`loss` averages over in ``batch``: the labelled tokens of token labels
+        (shifted by one for next-token prediction, as the model's loss shifts them), else the rows.
+
+        Data-parallel training weighs each process's loss by it, so the loss of a step is the mean over
+        the global batch. A loss that compares rows within a batch (in-batch negatives) is not such a
+        mean; its processes each see their own rows only.
+        """
+        labels = batch.get("labels")
+        if labels is not None and labels.dim() >= 2 and not labels.is_floating_point():
+            counted = labels[..., 1:] if self.task_type == "CAUSAL_LM" else labels
+            return int((counted != -100).sum())
+        return len(next(iter(batch.values())))
+
     @abstractmethod
     def evaluate(self, model: nn.Module, features: Sequence[Features], batch_size: int) -> dict[str, float]:
         """Metrics on ``features``; must include :attr:`metric`."""

@@ -1,0 +1,126 @@
+"""One rank of a data-parallel training run for tests/test_distributed.py, started by torchrun.
+
+Every rank builds the same tiny model and data (seeded), trains with ``deltatune.train.Trainer``
+(which reads the world from torchrun's environment) and writes its adapter tensors to
+``<out>/rank<R>.safetensors``, so the test can compare ranks with each other and with one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+import deltatune as dt
+from deltatune.io import adapter_tensors
+from deltatune.train import TrainConfig, Trainer, read_rows, split_rows
+from deltatune.train.tasks.causal_lm import CausalLM
+from deltatune.train.tasks.seq_cls import SequenceClassification
+from deltatune.train.trainer import seed_everything
+
+
+def build(model_dir: Path, data: Path) -> tuple[nn.Module, SequenceClassification, list[Any], list[Any]]:
+    """Model + task + features as a run builds them; seeded, and without dropout, so runs can agree exactly."""
+    from transformers import AutoTokenizer
+
+    seed_everything(0)
+    rows = read_rows(data)
+    train, test = split_rows(rows, "split", "train"), split_rows(rows, "split", "test")
+    task = SequenceClassification(AutoTokenizer.from_pretrained(model_dir), max_length=32)
+    task.fit(train)
+    model = task.load_model(str(model_dir))
+    dt.attach(model, dt.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                   target_modules=["word_embeddings", "query", "value"], task_type="SEQ_CLS"))
+    return model, task, task.encode(train), task.encode(test)
+
+
+class Tokens:
+    """The two ids the causal-LM task needs from a tokenizer (the features below are ids already)."""
+
+    pad_token_id, eos_token_id = 0, 1
+
+
+def build_lm() -> tuple[nn.Module, CausalLM, list[Any], list[Any]]:
+    """A tiny LLaMA and rows whose labelled tokens (the completion) vary in number: the ranks' micro-batches
+    hold different token counts, so only a global normaliser makes 2 x 4 rows equal 1 x 8 rows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    seed_everything(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=64, vocab_size=128,
+                                         max_position_embeddings=64))
+    dt.attach(model, dt.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                   task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(5)
+    features = []
+    for _ in range(64):
+        length = int(torch.randint(4, 24, (), generator=generator))
+        prompt = int(torch.randint(1, length - 1, (), generator=generator))
+        ids = torch.randint(2, 128, (length,), generator=generator).tolist()
+        features.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return model, CausalLM(Tokens()), features, []
+
+
+def config(out: Path, **changes: Any) -> TrainConfig:
+    base: dict[str, Any] = {"output_dir": str(out), "max_steps": 6, "batch_size": 8, "lr": 5e-3,
+                            "progress": False, "log_every": 2}
+    return TrainConfig(**{**base, **changes})
+
+
+def adapter_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: t.detach().clone().contiguous() for k, t in adapter_tensors(model, "default").items()}
+
+
+class Fail:
+    """A loss term that raises on ``rank`` at ``step`` (a rank failing mid-run); adds nothing otherwise."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step, self.calls = rank, step, 0
+
+    def __call__(self) -> Tensor:
+        self.calls += 1
+        if int(os.environ["RANK"]) == self.rank and self.calls >= self.step:
+            raise RuntimeError(f"rank {self.rank} failed on purpose")
+        return torch.zeros(())
+
+
+class StopAt:
+    """A step callback that kills the run (as a crash would) once ``step`` is reached."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def __call__(self, step: int) -> None:
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    for name in ("model", "data", "out"):
+        parser.add_argument(f"--{name}", type=Path, required=True)
+    for name, default in (("batch", 4), ("accum", 1), ("steps", 6), ("save-every", 0), ("stop-at", 0),
+                          ("fail-rank", -1)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--lm", action="store_true", help="the causal LM (token-weighted loss) instead of BERT")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model, task, train, test = build_lm() if args.lm else build(args.model, args.data)
+    trainer = Trainer(model, task, train, test,
+                      config(args.out / "run", batch_size=args.batch, grad_accum=args.accum, max_steps=args.steps,
+                             save_every=args.save_every),
+                      callbacks=[StopAt(args.stop_at)] if args.stop_at else [],
+                      loss_terms=[Fail(args.fail_rank, 3)] if args.fail_rank >= 0 else [])
+    result = trainer.fit(resume=args.resume)
+    save_file(adapter_state(model), str(args.out / f"rank{os.environ['RANK']}.safetensors"))
+    print(f"rank {os.environ['RANK']}: {result.steps} steps, loss {result.train_loss:.6f}")
+
+
+if __name__ == "__main__":
+    main()

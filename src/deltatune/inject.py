@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from . import hf
 from .bases import BaseLayer, base_layer_for, is_linear
 from .compose import without
+from .pretrained import accept_save
 from .routing import accept_keyword
 from .config import HEAD_ALIASES, TASK_HEADS, DeltaConfig, TargetedConfig
 from .errors import AdapterError, TargetError
@@ -200,6 +201,7 @@ def apply(model: nn.Module, attach_plan: AttachPlan) -> None:
     """
     state = state_of(model, create=True)
     accept_keyword(model)
+    accept_save(model)  # save_pretrained (Trainer, trl, user code) writes adapter folders, not wrapper keys
     for key, delta in attach_plan.deltas.items():
         parent, child = parent_of(model, key)
         layer = getattr(parent, child)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ from .files import recover, replace_files
 from .formats import PEFT, claiming, format_named, save_folders
 from .inject import AttachPlan, apply, plan, trainable_biases
 from .layer import ADAPTER_PARTS, Delta
+from .model_card import CARD_NAME, card_text, should_write
+from .pretrained import register_saver
 from .registry import method_named
 from .state import check_name, delta_layers, saved_modules, state_of
 
@@ -88,7 +90,9 @@ def config_dict(model: nn.Module, name: str) -> dict[str, Any]:
 def save(model: nn.Module, directory: str | os.PathLike[str], names: Sequence[str] | None = None,
          format: str = PEFT) -> Path:
     """Save adapters (all by default) under ``directory``; returns it. ``format``: "peft" (peft's folders,
-    the default) or a registered layout (``formats``), e.g. "adapters" for AdapterHub's."""
+    the default) or a registered layout (``formats``), e.g. "adapters" for AdapterHub's. A peft folder also
+    gets a README.md model card (``model_card``), written with the other files, all or nothing; a README.md
+    there that deltatune did not write is kept as it is."""
     state = state_of(model)
     root = Path(directory)
     if root.exists() and not root.is_dir():
@@ -103,16 +107,34 @@ def save(model: nn.Module, directory: str | os.PathLike[str], names: Sequence[st
     for name in chosen:
         state.require(name)
     # every config first: one that peft's format cannot hold is refused before any folder is written
-    texts = {name: json.dumps(config_dict(model, name), indent=2) + "\n" for name in chosen}
+    configs = {name: config_dict(model, name) for name in chosen}
+    texts = {name: json.dumps(data, indent=2) + "\n" for name, data in configs.items()}
     for name in chosen:
         folder = adapter_folder(root, name)
         tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in adapter_tensors(model, name, saving=True).items()}
         text = texts[name]
-        replace_files(folder, {
+        writers: dict[str, Callable[[Path], object]] = {
             WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
             CONFIG_NAME: lambda p: p.write_text(text, encoding="utf-8"),
-        }, first=CONFIG_NAME)
+        }
+        if should_write(folder):  # a README.md the user wrote stays as it is (model_card)
+            card = card_text(configs[name], name, _version(), hf.is_transformers_model(model))
+            writers[CARD_NAME] = lambda p: p.write_text(card, encoding="utf-8")
+        replace_files(folder, writers, first=CONFIG_NAME)
     return root
+
+
+def _version() -> str:
+    """deltatune's installed version, for the model card (importing the package here would be circular)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deltatune")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+register_saver(save)  # what a model's save_pretrained writes while it carries adapters (pretrained)
 
 
 def read_config(folder: Path) -> DeltaConfig:

@@ -16,6 +16,7 @@ from torch import nn
 from .bases import base_layer_for
 from .compose import Composition, Sum
 from .errors import AdapterError
+from .pretrained import release_save
 from .routing import release_keyword
 from .state import delta_layers, drop_state, parent_of, saved_modules, state_of
 
@@ -97,6 +98,7 @@ def unload(model: nn.Module, merge: bool = True, requantize: bool = False) -> nn
         part.unplace(model, name)
     drop_state(model)
     release_keyword(model)
+    release_save(model)
     return model
 
 

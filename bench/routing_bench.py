@@ -93,7 +93,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--counts", type=int, nargs="*", default=[4, 32])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shape = shape_for("llama", args.quick, args.seq_len)
     torch.manual_seed(0)
     base = build_llama(shape).float().eval()

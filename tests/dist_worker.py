@@ -22,6 +22,7 @@ from deltatune.train import TrainConfig, Trainer, read_rows, split_rows
 from deltatune.train.tasks.causal_lm import CausalLM
 from deltatune.train.tasks.seq_cls import SequenceClassification
 from deltatune.train.trainer import seed_everything
+from test_train import StopAt  # this script's folder (tests/) is first on sys.path
 
 
 def build(model_dir: Path, data: Path) -> tuple[nn.Module, SequenceClassification, list[Any], list[Any]]:
@@ -87,17 +88,6 @@ class Fail:
         if int(os.environ["RANK"]) == self.rank and self.calls >= self.step:
             raise RuntimeError(f"rank {self.rank} failed on purpose")
         return torch.zeros(())
-
-
-class StopAt:
-    """A step callback that kills the run (as a crash would) once ``step`` is reached."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def __call__(self, step: int) -> None:
-        if step == self.step:
-            raise KeyboardInterrupt
 
 
 def main() -> None:

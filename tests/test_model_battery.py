@@ -214,3 +214,19 @@ def _with_a_wrong_shape(good: Path, bad: Path) -> Path:
     save_file(tensors, bad / "adapter_model.safetensors")
     json.loads((bad / "adapter_config.json").read_text())  # the config itself stays valid
     return bad
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if not r.identity], ids=repr)
+def test_accelerated_causal_lm_trains_the_prompt_methods_to_the_same_loss(row: Row) -> None:
+    """``dt.accelerate`` (fused loss, RMSNorm kernel) works under the prompt methods' hooks: the same
+    loss and the same adapter gradients as the plain model."""
+    plain = _adapted(row, "llama", torch.float32).train()
+    fast = dt.accelerate(_adapted(row, "llama", torch.float32).train())
+    inputs = _inputs()
+    losses = [m(**inputs, labels=inputs["input_ids"]).loss for m in (plain, fast)]
+    for loss in losses:
+        loss.backward()
+    assert abs(losses[0].item() - losses[1].item()) <= 1e-5
+    grads = [{k: p.grad for k, p in _adapter_parameters(m).items()} for m in (plain, fast)]
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-5, rtol=1e-4) for k in grads[0])

@@ -126,7 +126,7 @@ class PrefixSite:
 def _checkpointing(model: nn.Module) -> bool:
     """Whether transformers' gradient (activation) checkpointing is on, under either name it has had."""
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if name in dir(type(model)):
+        if hasattr(type(model), name):  # on the class: an instance lookup of the old name warns in transformers 5
             return bool(getattr(model, name))
     return False
 

@@ -18,26 +18,17 @@ from torch import Tensor, nn
 
 import deltatune as dt
 from deltatune.io import adapter_tensors
-from deltatune.train import TrainConfig, Trainer, read_rows, split_rows
+from deltatune.train import TrainConfig, Trainer
 from deltatune.train.tasks.causal_lm import CausalLM
 from deltatune.train.tasks.seq_cls import SequenceClassification
 from deltatune.train.trainer import seed_everything
-from test_train import StopAt  # this script's folder (tests/) is first on sys.path
+from test_train import StopAt, make_run  # this script's folder (tests/) is first on sys.path
 
 
 def build(model_dir: Path, data: Path) -> tuple[nn.Module, SequenceClassification, list[Any], list[Any]]:
-    """Model + task + features as a run builds them; seeded, and without dropout, so runs can agree exactly."""
-    from transformers import AutoTokenizer
-
-    seed_everything(0)
-    rows = read_rows(data)
-    train, test = split_rows(rows, "split", "train"), split_rows(rows, "split", "test")
-    task = SequenceClassification(AutoTokenizer.from_pretrained(model_dir), max_length=32)
-    task.fit(train)
-    model = task.load_model(str(model_dir))
-    dt.attach(model, dt.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                   target_modules=["word_embeddings", "query", "value"], task_type="SEQ_CLS"))
-    return model, task, task.encode(train), task.encode(test)
+    """Model + task + features as a run builds them (test_train's), without LoRA dropout, so runs can
+    agree exactly (the tiny BERT itself is saved without dropout by the test)."""
+    return make_run(model_dir, data, dropout=0.0)
 
 
 class Tokens:

@@ -21,7 +21,7 @@ accuracy on all rows is the two domains' correct predictions over their total ro
 
 Usage (from the project root; RUN_A, RUN_B are ``--output-dir`` folders of ``deltatune train``)::
 
-    python examples/combine_domains.py /tmp/combine_ex/movies /tmp/combine_ex/other
+    python examples/combine_domains.py runs/combine/movies runs/combine/other
     python examples/combine_domains.py RUN_A RUN_B --data FILE --split test \\
         --domain-column domain --domain movieReviewSnippets --json results.json
 """

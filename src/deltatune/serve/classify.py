@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from ..hf import config_value
 from .events import Classified, Sink
 from .registry import AdapterTable
-from .rows import HeldRoute
 from .worker import Worker
 
 
@@ -45,15 +44,10 @@ class ClassifyWorker(Worker):
         super().__init__(model, table)
         self.tokenizer, self.max_batch_size, self.max_length = tokenizer, max_batch_size, max_length
         self.labels = label_names(model)
-        self.device = next(model.parameters()).device
         self._current: list[ClassifyJob] = []
-        self.route = HeldRoute(model)
 
     def running(self) -> Iterable[ClassifyJob]:
         return self._current
-
-    def release(self) -> None:
-        self.route.release()
 
     def abandon(self, error: BaseException) -> None:
         for job in self._current:

@@ -26,7 +26,6 @@ from .errors import ServeError
 from .events import Delta, Done, Sink
 from .kv import KvBatch
 from .registry import AdapterTable
-from .rows import HeldRoute
 from .sampling import NonFiniteScores, Sampling, broken_rows, choose, generator_for
 from .text import TextStream
 from .worker import Worker
@@ -90,19 +89,14 @@ class GenerationEngine(Worker):
         self.eos = stop_ids(model, tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else min(self.eos, default=0)  # any id: padding is masked
-        self.device = next(model.parameters()).device
         # only the last position's scores are needed after a prefill; most causal LMs can skip the rest
         self.last_only = "logits_to_keep" in inspect.signature(type(model).forward).parameters
         self.batch: list[GenerationJob] = []
         self.kv: KvBatch | None = None
-        self.route = HeldRoute(model)
         self.stats = Stats()
 
     def running(self) -> Iterable[GenerationJob]:
         return self.batch
-
-    def release(self) -> None:
-        self.route.release()
 
     def abandon(self, error: BaseException) -> None:
         for job in self.batch:

@@ -25,6 +25,7 @@ from ..io import load
 from .errors import ServeError, bad_request, internal, unavailable
 from .events import Failed, Sink
 from .registry import Adapter, AdapterTable
+from .rows import HeldRoute
 
 log = logging.getLogger("deltatune.serve")
 
@@ -69,6 +70,8 @@ class Worker:
         self._unloads: list[Unload] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.device = next(model.parameters()).device
+        self.route = HeldRoute(model)  # the adapters of the rows a step computes, kept between steps
 
     # -- subclasses ------------------------------------------------------------------------------
 
@@ -84,8 +87,9 @@ class Worker:
         """Raise if the just-loaded adapter ``internal`` cannot run in this worker's batches."""
 
     def release(self) -> None:
-        """Undo what the steps keep in force on the model between them (a held route): called before
+        """Undo what the steps keep in force on the model between them (the held route): called before
         adapters change, and when the worker goes idle or stops."""
+        self.route.release()
 
     def abandon(self, error: BaseException) -> None:
         """Fail every running job and forget them: a step broke outside the per-request handling."""

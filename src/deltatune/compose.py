@@ -194,9 +194,6 @@ class Route(Composition):
         groups: list[tuple[str, Tensor]] = self._cache[key]
         return groups
 
-    def _extra_repr(self) -> str:
-        return ""
-
     def __repr__(self) -> str:
         return f"Route({list(self.rows)!r})"
 

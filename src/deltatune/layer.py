@@ -336,7 +336,7 @@ class DeltaLayer(_Forwarding):
         raise AdapterError(
             f"{composition!r} is not defined for weight-space adapters on {self.view.describe()}: "
             f"{type(composition).__name__} combines activation adapters (bottleneck adapters). Use dt.Sum, "
-            "dt.Average, dt.BatchSplit or dt.Parallel for these adapters."
+            "dt.Average, dt.BatchSplit, dt.Parallel or dt.Route for these adapters."
         )
 
     def _split_change(self, split: BatchSplit, x: Tensor, y: Tensor) -> Tensor | None:
@@ -357,14 +357,14 @@ class DeltaLayer(_Forwarding):
     def _routed_change(self, route: Route, x: Tensor, y: Tensor) -> Tensor | None:
         """Each routed adapter's change on its own rows: one batched product over all of them where
         their class has one (``ROUTED_CHANGE``), else one gather and one change per adapter."""
-        groups = [(d, rows) for d, rows in ((self._running(n), rows) for n, rows in route.groups(x.shape[0], x.device))
+        deltas = [self._running(n) for n in route.names()]  # in the order of the route's groups and slots
+        groups = [(d, rows) for d, (_, rows) in zip(deltas, route.groups(x.shape[0], x.device))
                   if d is not None and rows.numel()]
         if not groups:
             return None
         kinds = {type(d) for d, _ in groups}
         batched = ROUTED_CHANGE.get((kinds.pop(), self.view.kind)) if len(kinds) == 1 and len(groups) > 1 else None
         if batched is not None:
-            deltas = [self._running(n) for n in route.names()]
             change = batched(deltas, route.slots(x.shape[0], x.device), x, y)
             if change is not None:
                 return change

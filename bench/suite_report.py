@@ -6,12 +6,12 @@ plots and tables can be remade from a kept suite.json without measuring again.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from harness import NOISY_CPU_FRAC, fmt
 from models import shape_for
-from svgplot import line_plot
 
 Points = dict[str, list[tuple[float, float]]]  # variant -> (x, median step s)
 
@@ -29,6 +29,31 @@ def sweep_points(group: dict[str, Any]) -> Points:
     return {v: sorted(p) for v, p in points.items()}
 
 
+def line_plot(series: Mapping[str, list[tuple[float, float]]], title: str, x_label: str, y_label: str,
+              path: Path) -> None:
+    """One line per series, with a dot at each measured point, written as SVG by matplotlib (the
+    `plot` extra). Both axes start at 0, so a cost proportional to x reads as a straight line
+    aimed at the origin, and a flat cost reads as flat."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.0))
+    for name, points in series.items():
+        axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=name)
+    axes.set(title=title, xlabel=x_label, ylabel=y_label, xlim=(0, None), ylim=(0, None))
+    axes.set_xticks(sorted({x for points in series.values() for x, _ in points} | {0}))
+    axes.grid(axis="y", color="#ddd")
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    # text as text (searchable, small); no creation date and a fixed id salt: remaking a plot from
+    # the same JSON gives the same file
+    with matplotlib.rc_context({"svg.hashsalt": "deltatune", "svg.fonttype": "none"}):
+        figure.savefig(path, format="svg", metadata={"Date": None})
+    plt.close(figure)
+
+
 def write_plots(result: dict[str, Any], out_dir: Path, stem: str) -> dict[str, str]:
     """One SVG per sweep group that has points; returns group name -> file name."""
     axis = {"seq_len": "sequence length (tokens, batch fixed)", "rank": "LoRA rank r"}
@@ -38,8 +63,7 @@ def write_plots(result: dict[str, Any], out_dir: Path, stem: str) -> dict[str, s
         if not points:
             continue
         files[name] = f"{stem}_{name.replace('-', '_')}.svg"
-        svg = line_plot(points, group["title"], axis[group["sweep"]], "median step time (s)")
-        (out_dir / files[name]).write_text(svg)
+        line_plot(points, group["title"], axis[group["sweep"]], "median step time (s)", out_dir / files[name])
     return files
 
 

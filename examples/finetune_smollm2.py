@@ -88,6 +88,9 @@ def main() -> None:
     parser.add_argument("--num-virtual-tokens", type=int, default=16, help="prefix length for --method prefix")
     parser.add_argument("--quantize", choices=("none", "nf4", "fp4"), default="none",
                         help="QLoRA: store the frozen base's linear layers in 4 bits (lm_head stays dense)")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling numerator (default: 2 r)")
+    parser.add_argument("--loftq-iter", type=int, default=0,
+                        help="with --quantize nf4: LoftQ init with this many iterations (use --lora-alpha equal to r)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=Path("runs/smollm2"))
     args = parser.parse_args()
@@ -108,14 +111,25 @@ def main() -> None:
     eval_rows = rows_from(chat_rows(args.data, "validation", args.eval_rows, 1), "wordnet validation")
     shown = eval_rows.rows[:3]
 
+    lora = dt.LoraConfig(r=args.r, lora_alpha=args.lora_alpha or 2 * args.r, lora_dropout=0.05, task_type=task.task_type)
+    if args.loftq_iter:
+        if args.quantize != "nf4" or args.method != "lora":
+            raise SystemExit("--loftq-iter needs --quantize nf4 and --method lora")
+        lora = lora.replace(init_lora_weights="loftq", loftq_config=dt.LoftQConfig(loftq_iter=args.loftq_iter))
+        dt.attach(model, lora)  # on the dense model: the targeted weights become dequant(Q), A and B LoftQ's
+        dt.save(model, args.output / "loftq_init")
+        dt.unload(model, merge=False)  # the base keeps dequant(Q); quantizing it gives Q's codes back
     if args.quantize != "none":
         dt.quantize(model, dt.QuantConfig(quant_type=args.quantize, double_quant=True))
         print(f"base quantized to {args.quantize} (double quantization), lm_head kept dense")
-    if args.method == "prefix":
+    if args.loftq_iter:
+        dt.load(model, args.output / "loftq_init", trainable=True)
+        what = f"QLoRA + LoftQ ({args.loftq_iter} iterations) r={args.r} on q_proj/v_proj"
+    elif args.method == "prefix":
         dt.attach(model, dt.PrefixTuningConfig(num_virtual_tokens=args.num_virtual_tokens, task_type=task.task_type))
         what = f"prefix tuning, {args.num_virtual_tokens} virtual tokens"
     else:
-        dt.attach(model, dt.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05, task_type=task.task_type))
+        dt.attach(model, lora)
         what = f"{'Q' if args.quantize != 'none' else ''}LoRA r={args.r} on q_proj/v_proj"
     trainable, total = dt.trainable_parameters(model)
     print(f"{what}: {trainable:,} trainable of {total:,} parameters")

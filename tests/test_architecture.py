@@ -11,9 +11,12 @@ import deltatune
 import deltatune.registry as registry
 
 SRC = Path(deltatune.__file__).parent
-GENERIC = ["adapters", "bases", "combine", "combine_layer", "combine_ops", "compose", "config", "factor_form", "hf",
-           "hotswap", "inject", "io", "layer", "merge", "registry", "routing", "state", "targets"]
-METHOD_WORDS = re.compile(r"(?<![A-Za-z])(?i:lora|ia3|dora|adalora|vera|bitfit|prompt.?tuning|p.?tuning|prefix.?tuning)")
+GENERIC = ["adapters", "analysis", "bases", "combine", "combine_layer", "combine_ops", "compose", "config",
+           "factor_form", "fastfood", "hf", "hotswap", "inject", "intrinsic", "io", "layer", "merge", "param_site",
+           "projections", "registry", "routing", "spectrum", "spectrum_report", "state", "targets",
+           *(f"sweep/{p.stem}" for p in sorted((SRC / "sweep").glob("*.py")))]
+METHOD_WORDS = re.compile(r"(?<![A-Za-z])(?i:lora|ia3|dora|adalora|vera|bitfit|prompt.?tuning|p.?tuning|prefix.?tuning"
+                          r"|mixlora|loftq)|(?<![A-Za-z])(?:Poly|POLY|poly_)")
 """A method name not inside a lower-case word ("several" is fine; "LoraConfig" and "use_dora" are not)."""
 
 

@@ -305,8 +305,6 @@ def test_unknown_keys_warn_once_listing_them_all() -> None:
 @pytest.mark.parametrize(("key", "value"), [
     ("use_qalora", True),
     ("layer_replication", [[0, 1]]),
-    ("loftq_config", {"loftq_bits": 4}),
-    ("target_parameters", ["mlp.experts.weight"]),
     ("trainable_token_indices", [1, 2]),
     ("alora_invocation_tokens", [5]),
     ("megatron_config", {"tensor_model_parallel_size": 2}),
@@ -355,7 +353,7 @@ def _as_written(key: str, value: Any) -> Any:
         return dt.LoraConfig.peft_ignored[key]
     if key in dt.LoraConfig.peft_unsupported:  # accepted only while off: written with peft's default
         return dt.LoraConfig.peft_unsupported[key]
-    if key in ("target_modules", "exclude_modules") and isinstance(value, list) and all(
+    if key in ("target_modules", "exclude_modules", "target_parameters") and isinstance(value, list) and all(
             isinstance(v, str) and v for v in value):
         return sorted(set(value))  # peft keeps these name lists as sets
     return value

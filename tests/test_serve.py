@@ -531,8 +531,8 @@ def test_classify_a_seq_cls_run_and_another_adapter(seq_cls_runs: list[Path], ke
     first, second = seq_cls_runs
     service = build_service(Settings(str(first), [("second", str(second))], limits=Limits(max_batch_size=8)))
     texts = [r["text"] for r in sentiment_rows(10, 5)]
-    expected = {name: predict_run(run, [{"text": t} for t in texts]) for name, run in (("first", first),
-                                                                                        ("second", second))}
+    expected = {name: [p["prediction"] for p in predict_run(run, [{"text": t} for t in texts])]
+                for name, run in (("first", first), ("second", second))}
     model, task, _ = rebuild(first)
     with torch.inference_mode():
         batch = task.tokenizer(texts[:2], padding=True, return_tensors="pt")

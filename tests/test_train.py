@@ -16,7 +16,6 @@ from deltatune.errors import ConfigError, TrainingError
 from deltatune.io import adapter_tensors
 from deltatune.train import Rows, TrainConfig, Trainer, read_rows, split_rows
 from deltatune.train.checkpoint import latest_checkpoint
-from deltatune.train.schedule import lr_factor
 from deltatune.train.tasks.seq_cls import SequenceClassification
 from deltatune.train.trainer import seed_everything
 
@@ -153,15 +152,6 @@ def test_early_stopping_stops_when_the_metric_stalls(tmp_path: Path, tiny_bert_d
     model, task, train, test = make_run(tiny_bert_dir, sentiment_file)
     result = Trainer(model, task, train, test, config(tmp_path, lr=1e-12, eval_every=2, early_stopping=2)).fit()
     assert result.stopped_early and result.steps == 6  # best at 2, no gain at 4 and 6
-
-
-def test_schedules() -> None:
-    total, warmup = 10, 2
-    assert [lr_factor("constant", s, total, warmup) for s in range(4)] == [1 / 3, 2 / 3, 1.0, 1.0]
-    assert lr_factor("linear", 2, total, warmup) == 1.0 and lr_factor("linear", 10, total, warmup) == 0.0
-    assert lr_factor("linear", 6, total, warmup) == pytest.approx(0.5)
-    assert lr_factor("cosine", 6, total, warmup) == pytest.approx(0.5)
-    assert lr_factor("cosine", 4, total, warmup) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
 
 
 @pytest.mark.parametrize("field,value", [("lr", 0.0), ("batch_size", 0), ("schedule", "step"),

@@ -20,18 +20,24 @@ from .config import DeltaConfig, TargetedConfig
 from .errors import AdapterError, AdapterFileError, ConfigError, DeltatuneError, TargetError
 from .combine import combine
 from .inject import attach
+from .intrinsic import IntrinsicSubspace, d90, enter_subspace, subspace_of
 from .hotswap import prepare_hotswap
 from .io import hotswap, load, save
 from .routing import routing
+from .spectrum import AdapterSpectrum, LayerSimilarity, LayerSpectrum, spectrum, subspace_similarity
 from .merge import merge, unload, unmerge
 from .methods.adalora import AdaLoraConfig
 from .methods.adalora_schedule import AdaLoraScheduler
 from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BnConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
+from .methods.full import FullConfig
 from .methods.fusion import FusionConfig, StaticFusionConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
+from .methods.lora_loftq import LoftQConfig
 from .methods.loraplus import loraplus_optimizer
+from .methods.mixlora import MixLoraConfig
+from .methods.poly import PolyConfig, poly_tasks
 from .methods.prompt_config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from .methods.vera import VeraConfig
 from . import quant
@@ -46,6 +52,7 @@ __all__ = [
     "AdaLoraScheduler",
     "AdapterError",
     "AdapterFileError",
+    "AdapterSpectrum",
     "Average",
     "BatchSplit",
     "BitFitConfig",
@@ -55,12 +62,19 @@ __all__ = [
     "DeltaConfig",
     "DeltatuneError",
     "DoubleSeqBnConfig",
+    "FullConfig",
     "Fuse",
     "FusionConfig",
     "IA3Config",
+    "IntrinsicSubspace",
+    "LayerSimilarity",
+    "LayerSpectrum",
+    "LoftQConfig",
     "LoraConfig",
+    "MixLoraConfig",
     "ParBnConfig",
     "Parallel",
+    "PolyConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptTuningConfig",
@@ -80,12 +94,15 @@ __all__ = [
     "adapter_parameters",
     "attach",
     "combine",
+    "d90",
     "delete_adapter",
     "disabled",
+    "enter_subspace",
     "hotswap",
     "load",
     "loraplus_optimizer",
     "merge",
+    "poly_tasks",
     "prepare_hotswap",
     "quant",
     "quantize",
@@ -94,7 +111,10 @@ __all__ = [
     "routing",
     "save",
     "set_active",
+    "spectrum",
+    "subspace_of",
     "summary",
+    "subspace_similarity",
     "trainable_parameters",
     "unload",
     "unmerge",

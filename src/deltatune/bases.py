@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import hf
+from .errors import AdapterError
 
 
 class BaseLayer(ABC):
@@ -217,6 +218,67 @@ class ConvBase(BaseLayer):
     def mapped(self, h: Tensor, weight: Tensor) -> Tensor:
         pointwise = weight.reshape(*weight.shape[:2], *(1,) * len(self.kernel_size))
         return self._conv()(h, pointwise)
+
+
+class ParameterBase(BaseLayer):
+    """One parameter of a module, adapted directly (peft's ``target_parameters``): a 2-D weight
+    ``(out, in)``, or a 3-D stack of experts' weights ``(experts, out, in)`` (``(experts, in, out)``
+    where the module says ``is_transposed``, as peft reads it). The canonical layout is the stored one.
+
+    The module computes with the parameter in its own forward (a loop over experts), so a change
+    cannot be added to its output: ``param_site.ParameterLayer`` substitutes ``W + ΔW`` for the
+    parameter during the module's call instead. There is no activation map, so ``project`` and
+    ``mapped`` are refused.
+    """
+
+    kind = "parameter"
+
+    def __init__(self, module: nn.Module, name: str, path: str) -> None:
+        super().__init__(module)
+        self.name = name
+        self.path = path
+        """The parameter's full name as the user sees it (``model.layers.0.mlp.experts.down_proj``)."""
+
+    @staticmethod
+    def accepts(module: nn.Module) -> bool:
+        return False  # a parameter site is chosen by parameter name, never by module type
+
+    @property
+    def weight(self) -> Tensor:
+        stored = self.module._parameters[self.name]  # the Parameter itself, also while a change is substituted
+        assert stored is not None
+        return stored
+
+    @property
+    def bias(self) -> Tensor | None:
+        return None
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0] if self.weight.dim() == 3 else 1
+
+    @property
+    def transposed(self) -> bool:
+        """Whether each expert's matrix is stored ``(in, out)``."""
+        return self.weight.dim() == 3 and bool(getattr(self.module, "is_transposed", False))
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[-2] if self.transposed else self.weight.shape[-1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[-1] if self.transposed else self.weight.shape[-2]
+
+    def project(self, x: Tensor, weight: Tensor) -> Tensor:
+        raise AdapterError(f"{self.describe()} is a parameter, not a layer: a change to it is a change of the "
+                           "parameter (W + ΔW during the module's call), never a map of the module's input")
+
+    def mapped(self, h: Tensor, weight: Tensor) -> Tensor:
+        return self.project(h, weight)
+
+    def describe(self) -> str:
+        return f"parameter {self.path} {tuple(self.weight.shape)} of {type(self.module).__name__}"
 
 
 def add_scaled(y: Tensor, z: Tensor, scale: float) -> Tensor:

@@ -237,6 +237,11 @@ class TargetedConfig(DeltaConfig):
         the layers it adapts). Methods with a bias option override this."""
         return "none"
 
+    def parameter_targets(self) -> tuple[str, ...]:
+        """Parameters the adapter changes directly, by name (peft's ``target_parameters``: experts'
+        3-D weights); a method that supports them overrides this."""
+        return ()
+
     def saved_module_names(self) -> tuple[str, ...]:
         """``modules_to_save`` plus the heads the task type trains, as peft does."""
         names = list(self.modules_to_save or ())

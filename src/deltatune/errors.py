@@ -45,3 +45,8 @@ class TrainingError(DeltatuneError, RuntimeError):
 
 class QuantError(DeltatuneError, ValueError):
     """An operation needs a dense weight but the layer stores it quantized (or the format does not fit)."""
+
+
+class ModelLoadError(DeltatuneError, OSError):
+    """A base model cannot be loaded: no such folder or file, not on this machine (offline), or a package
+    its format needs is missing."""

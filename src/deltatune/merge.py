@@ -83,7 +83,7 @@ def unload(model: nn.Module, merge: bool = True, requantize: bool = False) -> nn
     else:
         unmerge(model)
     state.switch_model_deltas(model, state.active if merge else (), final=True)  # they stay only when merging
-    for key, layer in list(delta_layers(model)):
+    for key, layer in reversed(list(delta_layers(model))):  # innermost first: parameter wrappers nest
         parent, child = parent_of(model, key)
         setattr(parent, child, layer.unloaded(requantize) if merge else layer.base_layer)
     for key, module in list(saved_modules(model)):

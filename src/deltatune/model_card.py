@@ -38,7 +38,7 @@ def card_text(config: dict[str, Any], name: str, library_version: str, transform
     front = [*([f"base_model: {_yaml(base)}"] if base else []), "library_name: peft",
              *(["pipeline_tag: text-generation"] if config.get("task_type") == "CAUSAL_LM" else []),
              "tags:", *(f"- {_yaml(t)}" for t in tags)]
-    body = [MARK, "", f"# {name}: a {method or 'peft'} adapter", "",
+    body = [MARK, "", f"# {name}: {'an' if method[:1] in tuple('aeiou') else 'a'} {method or 'peft'} adapter", "",
             f"Adapter weights only, in peft's format, for the base model `{base or 'unknown (built in code)'}`.",
             "Load it with `dt.load(model, folder)` (deltatune), `PeftModel.from_pretrained(model, folder)` (peft), or",
             "`AutoModel...from_pretrained(folder)` (transformers, with peft installed and the base model reachable).",

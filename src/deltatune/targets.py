@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 ALL_LINEAR = "all-linear"
 
 
-def _matches_names(names: str | Sequence[str], key: str) -> bool:
+def matches_names(names: str | Sequence[str], key: str) -> bool:
     """peft's name rule: a regex full match for a string, equality or dotted suffix for a list."""
     if isinstance(names, str):
         return re.fullmatch(names, key) is not None
@@ -48,11 +48,11 @@ def is_target(
     modules_to_save: Sequence[str] = (),
 ) -> bool:
     """Whether the module named ``key`` is selected."""
-    if exclude_modules and _matches_names(exclude_modules, key):
+    if exclude_modules and matches_names(exclude_modules, key):
         return False
     if modules_to_save and is_saved_module(key, modules_to_save):
         return False
-    if not _matches_names(target_modules, key):
+    if not matches_names(target_modules, key):
         return False
     uses_layers = layers_to_transform is not None and not (
         isinstance(layers_to_transform, (list, tuple)) and len(layers_to_transform) == 0

@@ -68,7 +68,8 @@ class AdaLoraConfig(LoraConfig):
                        "an EMA factor must be in (0, 1)", "pass e.g. 0.85")
         self.check(isinstance(self.orth_reg_weight, (int, float)) and self.orth_reg_weight >= 0, "orth_reg_weight",
                    "the regularization weight must be >= 0", "pass e.g. 0.5")
-        for field, off in (("r", 8), ("use_dora", False), ("use_rslora", False), ("alpha_pattern", {})):
+        for field, off in (("r", 8), ("use_dora", False), ("use_rslora", False), ("alpha_pattern", {}),
+                           ("target_parameters", None)):
             self.check(getattr(self, field) == off, field, "peft's AdaLoRA ignores it", f"leave it at {off!r}"
                        + (" and set init_r (start rank) and target_r (average final rank)" if field == "r" else ""))
         self.check(self.target_modules is not None, "target_modules", "peft's AdaLoRA defaults differ from LoRA's",

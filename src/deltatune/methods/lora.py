@@ -9,7 +9,9 @@ A zero, B normal, as peft does), so the adapter starts as the identity; "gaussia
 with std 1/r, B zero; False = both random (for tests); "pissa" / "pissa_niter_K" = the top-r
 singular triplets of W split between B and A, and W replaced by its residual (Meng et al.
 2024); "olora" = the first r columns of Q and rows of R of W = QR, W replaced by its residual
-(Büyükakyüz 2024); both need r <= min(out, in) (a ConfigError while planning otherwise).
+(Büyükakyüz 2024); "loftq" = B A the rank-r SVD of W's 4-bit quantization error, W replaced by
+its NF4 round trip (Li et al. 2023, ``lora_loftq.py``); all need r <= min(out, in) (a
+ConfigError while planning otherwise).
 Parameter count per layer: ``r * (in * prod(kernel) + out)``.
 """
 
@@ -29,6 +31,7 @@ from ..layer import ModelDelta, WeightDelta
 from ..registry import Method, MethodOption, Recipe, RecipeInput, register, register_recipe
 from .lora_config import LoraConfig
 from .lora_init import check_rank_fits, factors_from_weight, takes_weight
+from .lora_loftq import holds_nf4
 from .lora_slot import RankSlot, scale_for
 
 class LoraDelta(RankSlot, WeightDelta):
@@ -42,10 +45,10 @@ class LoraDelta(RankSlot, WeightDelta):
         self.A = nn.Parameter(torch.empty(r, base.in_features, *kernel, device=base.weight.device))
         self.B = nn.Parameter(torch.empty(base.out_features, r, *(1,) * len(kernel), device=base.weight.device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._residual: Tensor | None = None  # the base weight less what a PiSSA / OLoRA init took
+        self._residual: Tensor | None = None  # the base weight a PiSSA / OLoRA / LoftQ init leaves
 
     def take_residual(self) -> Tensor | None:
-        """The base weight less what the init moved into A and B (PiSSA, OLoRA), handed over once."""
+        """The base weight the init leaves (PiSSA, OLoRA: W less s B A; LoftQ: dequant(Q)), handed over once."""
         residual, self._residual = self._residual, None
         return residual
 
@@ -74,10 +77,11 @@ class LoraDelta(RankSlot, WeightDelta):
         return {"lora_A.weight": self.A, "lora_B.weight": self.B}
 
     @torch.no_grad()
-    def initialize(self, init: bool | str) -> None:
-        """Fill A and B per ``init_lora_weights`` (see the module docstring)."""
+    def initialize(self, init: bool | str, loftq: Mapping[str, int] | None = None) -> None:
+        """Fill A and B per ``init_lora_weights`` (see the module docstring); ``loftq``: the
+        config's ``loftq_config`` (bits, iterations) for ``init="loftq"``."""
         if takes_weight(init):
-            self._init_from_weight(str(init))
+            self._init_from_weight(str(init), loftq or {})
         elif self.base.kind == "embedding":
             nn.init.zeros_(self.A) if init is not False else nn.init.normal_(self.A)
             nn.init.normal_(self.B)
@@ -89,14 +93,17 @@ class LoraDelta(RankSlot, WeightDelta):
                 self.A, std=1 / self.A.shape[0])
             nn.init.zeros_(self.B)
 
-    def _init_from_weight(self, init: str) -> None:
+    def _init_from_weight(self, init: str, loftq: Mapping[str, int]) -> None:
         if self.base.kind != "linear":
             raise TargetError(f"init_lora_weights={init!r} needs a linear layer, got {self.base.describe()}")
         weight = self.base.read_weight().float()
-        b, a = factors_from_weight(weight, self.A.shape[0], self.scaling, init)
+        if init == "loftq" and holds_nf4(weight, self.base.dtype):
+            self.initialize(True)  # B A = 0 either way: plain QLoRA's A and B; the base stays (loading onto 4 bits)
+            return
+        b, a, base = factors_from_weight(weight, self.A.shape[0], self.scaling, init, loftq)
         self.A.copy_(a)
         self.B.copy_(b)
-        self._residual = weight - self.low_rank_weight()
+        self._residual = weight - self.low_rank_weight() if base is None else base
 
 
 MakeVariant = Callable[[BaseLayer, int, float, float, "bool | str"], LoraDelta]
@@ -104,16 +111,21 @@ VARIANTS: dict[str, MakeVariant] = {}
 """Deltas for LoraConfig flags that switch on a variant built on LoRA's (``use_dora``): each
 variant's file adds itself here, so this file does not import it."""
 
+KINDS: dict[str, Callable[[BaseLayer, LoraConfig], WeightDelta]] = {}
+"""Deltas for base kinds LoRA's own class does not adapt (a parameter site, ``lora_param``), by kind."""
 
-def make_lora(base: BaseLayer, config: DeltaConfig, key: str, shared: ModelDelta | None = None) -> LoraDelta:
+
+def make_lora(base: BaseLayer, config: DeltaConfig, key: str, shared: ModelDelta | None = None) -> WeightDelta:
     assert isinstance(config, LoraConfig)
+    if base.kind in KINDS:
+        return KINDS[base.kind](base, config)
     r, alpha = config.rank_and_alpha(key)
     check_rank_fits(base, config.init_lora_weights, key, r, type(config).__name__, config.rank_pattern_entry(key))
     scaling = scale_for(r, alpha, config.use_rslora)
     if config.use_dora:
         return VARIANTS["use_dora"](base, r, scaling, config.lora_dropout, config.init_lora_weights)
     delta = LoraDelta(base, r, scaling, config.lora_dropout)
-    delta.initialize(config.init_lora_weights)
+    delta.initialize(config.init_lora_weights, config.loftq_config)
     return delta
 
 

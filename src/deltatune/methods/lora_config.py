@@ -5,13 +5,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
 
 from ..config import TargetedConfig
+from .lora_loftq import loftq_dict, loftq_problem
 
-_INITS = (True, False, "gaussian", "pissa", "olora")
+_INITS = (True, False, "gaussian", "pissa", "olora", "loftq")
 _PISSA_NITER = re.compile(r"pissa_niter_\d+")
 
 
@@ -26,9 +28,9 @@ class LoraConfig(TargetedConfig):
     peft_unsupported: ClassVar[Mapping[str, Any]] = MappingProxyType({
         key: None for key in ("alora_invocation_tokens", "arrow_config", "corda_config", "eva_config",
                               "kasa_config", "layer_replication", "lora_ga_config", "megatron_config",
-                              "monteclora_config", "target_parameters", "trainable_token_indices",
+                              "monteclora_config", "trainable_token_indices",
                               "use_bdlora", "velora_config")
-    } | {"loftq_config": {}, "use_qalora": False})
+    } | {"use_qalora": False})
 
     r: int = 8
     lora_alpha: float = 8
@@ -39,8 +41,17 @@ class LoraConfig(TargetedConfig):
     init_lora_weights: bool | str = True
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    target_parameters: tuple[str, ...] | None = None
+    """Parameters adapted directly, by full name or dotted suffix: experts' 3-D weights (``lora_param``)."""
     use_dora: bool = False
     lora_bias: bool = False
+    loftq_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """``init_lora_weights="loftq"``'s settings: a ``LoftQConfig`` or its dict (peft stores the dict)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "loftq_config", loftq_dict(self.loftq_config))
+        object.__setattr__(self, "target_parameters", _sorted_names(self.target_parameters))  # peft writes them sorted
+        super().__post_init__()
 
     def validate(self) -> None:
         super().validate()
@@ -57,9 +68,24 @@ class LoraConfig(TargetedConfig):
         self.check(init in _INITS or (isinstance(init, str) and _PISSA_NITER.fullmatch(init) is not None),
                    "init_lora_weights", f"supported inits are {_INITS} and 'pissa_niter_<K>'",
                    "pass True (the standard zero-B init) or one of those")
+        self.check_loftq()
         self.check(not self.lora_bias, "lora_bias", "a bias on lora_B is not implemented in this version yet",
                    "use lora_bias=False")
         self.check_patterns()
+        self.check_parameter_targets()
+
+    def check_loftq(self) -> None:
+        """LoftQ needs its settings, 4 bits, and plain LoRA (DoRA's magnitude would start from W, not dequant(Q))."""
+        loftq = self.init_lora_weights == "loftq"
+        problem = loftq_problem(self.loftq_config, needed=loftq)
+        if problem is not None:
+            self.check(False, "loftq_config" if self.loftq_config or not loftq else "init_lora_weights", *problem)
+        if not loftq:
+            if self.loftq_config:
+                warnings.warn("loftq_config has no effect unless init_lora_weights='loftq'", stacklevel=4)
+            return
+        self.check(not self.use_dora, "use_dora", "LoftQ with DoRA is not implemented in this version",
+                   "use use_dora=False with init_lora_weights='loftq'")
 
     def check_patterns(self) -> None:
         """rank_pattern and alpha_pattern: regular expressions mapped to ranks and alphas."""
@@ -74,6 +100,30 @@ class LoraConfig(TargetedConfig):
             for key in getattr(self, field):
                 _check_regex(self, field, key)
 
+    def check_parameter_targets(self) -> None:
+        """target_parameters: a list of names, and only the settings peft's parameter LoRA supports."""
+        names = self.target_parameters
+        self.check(names is None or (isinstance(names, tuple) and all(isinstance(n, str) and n for n in names)),
+                   "target_parameters", "it must be a list of parameter names",
+                   "pass e.g. ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']")
+        if not names:
+            return
+        for field, off, why in (("lora_dropout", 0.0, "dropout cannot be applied inside a parameter's product"),
+                                ("use_dora", False, "DoRA on a parameter is not defined (peft refuses it too)"),
+                                ("fan_in_fan_out", False, "a parameter's layout is read from its shape"),
+                                ("lora_bias", False, "a parameter has no output of its own to add a bias to")):
+            self.check(getattr(self, field) == off, field, f"{why} (target_parameters is set)",
+                       f"use {field}={off!r}, or adapt these modules through target_modules in another adapter")
+        self.check(self.init_lora_weights in (True, False, "gaussian"), "init_lora_weights",
+                   "only True, False and 'gaussian' start a LoRA on a parameter",
+                   "pass init_lora_weights=True (A random, B zero)")
+        self.check(self.bias != "lora_only" or self.target_modules != (), "bias",
+                   "'lora_only' trains the biases of adapted layers, and a parameter target has none",
+                   "use bias='none' (or 'all' to train every bias of the model)")
+
+    def parameter_targets(self) -> tuple[str, ...]:
+        return self.target_parameters or ()
+
     def trained_biases(self) -> str:
         return {"none": "none", "all": "all", "lora_only": "adapted"}[self.bias]
 
@@ -87,6 +137,13 @@ class LoraConfig(TargetedConfig):
         """The rank_pattern key that sets the rank of the module named ``key``, or None when ``r`` does."""
         entry = _pattern_key(self.rank_pattern, key)
         return entry if entry in self.rank_pattern else None
+
+
+def _sorted_names(value: Any) -> Any:
+    """A list of names sorted and without repeats; anything else as it is (validation reports it)."""
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        return tuple(sorted(set(value)))
+    return value
 
 
 def _is_int(value: object) -> bool:

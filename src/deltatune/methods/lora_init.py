@@ -1,31 +1,39 @@
-"""LoRA inits that take the adapter from the layer's own weight: PiSSA and OLoRA.
+"""LoRA inits that take the adapter from the layer's own weight: PiSSA, OLoRA and LoftQ.
 
 PiSSA (Meng et al. 2024): the top-r singular triplets of ``W = U S Vᵀ`` split evenly between the
 factors, ``B = U_r sqrt(S_r / s)``, ``A = sqrt(S_r / s) V_rᵀ``, so ``s B A`` is W's best rank-r
 part (``pissa_niter_K``: the same from K subspace iterations of a randomized SVD). OLoRA
 (Büyükakyüz 2024): ``W = Q R``, ``B = Q[:, :r]``, ``A = R[:r]``. Either way the base keeps the
-residual ``W - s B A``, and r can be at most min(out, in).
+residual ``W - s B A``, and r can be at most min(out, in). LoftQ (``lora_loftq.py``) instead
+gives the base ``dequant(Q)``, its 4-bit quantization.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
 from ..bases import BaseLayer
 from ..errors import ConfigError
+from .lora_loftq import loftq_factors
 
 
 def takes_weight(init: bool | str) -> bool:
-    """Whether ``init`` builds A and B from the layer's weight (PiSSA, OLoRA)."""
-    return init in ("pissa", "olora") or (isinstance(init, str) and init.startswith("pissa_niter_"))
+    """Whether ``init`` builds A and B from the layer's weight (PiSSA, OLoRA, LoftQ)."""
+    return init in ("pissa", "olora", "loftq") or (isinstance(init, str) and init.startswith("pissa_niter_"))
 
 
-def factors_from_weight(weight: Tensor, r: int, scaling: float, init: str) -> tuple[Tensor, Tensor]:
-    """(B, A) for the fp32 canonical ``weight`` per ``init`` (see the module docstring)."""
+def factors_from_weight(weight: Tensor, r: int, scaling: float, init: str,
+                        loftq: Mapping[str, int]) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(B, A, new base weight) for the fp32 canonical ``weight`` per ``init`` (see the module
+    docstring); the base is None when it is the residual ``W - s B A``."""
+    if init == "loftq":
+        return loftq_factors(weight, r, loftq)
     if init == "olora":
         q, upper = torch.linalg.qr(weight)
-        return q[:, :r], upper[:r]
+        return q[:, :r], upper[:r], None
     if init == "pissa":
         u, s, vh = torch.linalg.svd(weight, full_matrices=False)
         u, s, vh = u[:, :r], s[:r], vh[:r]
@@ -33,12 +41,12 @@ def factors_from_weight(weight: Tensor, r: int, scaling: float, init: str) -> tu
         u, s, v = torch.svd_lowrank(weight, r, niter=int(init.rsplit("_", 1)[1]))
         vh = v.t()
     root = torch.sqrt(s / scaling)
-    return u * root, root[:, None] * vh
+    return u * root, root[:, None] * vh, None
 
 
 def check_rank_fits(base: BaseLayer, init: bool | str, key: str, r: int, config_name: str,
                     pattern_entry: str | None) -> None:
-    """PiSSA and OLoRA take r directions (singular vectors, columns of Q) from a weight that has
+    """PiSSA, OLoRA and LoftQ take r directions (singular vectors, columns of Q) from a weight that has
     only min(out, in) of them. Refuse a larger r here, while ``inject.plan`` builds the deltas and
     the model is still untouched. peft instead silently shrinks A and B to min(out, in), which
     leaves tensors that do not match the config's r. ``pattern_entry``: the rank_pattern key that

@@ -10,39 +10,70 @@ from typing import Any
 from torch import nn
 
 from ..adapters import adapter_names
-from ..analysis import LayerDelta, layer_deltas
+from ..analysis import COLUMNS, LayerDelta, layer_deltas
 from ..errors import ConfigError, DataError
 from ..files import follow_umask
 from ..io import CONFIG_NAME, load, read_config, read_tensors
 from ..merge import unload
+from ..targets import is_saved_module
 from ..hf import from_pretrained, load_tokenizer
-from .data import Row, read_rows, split_rows
-from .options import split_options
-from .run import RUN_FILE, load_data, read_run_file, rebuild, spread
-from .tasks import task_class
+from .data import Row, Rows, read_rows, saved_splits, split_rows
+from .options import RunOptions, split_options
+from .run import RUN_FILE, load_data, read_eval_rows, read_run_file, rebuild, spread
+from .report import classification_report
+from .tasks import Task, task_class
 
 AUTO_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM"}
 """Model classes for adapters without a run folder (heads of other task types need its label set)."""
 
 
 def evaluate_run(run_dir: Path, data: str = "", split: str = "", adapter: str = "adapter",
-                 max_rows: int = 0) -> dict[str, float]:
-    """The task's metrics for a finished run on its evaluation data, or on another file/split."""
-    model, task, run = rebuild(run_dir, adapter)
-    if data:
+                 max_rows: int = 0, threads: int = 0, report: bool = False) -> dict[str, Any]:
+    """The task's metrics for a finished run on its evaluation data, or on another file/split; ``report``
+    adds a classification run's per-class scores and confusion matrix (under "report")."""
+    model, task, run = rebuild(run_dir, adapter, threads)
+    rows = task.usable(spread(_evaluation_rows(run, data, split), max_rows), run.skip_bad_rows)
+    metrics: dict[str, Any] = dict(task.evaluate(model, task.encode(rows), 64))
+    if report:
+        metrics["report"] = _class_report(model, task, rows)
+    return metrics
+
+
+def _class_report(model: nn.Module, task: Task, rows: Rows) -> dict[str, Any]:
+    """Per-class scores of a classification run (one label per row) on ``rows``."""
+    labels = getattr(task, "labels", None)
+    if task.task_type != "SEQ_CLS" or labels is None:
+        raise ConfigError("deltatune eval", "report", True, f"a per-class report needs a classification (seq-cls) "
+                          f"run; this one is {task.name}", "drop --report")
+    column = task.column("label")
+    gold = [str(row[column]) for row in rows.rows]
+    return classification_report(gold, [str(p) for p in task.predict(model, rows.rows)], labels.names)
+
+
+def _evaluation_rows(run: RunOptions, data: str, split: str) -> Rows:
+    if data and saved_splits(data):
+        rows = read_eval_rows(data, replace(run, eval_split=split or run.eval_split))
+    elif data:
         rows = read_rows(data, run.skip_bad_rows)
         if split:
             rows = split_rows(rows, run.split_column, split)
     else:
         _, rows = load_data(replace(run, eval_split=split or run.eval_split))
-    rows = task.usable(spread(rows, max_rows), run.skip_bad_rows)
-    return task.evaluate(model, task.encode(rows), 64)
+    return rows
 
 
-def predict_run(run_dir: Path, rows: list[Row], adapter: str = "adapter") -> list[Any]:
-    """The run's predictions for raw rows (columns as in its training data)."""
-    model, task, _ = rebuild(run_dir, adapter)
-    return task.predict(model, rows)
+def predict_run(run_dir: Path, rows: list[Row], adapter: str = "adapter", threads: int = 0) -> list[dict[str, Any]]:
+    """The run's prediction for each raw row (columns as in its training data): ``{"prediction": ...}``, and
+    for a classification run its ``score`` (the predicted label's probability) and every label's ``probabilities``."""
+    model, task, _ = rebuild(run_dir, adapter, threads)
+    scores = getattr(task, "probabilities", None)
+    if not callable(scores):
+        return [{"prediction": prediction} for prediction in task.predict(model, rows)]
+    results = []
+    for probabilities in scores(model, rows):
+        label = max(probabilities, key=probabilities.__getitem__)
+        results.append({"prediction": label, "score": probabilities[label], "probabilities": probabilities})
+    return results
 
 
 def first_role_column(run_dir: Path) -> str:
@@ -128,8 +159,24 @@ def inspect_adapter(folder: Path, model_path: str = "") -> dict[str, Any]:
         report["layers"] = f"not computed: {error}"
         return report
     name = adapter_names(model)[0]
+    _split_saved_modules(report, model)
     report["layers"] = [asdict(layer) for layer in layer_deltas(model, name)]
     return report
+
+
+def _split_saved_modules(report: dict[str, Any], model: nn.Module) -> None:
+    """List only the ``modules_to_save`` entries that name a module of this model; the others (a task
+    type's heads that peft writes under every name transformers uses, like ``score`` beside
+    ``classifier``) go to ``modules_to_save_absent`` with a remark."""
+    config = report["config"]
+    names = [str(n) for n in config.get("modules_to_save") or ()]
+    keys = [key for key, _ in model.named_modules()]
+    absent = [n for n in names if not any(is_saved_module(key, [n]) for key in keys)]
+    if absent:
+        config["modules_to_save"] = [n for n in names if n not in absent]
+        report["modules_to_save_absent"] = absent
+        report["remark"] = (f"modules_to_save also names {absent}, which this model does not have; nothing was "
+                            "trained or saved for them (peft lists every head name of the task type)")
 
 
 def format_layers(layers: list[dict[str, Any]] | str) -> str:
@@ -140,7 +187,7 @@ def format_layers(layers: list[dict[str, Any]] | str) -> str:
     for item in layers:
         d = LayerDelta(**{**item, "shape": tuple(item["shape"])})
         lines.append(f"{d.module:<48} {d.norm:>10.4g} {d.relative_norm:>9.3g} {d.effective_rank:>9.2f} {d.rank:>5}")
-    return "\n".join(lines)
+    return "\n".join([*lines, COLUMNS])
 
 
 def to_json(value: Any) -> str:

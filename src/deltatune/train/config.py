@@ -7,6 +7,7 @@ shows, so the library and the command line describe an option in one place.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,21 @@ SCHEDULES = ("linear", "cosine", "constant")
 MAX_LR = 1.0
 """AdamW moves every trainable value by up to about ``lr`` per step, so above 1 a run can only wreck the weights."""
 OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)")
+UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds in ``600``, ``90s``, ``10m``, ``1.5h`` or ``1h30m`` ('' or 0: none); -1 when ``text`` is none of these."""
+    text = str(text).strip().lower()
+    if not text:
+        return 0.0
+    parts = list(DURATION.finditer(text))
+    if not parts or "".join(m.group(0) for m in parts).replace(" ", "") != text.replace(" ", ""):
+        return -1.0
+    return sum(float(m.group(1)) * UNIT_SECONDS[m.group(2)] for m in parts)
 
 
 def _help(text: str, **extra: Any) -> Any:
@@ -55,6 +71,9 @@ class TrainConfig:
                               default=False)
     progress: bool = _help("show a progress bar on a terminal", default=True)
     seed: int = _help("seed for initialisation, data order and dropout", default=0)
+    max_time: str = _help("wall-clock budget for the training steps: seconds, or with a unit (90s, 10m, 1.5h, 1h30m); "
+                          "when spent, training stops and evaluates and saves as at a normal end; '' = none",
+                          default="")
     max_norm_growth: float = _help("stop as diverged when one optimizer step grows the trainable parameters' joint "
                                    "L2 norm by more than this factor (a norm below 1 counts as 1); 0 = off",
                                    default=10.0)
@@ -79,8 +98,15 @@ class TrainConfig:
         self._check(self.weight_decay >= 0, "weight_decay", "must be >= 0", "e.g. 0.01")
         for name, choices in (("schedule", SCHEDULES), ("optimizer", OPTIMIZERS)):
             self._check(getattr(self, name) in choices, name, f"must be one of {choices}", f"pick one of {choices}")
+        self._check(duration_seconds(self.max_time) >= 0, "max_time", "must be a duration",
+                    "seconds (600) or with units s, m, h (10m, 1h30m)")
         self._check(self.early_stopping == 0 or self.eval_every > 0, "early_stopping",
                     "needs evaluations during training", "also pass --eval-every N")
+
+    @property
+    def max_seconds(self) -> float:
+        """``max_time`` in seconds (0: no budget)."""
+        return duration_seconds(self.max_time)
 
     def _check(self, ok: bool, name: str, why: str, fix: str) -> None:
         if not ok:

@@ -1,4 +1,5 @@
-"""Rows of training data from local JSONL, CSV or Parquet files, or from objects in memory.
+"""Rows of training data from local JSONL, CSV or Parquet files, folders that ``datasets`` saved,
+or objects in memory (lists of dicts, pandas DataFrames, ``datasets.Dataset`` / ``DatasetDict``).
 
 A row is a plain ``dict`` from column name to value. Reading is strict by default: a line
 that is not a JSON object, or not valid UTF-8, stops the run with the file and line number;
@@ -131,11 +132,15 @@ def _read_parquet(path: Path) -> Rows:
     return Rows(rows, str(path), origins=[f"{path}, row {n}" for n in range(1, len(rows) + 1)])
 
 
-def read_rows(path: str | Path, skip_bad_rows: bool = False) -> Rows:
-    """Read every row of a JSONL, CSV or Parquet file; an empty file is an error."""
+def read_rows(path: str | Path, skip_bad_rows: bool = False, split: str = "") -> Rows:
+    """Read every row of a JSONL, CSV or Parquet file, or of a folder ``datasets``' ``save_to_disk``
+    wrote (``split``: which split of a saved ``DatasetDict``); an empty file is an error."""
     path = Path(path)
+    if path.is_dir() and is_saved_dataset(path):
+        return _read_saved(path, split)
     if not path.is_file():
-        raise DataError(f"{path}: no such data file")
+        raise DataError(f"{path}: no such data file" + (" (a folder, but not one that datasets' save_to_disk wrote)"
+                                                        if path.is_dir() else ""))
     fmt = file_format(path)
     rows = (_read_jsonl(path, skip_bad_rows) if fmt == "jsonl" else _read_csv(path, skip_bad_rows) if fmt == "csv"
             else _read_parquet(path))
@@ -144,12 +149,116 @@ def read_rows(path: str | Path, skip_bad_rows: bool = False) -> Rows:
     return rows
 
 
-def rows_from(data: Iterable[Mapping[str, Any]], source: str = "data") -> Rows:
-    """Rows from objects in memory: a list of dicts or a ``datasets.Dataset``."""
-    rows = [dict(row) for row in data]
+def rows_from(data: Any, source: str = "data") -> Rows:
+    """Rows from objects in memory: a list of dicts, a pandas DataFrame or a ``datasets.Dataset``
+    (class-label columns become their label names). A ``DatasetDict`` holds several splits: pick one, or
+    use :func:`splits_from`. A streamed dataset is never loaded whole here (see ``train/stream.py``)."""
+    if is_dataset_dict(data):
+        raise DataError(f"{source}: a DatasetDict holding the splits {sorted(data)}; pass one split (e.g. "
+                        "data['train']), or use deltatune.train.splits_from(data) for training and evaluation rows")
+    if is_stream(data):
+        raise DataError(f"{source}: a streamed dataset ({type(data).__name__}) has no length and is not loaded whole; "
+                        "pass it to deltatune.train.stream_features(task, data) and set TrainConfig.max_steps")
+    if is_data_frame(data):
+        rows = [{str(k): v for k, v in row.items()} for row in data.to_dict(orient="records")]
+    else:
+        rows = [dict(row) for row in data]
+        rows = with_label_names(rows, getattr(data, "features", None))
     if not rows:
         raise DataError(f"{source}: no rows")
     return Rows(rows, source)
+
+
+def is_data_frame(data: Any) -> bool:
+    """A pandas DataFrame (told by what it does, so pandas is not imported here)."""
+    return callable(getattr(data, "to_dict", None)) and hasattr(data, "columns") and hasattr(data, "iloc")
+
+
+def is_dataset_dict(data: Any) -> bool:
+    """A ``datasets.DatasetDict`` / ``IterableDatasetDict``: a mapping from split name to a dataset."""
+    return isinstance(data, Mapping) and bool(data) and all(hasattr(v, "column_names") for v in data.values())
+
+
+def is_stream(data: Any) -> bool:
+    """A streamed dataset (``datasets.IterableDataset``): columns, but no length. A plain generator of rows
+    is read whole like a list."""
+    return not hasattr(data, "__len__") and hasattr(data, "column_names")
+
+
+def with_label_names(rows: list[Row], features: Any) -> list[Row]:
+    """``rows`` with ``datasets`` class-label columns (stored as ids) holding their names, as in a file."""
+    names = {column: feature.names for column, feature in (features or {}).items()
+             if isinstance(getattr(feature, "names", None), list)}
+    for row in rows if names else ():
+        for column, labels in names.items():
+            value = row.get(column)
+            if isinstance(value, int) and 0 <= value < len(labels):
+                row[column] = labels[value]
+    return rows
+
+
+DATASET_FILES = ("dataset_dict.json", "state.json")
+"""What ``save_to_disk`` writes at the top of a folder: a DatasetDict's split list, a Dataset's state."""
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return any((path / name).is_file() for name in DATASET_FILES)
+
+
+def open_saved(path: Path) -> Any:
+    """The ``Dataset`` or ``DatasetDict`` in a ``save_to_disk`` folder (memory-mapped, not read whole)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: a folder saved by the datasets library; reading it needs it: pip install datasets") \
+            from None
+    try:
+        return datasets.load_from_disk(str(path))
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: not a readable datasets folder ({error})") from None
+
+
+def saved_splits(path: str | Path) -> list[str]:
+    """The splits of a DatasetDict that ``save_to_disk`` wrote to ``path``; [] for anything else."""
+    path = Path(path)
+    if not (path / DATASET_FILES[0]).is_file():
+        return []
+    try:
+        splits = json.loads((path / DATASET_FILES[0]).read_text(encoding="utf-8")).get("splits", [])
+    except (ValueError, AttributeError):
+        raise DataError(f"{path / DATASET_FILES[0]}: not the JSON object datasets writes; save the data again") from None
+    return [str(name) for name in splits]
+
+
+def _read_saved(path: Path, split: str) -> Rows:
+    data = open_saved(path)
+    if is_dataset_dict(data):
+        if split not in data:
+            wanted = f"has no split {split!r}" if split else "holds several splits"
+            raise DataError(f"{path}: this DatasetDict {wanted}; its splits: {sorted(data)}. Name one "
+                            "(--train-split / --eval-split / eval --split)")
+        return rows_from(data[split], f"{path} [split {split}]")
+    return rows_from(data, str(path))
+
+
+def eval_split_of(splits: Sequence[str], wanted: str, source: str) -> str:
+    """The split to evaluate on: ``wanted`` when there is one, else "validation", else an error."""
+    for name in (wanted, "validation"):
+        if name in splits:
+            return name
+    raise DataError(f"{source}: no split {wanted!r} or 'validation' to evaluate on; its splits: {sorted(splits)}. "
+                    "Pass --eval-split NAME or --eval-file")
+
+
+def splits_from(data: Any, train_split: str = "train", eval_split: str = "test") -> tuple[Rows, Rows]:
+    """Training and evaluation rows of a ``DatasetDict``: ``train_split``, and ``eval_split`` (else "validation")."""
+    if not is_dataset_dict(data):
+        raise DataError(f"splits_from needs a DatasetDict (splits by name), not a {type(data).__name__}; "
+                        "pass the training and evaluation data separately")
+    if train_split not in data:
+        raise DataError(f"the DatasetDict has no split {train_split!r}; its splits: {sorted(data)}")
+    chosen = eval_split_of(list(data), eval_split, "the DatasetDict")
+    return rows_from(data[train_split], f"split {train_split}"), rows_from(data[chosen], f"split {chosen}")
 
 
 def split_rows(rows: Rows, column: str, value: str) -> Rows:

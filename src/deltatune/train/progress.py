@@ -1,4 +1,4 @@
-"""What a run shows while it runs: a progress line, a JSONL metrics log, optional TensorBoard."""
+"""What a run shows while it runs: a tqdm progress bar, a JSONL metrics log, optional TensorBoard."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from tqdm import tqdm
+
 
 def _duration(seconds: float) -> str:
     seconds = int(max(0.0, seconds))
@@ -16,40 +18,67 @@ def _duration(seconds: float) -> str:
         else f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (where stderr is no terminal, yet a bar can be drawn)."""
+    shell = sys.modules.get("IPython")
+    get_ipython = getattr(shell, "get_ipython", None)
+    kernel = get_ipython() if callable(get_ipython) else None
+    return kernel is not None and "IPKernelApp" in getattr(kernel, "config", {})
+
+
+def _bar(total: int, start_step: int, stream: TextIO, notebook: bool) -> Any:
+    """tqdm's widget in a notebook that has ipywidgets, else its text bar (Jupyter redraws that one too)."""
+    settings = {"total": total, "initial": start_step, "unit": "step", "dynamic_ncols": True}
+    if notebook:
+        try:
+            from tqdm.notebook import tqdm as notebook_tqdm
+
+            return notebook_tqdm(**settings)
+        except ImportError:  # tqdm's widget needs ipywidgets
+            pass
+    return tqdm(file=stream, **settings)
+
+
 class Progress:
-    """A one-line progress bar on a terminal (redrawn in place); plain log lines elsewhere."""
+    """tqdm's bar on a terminal or in a notebook; elsewhere (a log file, CI) plain lines.
+
+    The loss shown is the mean over the steps since the last ``metrics.jsonl`` "train" record, so
+    at every logged step the bar, the plain line and the log show the same number (a single
+    step's loss is noisier: 16 rows).
+    """
 
     def __init__(self, total: int, start_step: int = 0, enabled: bool = True, stream: TextIO | None = None) -> None:
         self.total, self.start_step = total, start_step
         self.stream = stream or sys.stderr
-        self.live = enabled and self.stream.isatty()
+        notebook = enabled and stream is None and in_notebook()
+        self.live = enabled and (notebook or self.stream.isatty())
+        self.bar = _bar(total, start_step, self.stream, notebook) if self.live else None
         self.started = time.perf_counter()
         self.tokens = 0
 
     def update(self, step: int, loss: float, lr: float, tokens: int) -> str:
-        """Redraw the bar for ``step``; return the line."""
+        """Move the bar to ``step``; return the plain line for ``step`` (what a log shows)."""
         self.tokens += tokens
         elapsed = time.perf_counter() - self.started
         done = step - self.start_step
         eta = elapsed / done * (self.total - step) if done else 0.0
-        width = 24
-        filled = int(width * step / max(1, self.total))
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
-                f"{self.tokens / max(elapsed, 1e-9):,.0f} tok/s ETA {_duration(eta)}")
-        if self.live:
-            self.stream.write("\r" + line + "\x1b[K")
-            self.stream.flush()
-        return line
+        rate = f"{self.tokens / max(elapsed, 1e-9):,.0f} tok/s"
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {rate}", refresh=False)
+            self.bar.update(step - self.bar.n)
+        return f"step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} {rate} ETA {_duration(eta)}"
 
     def message(self, text: str) -> None:
         """Print a line without breaking the bar."""
-        self.stream.write(("\r\x1b[K" if self.live else "") + text + "\n")
-        self.stream.flush()
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
 
     def close(self) -> None:
-        if self.live:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _step_of(line: str) -> int | None:

@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +19,17 @@ from torch import nn
 
 from ..adapters import summary
 from ..config import DeltaConfig
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..hf import default_targets, load_tokenizer, name_or_path, output_head_name
 from ..inject import attach
+from ..intrinsic import IntrinsicSubspace, enter_subspace
 from ..state import set_active, state_of
 from ..io import CONFIG_NAME, load
 from ..quant import QuantConfig, quantize
 from ..registry import RecipeInput, recipe_named, training_hooks
 from . import distributed
 from .config import TrainConfig
-from .data import Rows, read_rows, split_rows
+from .data import Rows, eval_split_of, read_rows, saved_splits, split_rows
 from .lock import own_folder
 from .options import RunOptions, default_data_file, default_model_dir, split_options
 from .tasks import Task, task_class
@@ -49,8 +50,12 @@ def spread(rows: Rows, limit: int) -> Rows:
 
 
 def load_data(run: RunOptions) -> tuple[Rows, Rows]:
-    """Training and evaluation rows, from two files or from the splits of one file."""
+    """Training and evaluation rows, from two files or from the splits of one file (or of one saved
+    ``DatasetDict``: its --train-split, and its --eval-split, else "validation", unless --eval-file is given)."""
     train_file = run.train_file or default_data_file()
+    if saved_splits(train_file):
+        train = read_rows(train_file, run.skip_bad_rows, split=run.train_split)
+        return train, spread(read_eval_rows(run.eval_file or train_file, run), run.max_eval_rows)
     everything = read_rows(train_file, run.skip_bad_rows)
     one_file = not run.eval_file
     has_splits = run.split_column in everything.rows[0]
@@ -61,8 +66,14 @@ def load_data(run: RunOptions) -> tuple[Rows, Rows]:
                             "split by; pass --eval-file, or --split-column naming the column that holds the split")
         evaluation = split_rows(everything, run.split_column, run.eval_split)
     else:
-        evaluation = read_rows(run.eval_file, run.skip_bad_rows)
+        evaluation = read_eval_rows(run.eval_file, run)
     return train, spread(evaluation, run.max_eval_rows)
+
+
+def read_eval_rows(path: str, run: RunOptions) -> Rows:
+    """The rows of an evaluation file, or of the evaluation split of a saved DatasetDict."""
+    splits = saved_splits(path)
+    return read_rows(path, run.skip_bad_rows, split=eval_split_of(splits, run.eval_split, path) if splits else "")
 
 
 def adapter_config(run: RunOptions, task: Task, model: nn.Module, total_steps: int) -> DeltaConfig:
@@ -177,8 +188,10 @@ def _train_run(run: RunOptions, train: TrainConfig, say: Print, device: torch.de
     attach_trained(model, adapter_config(run, task, model, planned_steps(len(train_features), train, world.size)))
     say(summary(model))
     callbacks, loss_terms = training_hooks(run.method, model)
+    space = enter_intrinsic(run, train, model, say)
+    callbacks = [*callbacks, *([space.after_step] if space else [])]  # checkpoints and saves see theta
     trainer = Trainer(model, task, train_features, eval_features, train, callbacks=callbacks, loss_terms=loss_terms)
-    if not run.resume:
+    if not run.resume and run.initial_eval:
         before = trainer.evaluate()
         say("before training: " + _format(before))
     if world.main:
@@ -187,19 +200,41 @@ def _train_run(run: RunOptions, train: TrainConfig, say: Print, device: torch.de
     say(f"training {trainer.total_steps} steps: batch {train.batch_size} x {train.grad_accum}{processes}, "
         f"lr {train.lr}, {train.schedule} schedule, {torch.get_num_threads()} threads, {device}")
     result = trainer.fit(resume=run.resume)
+    if result.out_of_time:
+        say(f"max_time {train.max_time} spent: stopped after {result.steps} of {trainer.total_steps} steps")
     say("after training: " + _format(result.metrics))
+    if space is not None:
+        space.bake()
+        result.metrics.update(space.record())  # d and D, for a sweep over d (intrinsic.d90)
     say(f"adapter saved to {result.adapter_dir} (peft format); metrics log: {Path(train.output_dir) / 'metrics.jsonl'}")
     return result
+
+
+def enter_intrinsic(run: RunOptions, train: TrainConfig, model: nn.Module, say: Print) -> IntrinsicSubspace | None:
+    """With --intrinsic-dim, the trainable parameters train in a random subspace (docs/intrinsic_dimension.md)."""
+    if not run.intrinsic_dim:
+        return None
+    # a checkpoint holds theta, not z; a recomputed forward would not see theta (it runs outside the forward hooks)
+    for name, value in (("resume", run.resume), ("gradient_checkpointing", train.gradient_checkpointing)):
+        if value:
+            raise ConfigError("options", name, value, "cannot be combined with --intrinsic-dim",
+                              f"drop --{name.replace('_', '-')} or --intrinsic-dim")
+    space = enter_subspace(model, run.intrinsic_dim, run.projection, run.intrinsic_seed, run.said)
+    say(f"intrinsic subspace: d={space.dim} of D={space.total} trainable values, {run.projection} projection "
+        f"(seed {run.intrinsic_seed}){', SAID scales' if run.said else ''}")
+    return space
 
 
 def _format(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "(no evaluation data)"
 
 
-def rebuild(run_dir: Path, adapter: str = "adapter") -> tuple[nn.Module, Task, RunOptions]:
-    """The model of a finished run with its trained adapter loaded, and its task."""
+def rebuild(run_dir: Path, adapter: str = "adapter", threads: int = 0) -> tuple[nn.Module, Task, RunOptions]:
+    """The model of a finished run with its trained adapter loaded, and its task; ``threads``: torch CPU
+    threads for this use (0 = torch's default; not the count the run trained with)."""
     record = read_run_file(run_dir)
     run, _ = split_options(record["options"])
+    run = replace(run, threads=threads)
     device = setup_device(run)
     task = task_class(run.task)(load_tokenizer(record["model"]), run.max_length, run.column_map(), record["task_state"])
     model = prepare_base(run, task, task.load_model(record["model"]))

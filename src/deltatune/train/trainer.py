@@ -36,11 +36,12 @@ import io
 import math
 import random
 import shutil
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol, cast, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +49,7 @@ from torch import Tensor, nn
 from ..errors import AdapterError, TrainingError
 from ..fast import accelerate, retain_freed_memory
 from ..io import save
-from ..layer import STATE_ATTR
+from ..layer import ADAPTER_PARTS, STATE_ATTR
 from ..state import unwrap
 from . import distributed
 from .checkpoint import latest_checkpoint, read_trainer_state, restore_adapters, rng_state, set_rng_state, write_checkpoint
@@ -56,6 +57,7 @@ from .config import TrainConfig
 from .lock import own_folder
 from .progress import MetricsLog, Progress, rewind_log
 from .schedule import make_scheduler
+from .stream import FeatureStream, StreamBatches, streamed_steps
 from .tasks.base import Batch, Features, Task, tokens_in
 
 StepCallback = Callable[[int], None]
@@ -63,6 +65,18 @@ StepCallback = Callable[[int], None]
 
 LossTerm = Callable[[], Tensor]
 """A scalar added to every micro-batch's loss (e.g. a regulariser on the adapter's parameters)."""
+
+
+@runtime_checkable
+class TrainingSignals(Protocol):
+    """A module of the model that reports to the trainer from inside the forward (a token router's
+    load-balancing loss and load statistics): each method returns what was recorded since its last
+    call. The trainer adds ``take_loss()`` to each micro-batch's loss and ``take_statistics()`` to the
+    "train" records of metrics.jsonl; it finds these modules itself, so no method is named here."""
+
+    def take_loss(self) -> Tensor | None: ...
+
+    def take_statistics(self) -> dict[str, float]: ...
 
 
 def planned_steps(num_examples: int, config: TrainConfig, world_size: int = 1) -> int:
@@ -94,6 +108,16 @@ class TrainResult:
     best_metric: float | None = None
     stopped_early: bool = False
     adapter_dir: Path | None = None
+    tokens: int = 0
+    """Real (non-padding) training tokens seen, over all processes (``tokens_in``)."""
+    train_seconds: float = 0.0
+    """Wall time of this call's training loop (evaluations during training included; the final one not)."""
+    trainable_parameters: int = 0
+    """Parameters that trained (each shared one counted once)."""
+    base_parameters: int = 0
+    """The model's own parameters, outside every adapter (the denominator of "trainable %")."""
+    out_of_time: bool = False
+    """Training stopped before ``total_steps`` because ``TrainConfig.max_time`` was spent."""
 
 
 class MicroBatches:
@@ -139,6 +163,12 @@ class SilentLog(MetricsLog):
 def trainable(model: nn.Module) -> list[nn.Parameter]:
     """The parameters that train, in the model's order (a stable order for optimizer state)."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def base_parameters(model: nn.Module) -> int:
+    """How many parameters the model has outside its adapters' own modules (each shared one once)."""
+    return sum(p.numel() for name, p in model.named_parameters()
+               if not any(part in ADAPTER_PARTS for part in name.split(".")[:-1]))
 
 
 @torch.no_grad()
@@ -216,24 +246,31 @@ def refuse_checkpointing(model: nn.Module) -> None:
 class Trainer:
     """Train a delta-tuned model on a task; evaluate, checkpoint and resume."""
 
-    def __init__(self, model: nn.Module, task: Task, train_features: Sequence[Features],
+    def __init__(self, model: nn.Module, task: Task, train_features: Sequence[Features] | FeatureStream,
                  eval_features: Sequence[Features] = (), config: TrainConfig | None = None,
                  optimizer: torch.optim.Optimizer | None = None, callbacks: Sequence[StepCallback] = (),
                  loss_terms: Sequence[LossTerm] = ()) -> None:
         # a DDP-wrapped model trains as the model inside: gradients are synchronised here, without its hooks
         model = unwrap(model)
         self.model, self.task, self.config = model, task, config or TrainConfig()
-        self.train_features, self.eval_features = list(train_features), list(eval_features)
+        # a FeatureStream (train/stream.py) is read as it trains, never listed whole
+        self.train_features = train_features if isinstance(train_features, FeatureStream) else list(train_features)
+        self.eval_features = list(eval_features)
         cfg = self.config
         self.optimizer = optimizer or make_optimizer(model, cfg)
         self.params = trainable(model)
         self.device = self.params[0].device  # batches go where the adapter lives
         self.owns_group = distributed.start(self.device)  # under torchrun without a group set up by the caller
         self.world = distributed.current()
-        self.total_steps = planned_steps(len(self.train_features), cfg, self.world.size)
-        self.stream = MicroBatches(len(self.train_features), cfg.batch_size, cfg.seed, self.world)
+        if isinstance(self.train_features, FeatureStream):
+            self.total_steps = streamed_steps(cfg.max_steps)
+            self.stream: MicroBatches | StreamBatches = StreamBatches(self.train_features, cfg.batch_size, self.world)
+        else:
+            self.total_steps = planned_steps(len(self.train_features), cfg, self.world.size)
+            self.stream = MicroBatches(len(self.train_features), cfg.batch_size, cfg.seed, self.world)
         self.scheduler = make_scheduler(self.optimizer, cfg.schedule, self.total_steps, cfg.warmup_ratio)
         self.callbacks, self.loss_terms = list(callbacks), list(loss_terms)
+        self.signals = [m for m in model.modules() if isinstance(m, TrainingSignals)]
         self.output = Path(cfg.output_dir)
         self.step = 0
         self.best: float | None = None
@@ -308,7 +345,11 @@ class Trainer:
 
     # -- one step ------------------------------------------------------------------------
     def _batch(self, k: int) -> Batch:
-        batch = self.task.collate([self.train_features[i] for i in self.stream.indices(k)])
+        if isinstance(self.stream, StreamBatches):
+            batch = self.task.collate(self.stream.batch(k))
+        else:  # listed features (only a FeatureStream comes with StreamBatches)
+            listed = cast(list[Features], self.train_features)
+            batch = self.task.collate([listed[i] for i in self.stream.indices(k)])
         return {key: value.to(self.device) for key, value in batch.items()}
 
     def _train_step(self) -> tuple[float, int]:
@@ -317,9 +358,12 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             batch = self._batch(self.step * cfg.grad_accum + micro)
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                self._signal_loss()  # dropped: recorded by forwards outside this micro-batch
                 loss = self.task.loss(self.model, batch)
                 for term in self.loss_terms:
                     loss = loss + term()
+                signalled = self._signal_loss()
+                loss = loss if signalled is None else loss + signalled
             value = float(loss.detach())  # detached: a scalar of a graph tensor warns, and needs no graph
             value, share, counted = self._global_loss(value, batch)
             if not math.isfinite(value):  # the global value: every rank stops together, none waits for another
@@ -338,6 +382,14 @@ class Trainer:
             callback(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         return sum(losses) / len(losses), tokens
+
+    def _signal_loss(self) -> Tensor | None:
+        """The sum of what the model's ``TrainingSignals`` recorded for the loss since the last call."""
+        taken = [t for t in (s.take_loss() for s in self.signals) if t is not None]
+        return sum(taken[1:], taken[0]) if taken else None
+
+    def _signal_statistics(self) -> dict[str, float]:
+        return {k: v for s in self.signals for k, v in s.take_statistics().items()}
 
     def _global_loss(self, value: float, batch: Batch) -> tuple[float, float, int]:
         """(the loss of the global micro-batch, this rank's loss scale, the global micro-batch's tokens).
@@ -381,6 +433,13 @@ class Trainer:
                 else "the update was not applied")
         raise TrainingError(f"{why} at step {self.step + 1}; {done} and training stopped ({kept}). "
                             "Try a lower --lr, --max-grad-norm 1.0, or fp32 instead of --bf16.")
+
+    def _time_spent(self, started: float) -> bool:
+        """Whether ``max_time`` has run out (every rank takes rank 0's answer, so all stop at the same step)."""
+        budget = self.config.max_seconds
+        if not budget:
+            return False
+        return bool(distributed.broadcast_object(time.perf_counter() - started >= budget))
 
     # -- evaluation ----------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -467,17 +526,21 @@ class Trainer:
         distributed.broadcast_parameters(self.params)  # identical adapters on every rank, however they were built
         self.param_norm = parameter_stats(self.params)[0]
         self.model.train()
-        stopped_early, metrics = False, {}
+        stopped_early, out_of_time, metrics = False, False, {}
+        started = time.perf_counter()
         try:
             while self.step < self.total_steps and not stopped_early:
                 loss, tokens = self._train_step()
                 self.window.append(loss)
                 self.last_loss = loss
                 self.tokens += tokens
-                line = progress.update(self.step, loss, float(self.scheduler.get_last_lr()[0]), tokens)
+                # the bar shows the loss that the next "train" record logs: the mean since the last one
+                window_loss = sum(self.window) / len(self.window)
+                line = progress.update(self.step, window_loss, float(self.scheduler.get_last_lr()[0]), tokens)
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    log.write("train", self.step, {"loss": sum(self.window) / len(self.window),
-                                                   "lr": self.scheduler.get_last_lr()[0], "tokens": self.tokens})
+                    log.write("train", self.step, {"loss": window_loss,
+                                                   "lr": self.scheduler.get_last_lr()[0], "tokens": self.tokens,
+                                                   **self._signal_statistics()})
                     if not progress.live:
                         progress.message(line)
                     self.window.clear()
@@ -489,8 +552,17 @@ class Trainer:
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.world.main:
                     write_checkpoint(self.output / "checkpoints", self.model, self.state(log.records),
                                      {"step": self.step, "loss": loss}, cfg.keep_checkpoints)
+                if self._time_spent(started):
+                    out_of_time = True
+                    log.write("stop", self.step, {"reason": "max_time", "max_time": cfg.max_time,
+                                                  "seconds": round(time.perf_counter() - started, 3),
+                                                  "planned_steps": self.total_steps})
+                    progress.message(f"max_time {cfg.max_time} spent after {self.step} of {self.total_steps} steps: "
+                                     "stopping to evaluate and save")
+                    break
         finally:
             progress.close()
+        seconds = time.perf_counter() - started
         metrics = self.evaluate()
         if metrics:
             log.write("eval", self.step, metrics)
@@ -498,4 +570,5 @@ class Trainer:
         log.close()
         adapter_dir = save(self.model, self.output / "adapter") if self.world.main else self.output / "adapter"
         distributed.barrier()  # when fit returns on any rank, the adapter is on disk
-        return TrainResult(self.step, self.last_loss, metrics, self.best, stopped_early, adapter_dir)
+        return TrainResult(self.step, self.last_loss, metrics, self.best, stopped_early, adapter_dir, self.tokens, seconds,
+                           sum(p.numel() for p in self.params), base_parameters(self.model), out_of_time)

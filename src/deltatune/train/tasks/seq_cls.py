@@ -12,7 +12,7 @@ from ..data import Row, Rows
 from ..labels import LabelledTask, LabelSet
 from ..metrics import accuracy, macro_f1
 from .base import Batch, Features, Task, batches
-from .common import ensure_pad_token, text
+from .common import device_of, ensure_pad_token, text, to_device
 
 
 class SequenceClassification(LabelledTask, Task):
@@ -73,22 +73,32 @@ class SequenceClassification(LabelledTask, Task):
         return dict(self.tokenizer.pad(list(features), return_tensors="pt"))
 
     @torch.inference_mode()
-    def _predicted_ids(self, model: nn.Module, features: Sequence[Features], batch_size: int) -> list[int]:
+    def _logits(self, model: nn.Module, features: Sequence[Features], batch_size: int) -> torch.Tensor:
+        """The head's logits for ``features`` (rows in their order), computed in batches of similar length."""
         order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
-        predicted = [0] * len(features)
+        logits = torch.empty(len(features), len(self.labels))
         for chunk in batches(order, batch_size):
             batch = self.collate([{k: v for k, v in features[i].items() if k != "labels"} for i in chunk])
-            logits = model(**batch).logits
-            for i, label in zip(chunk, logits.argmax(dim=-1).tolist(), strict=True):
-                predicted[i] = label
-        return predicted
+            logits[chunk] = model(**to_device(batch, device_of(model))).logits.float().cpu()
+        return logits
+
+    def _predicted_ids(self, model: nn.Module, features: Sequence[Features], batch_size: int) -> list[int]:
+        ids: list[int] = self._logits(model, features, batch_size).argmax(dim=-1).tolist()
+        return ids
+
+    def probabilities(self, model: nn.Module, rows: Sequence[Row], batch_size: int = 32) -> list[dict[str, float]]:
+        """Each row's probability of every label (softmax of the head's logits), labels in training order."""
+        probs = self._logits(model, self._features(rows), batch_size).softmax(dim=-1).tolist()
+        return [dict(zip(self.labels.names, row, strict=True)) for row in probs]
+
+    def _features(self, rows: Sequence[Row]) -> list[Features]:
+        encoded = self._tokenize(Rows(list(rows), "input"))
+        return [{key: values[i] for key, values in encoded.items()} for i in range(len(rows))]
 
     def evaluate(self, model: nn.Module, features: Sequence[Features], batch_size: int) -> dict[str, float]:
         predicted = self._predicted_ids(model, features, batch_size)
         gold = [f["labels"] for f in features]
-        return {"accuracy": accuracy(predicted, gold), "macro_f1": macro_f1(predicted, gold, len(self.labels))}
+        return {"accuracy": accuracy(predicted, gold), "macro_f1": macro_f1(predicted, gold)}
 
     def predict(self, model: nn.Module, rows: Sequence[Row], batch_size: int = 32) -> list[Any]:
-        encoded = self._tokenize(Rows(list(rows), "input"))
-        features = [{key: values[i] for key, values in encoded.items()} for i in range(len(rows))]
-        return [self.labels.names[i] for i in self._predicted_ids(model, features, batch_size)]
+        return [self.labels.names[i] for i in self._predicted_ids(model, self._features(rows), batch_size)]

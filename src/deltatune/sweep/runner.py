@@ -1,0 +1,158 @@
+"""Run a sweep: every cell x seed as a normal run folder, one results line per run, resumable.
+
+Each run is, by default, a process of its own (``python -m deltatune.sweep``), for two
+reasons: its peak resident memory is then the run's own (``os.wait4`` reports the child's
+``ru_maxrss``, also for a run killed by the system), not the sweep's high-water mark; and a run
+that crashes, leaks or changes process-wide state (threads, allocator settings) cannot affect
+the next. The price is a second or two per run to start Python and import torch. ``in_process``
+runs them in the sweep's own process instead (tests, quick checks): the memory column then says
+``rss_scope: sweep`` and is the process's peak so far.
+
+Resuming: a run whose last line in the results file says "ok" with the same options is skipped;
+a failed run, or one whose options changed, runs again (from scratch) and gets a new line. A
+run that fails is recorded with its error and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..train.lock import own_folder
+from .cell import peak_rss_mib, rss_to_mib, train_cell, write_json
+from .grid import Cell, SweepSpec, check_options, expand
+from .results import FAILED, OK, append_record, latest, read_records
+
+Print = Callable[[str], None]
+OPTIONS_FILE, RESULT_FILE, LOG_FILE = "sweep_options.json", "sweep_result.json", "train.log"
+CHILD_COMMAND = (sys.executable, "-m", "deltatune.sweep")
+"""How a run's process is started (``__main__.py``); it gets the options and result file paths."""
+Measured = tuple[dict[str, Any], float | None, str]
+"""(what the run reported, or {"error": ...}; peak RSS in MiB; the scope of that figure)."""
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), for comparing with recorded options."""
+    return json.loads(json.dumps(value))
+
+
+def finished(cell: Cell, done: Mapping[tuple[str, int], Mapping[str, Any]]) -> bool:
+    """Whether the results already hold a successful run of this cell and seed with these options."""
+    prior = done.get(cell.key)
+    return prior is not None and prior.get("status") == OK and prior.get("options") == _plain(dict(cell.options))
+
+
+def say_now(text: str) -> None:
+    print(text, flush=True)  # progress of a long sweep shows at once, also in a redirected log
+
+
+def run_sweep(spec: SweepSpec, in_process: bool = False, say: Print = say_now) -> list[dict[str, Any]]:
+    """Run every run of ``spec`` not already finished; the records written by this call.
+
+    Every cell's options are checked first (a misspelt option stops the sweep before any run), and
+    the sweep's folder is locked, so a second sweep on it is refused.
+    """
+    cells = expand(spec)
+    check_options(cells)
+    written = []
+    with own_folder(spec.output_dir):
+        done = latest(read_records(spec.results)) if spec.results.is_file() else {}
+        todo = [c for c in cells if not finished(c, done)]
+        say(f"sweep: {len(cells)} runs, {len(cells) - len(todo)} already finished, {len(todo)} to run; "
+            f"results: {spec.results}")
+        for number, cell in enumerate(todo, 1):
+            say(f"[{number}/{len(todo)}] {cell.name} seed {cell.seed} -> {cell.run_dir}")
+            record = run_one(cell, in_process)
+            append_record(spec.results, record)
+            written.append(record)
+            say(f"[{number}/{len(todo)}] {describe(record)}")
+    return written
+
+
+def run_one(cell: Cell, in_process: bool) -> dict[str, Any]:
+    """Train one run and build its results line (failed runs included)."""
+    started = time.perf_counter()
+    measured, rss, scope = _here(cell) if in_process else _in_child(cell)
+    return record_for(cell, measured, rss, scope, time.perf_counter() - started)
+
+
+def record_for(cell: Cell, measured: Mapping[str, Any], rss: float | None, scope: str,
+               wall_seconds: float) -> dict[str, Any]:
+    """The results line of a run from what it reported (see ``results.SCHEMA``)."""
+    error = measured.get("error")
+    trainable, base = measured.get("trainable_parameters"), measured.get("base_parameters")
+    tokens, seconds = measured.get("tokens"), measured.get("train_seconds")
+    return {
+        "cell": cell.name, "seed": cell.seed, "status": FAILED if error else OK,
+        "settings": _plain(dict(cell.settings)), "options": _plain(dict(cell.options)), "run_dir": str(cell.run_dir),
+        "metrics": measured.get("metrics", {}), "train_loss": measured.get("train_loss"),
+        "steps": measured.get("steps"), "trainable_parameters": trainable, "base_parameters": base,
+        "trainable_percent": 100 * trainable / base if trainable is not None and base else None,
+        "tokens": tokens, "train_seconds": seconds,
+        "tokens_per_second": tokens / seconds if tokens is not None and seconds else None,
+        "wall_seconds": wall_seconds, "peak_rss_mib": rss, "rss_scope": scope, "error": error,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _here(cell: Cell) -> Measured:
+    try:
+        measured = train_cell(cell.run_options())
+    except Exception as error:  # noqa: BLE001 - a failed run is recorded and the sweep goes on
+        measured = {"error": f"{type(error).__name__}: {error}"}
+    return measured, peak_rss_mib(), "sweep"
+
+
+def _in_child(cell: Cell) -> Measured:
+    """Run the cell in a new Python process; its output goes to ``<run_dir>/train.log``."""
+    folder = cell.run_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / OPTIONS_FILE, cell.run_options())
+    (folder / RESULT_FILE).unlink(missing_ok=True)
+    # unbuffered: train.log shows the run's progress while it runs
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONUNBUFFERED": "1"}
+    command = [*CHILD_COMMAND, str(folder / OPTIONS_FILE), str(folder / RESULT_FILE)]
+    with (folder / LOG_FILE).open("w", encoding="utf-8") as log:
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        rss, code = _wait(child)
+    measured = _read_result(folder / RESULT_FILE)
+    if (code != 0 or not measured) and "error" not in measured:
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        measured = {"error": f"the run's process {how} before reporting (see {folder / LOG_FILE})"}
+    if rss is None:
+        rss = measured.pop("peak_rss_mib", None)
+    measured.pop("peak_rss_mib", None)
+    return measured, rss, "run"
+
+
+def _wait(child: subprocess.Popen[bytes]) -> tuple[float | None, int]:
+    """(the child's peak RSS in MiB where the system reports it, its exit code)."""
+    if not hasattr(os, "wait4"):  # Windows: the child's own report is used
+        return None, child.wait()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return rss_to_mib(usage.ru_maxrss), child.returncode
+
+
+def _read_result(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    value = json.loads(path.read_text(encoding="utf-8"))
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def describe(record: Mapping[str, Any]) -> str:
+    """One line about a finished run."""
+    head = f"{record['cell']} seed {record['seed']}"
+    if record["status"] != OK:
+        return f"{head}: FAILED: {record['error']}"
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items())
+    rss = f", peak RSS {record['peak_rss_mib']:.0f} MiB" if record["peak_rss_mib"] is not None else ""
+    return f"{head}: {metrics or 'no metrics'}; {record['wall_seconds']:.1f} s{rss}"

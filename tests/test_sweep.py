@@ -1,0 +1,194 @@
+"""deltatune sweep: grid expansion, the results file, resume, tables and plots, and a real sweep."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import deltatune.sweep.runner as runner
+from deltatune.cli import main
+from deltatune.errors import ConfigError, DataError
+from deltatune.sweep import SCHEMA, append_record, expand, parse_spec, read_records, run_sweep, table, write_report
+from deltatune.sweep.report import mean_std
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def spec_data(tmp: Path, **extra: Any) -> dict[str, Any]:
+    return {"output_dir": str(tmp / "sweep"), "seeds": [0, 1], "base": {"max_steps": 2, "lr": 1e-3},
+            "grid": {"method": ["lora"], "r": [1, 4]}, "cells": [{"method": "full", "lr": "5e-5"}], **extra}
+
+
+def test_grid_expands_to_cells_times_seeds_in_a_fixed_order(tmp_path: Path) -> None:
+    cells = expand(parse_spec(spec_data(tmp_path, grid={"r": [1, 4], "lora_alpha": [8, 16]})))
+    assert [(c.name, c.seed) for c in cells] == [
+        ("r=1,lora_alpha=8", 0), ("r=1,lora_alpha=8", 1), ("r=1,lora_alpha=16", 0), ("r=1,lora_alpha=16", 1),
+        ("r=4,lora_alpha=8", 0), ("r=4,lora_alpha=8", 1), ("r=4,lora_alpha=16", 0), ("r=4,lora_alpha=16", 1),
+        ("method=full,lr=5e-05", 0), ("method=full,lr=5e-05", 1)]
+    full = cells[-1]
+    assert full.options == {"max_steps": 2, "lr": 5e-5, "method": "full"}  # the YAML 1.1 string read as a float
+    assert full.run_dir == tmp_path / "sweep" / "method=full__lr=5e-05" / "seed-1"
+    assert full.run_options()["seed"] == 1 and full.run_options()["output_dir"] == str(full.run_dir)
+    assert len({c.run_dir for c in cells}) == len(cells)
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"base": {"seed": 3}}, "base.seed"), ({"seeds": []}, "seeds"), ({"grid": {"r": 8}}, "grid.r"),
+    ({"cells": [{"r": 1}, {"r": 1}]}, "cells"), ({"steps": 3}, "steps")])
+def test_bad_sweep_files_name_the_key(tmp_path: Path, change: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        expand(parse_spec({**spec_data(tmp_path, grid={}), **change}))
+
+
+def test_a_misspelt_option_stops_the_sweep_before_any_run(tmp_path: Path) -> None:
+    spec = parse_spec(spec_data(tmp_path, base={"max_step": 2}))
+    with pytest.raises(ConfigError, match="max_step"):
+        run_sweep(spec, in_process=True, say=lambda _: None)
+    assert not spec.results.exists()
+
+
+def test_results_lines_are_whole_and_a_torn_last_line_is_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "results.jsonl"
+    append_record(path, {"cell": "a", "seed": 0, "status": "ok"})
+    with path.open("a") as handle:
+        handle.write('{"cell": "b", "se')  # a write cut short by a crash
+    with pytest.warns(UserWarning, match="torn"):
+        assert [r["cell"] for r in read_records(path)] == ["a"]
+    append_record(path, {"cell": "c", "seed": 0, "status": "ok"})  # starts on a line of its own
+    with pytest.raises(DataError, match=":2:"):
+        read_records(path)
+
+
+class FakeTraining:
+    """Stands in for a run: accuracy from the seed; cells named in ``fail`` raise."""
+
+    def __init__(self, fail: set[str]) -> None:
+        self.fail, self.calls = fail, []
+
+    def __call__(self, options: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append((options.get("r"), options["method"], options["seed"]))
+        if options["method"] in self.fail:
+            raise RuntimeError("out of memory")
+        return {"metrics": {"accuracy": 0.5 + options["seed"] / 10}, "train_loss": 0.1, "steps": 2, "tokens": 100,
+                "train_seconds": 2.0, "trainable_parameters": 5, "base_parameters": 100}
+
+
+def test_resume_skips_finished_runs_and_retries_failed_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = parse_spec(spec_data(tmp_path))
+    fake = FakeTraining(fail={"full"})
+    monkeypatch.setattr(runner, "train_cell", fake)
+    written = run_sweep(spec, in_process=True, say=lambda _: None)
+    assert [r["status"] for r in written] == ["ok"] * 4 + ["failed"] * 2
+    assert written[-1]["error"] == "RuntimeError: out of memory"
+    assert len(fake.calls) == 6
+    fake.fail.clear()
+    again = run_sweep(spec, in_process=True, say=lambda _: None)
+    assert fake.calls[6:] == [(None, "full", 0), (None, "full", 1)]
+    assert [r["status"] for r in again] == ["ok", "ok"]
+    assert run_sweep(spec, in_process=True, say=lambda _: None) == []  # everything finished
+    changed = parse_spec(spec_data(tmp_path, base={"max_steps": 3, "lr": 1e-3}))
+    assert len(run_sweep(changed, in_process=True, say=lambda _: None)) == 6  # new options: run again
+
+
+def test_record_schema_and_derived_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "train_cell", FakeTraining(fail=set()))
+    spec = parse_spec(spec_data(tmp_path, seeds=[0], grid={}))
+    run_sweep(spec, in_process=True, say=lambda _: None)
+    (record,) = read_records(spec.results)
+    assert set(record) == set(SCHEMA)
+    assert record["trainable_percent"] == 5.0 and record["tokens_per_second"] == 50.0
+    assert record["rss_scope"] == "sweep" and record["peak_rss_mib"] > 0
+    assert record["settings"] == {"method": "full", "lr": 5e-5}
+
+
+def fake_records() -> list[dict[str, Any]]:
+    accuracies = {"r=1": [0.5, 0.7, 0.9], "r=8": [0.8, 0.8, 0.83], "method=full": [0.9]}
+    out = []
+    for cell, values in accuracies.items():
+        key, _, value = cell.partition("=")
+        for seed, accuracy in enumerate(values):
+            out.append({"cell": cell, "seed": seed, "status": "ok", "settings": {key: int(value) if key == "r" else value},
+                        "metrics": {"accuracy": accuracy}, "peak_rss_mib": 1000.0 + seed})
+    out.append({"cell": "r=8", "seed": 3, "status": "failed", "settings": {"r": 8}, "metrics": {}, "error": "boom"})
+    return out
+
+
+def test_table_shows_mean_and_sample_std_per_cell() -> None:
+    text = table(fake_records(), ["accuracy", "peak_rss_mib"])
+    lines = text.splitlines()
+    assert lines[0] == "| r | method | runs | accuracy | peak_rss_mib |"
+    # by hand: r=1: mean 0.7, sample std sqrt(((-.2)^2 + 0 + .2^2) / 2) = 0.2
+    assert lines[2] == "| 1 | — | 3 | 0.7 ± 0.2 | 1,001 ± 1 |"
+    std = statistics.stdev([0.8, 0.8, 0.83])
+    assert lines[3] == f"| 8 | — | 3 (1 failed) | {0.81:.4g} ± {std:.4g} | 1,001 ± 1 |"
+    assert lines[4] == "| — | full | 1 | 0.9 | 1,000 |"
+    assert mean_std([2.0, 4.0]) == (3.0, pytest.approx(2 ** 0.5))
+
+
+def test_report_writes_tables_and_plots(tmp_path: Path) -> None:
+    path = tmp_path / "results.jsonl"
+    for record in fake_records():
+        append_record(path, record)
+    report, plots = write_report(path)
+    assert report == tmp_path / "results.md" and plots == [tmp_path / "results_plots" / "accuracy_vs_r.png"]
+    assert plots[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = report.read_text()
+    assert "| 1 | — | 3 | 0.7 ± 0.2 |" in text and "r=8 seed 3: boom" in text and "(results_plots/accuracy_vs_r.png)" in text
+    out = tmp_path / "docs" / "table.md"
+    assert main(["sweep", "report", str(path), "--columns", "accuracy", "--output", str(out), "--no-plots"]) == 0
+    text = out.read_text()
+    assert f"`deltatune sweep report {path.as_posix()} --output {out.as_posix()} --columns accuracy --no-plots`" in text
+    assert "| r | method | runs | accuracy |" in text
+
+
+def tiny_base(model: Path, data: Path) -> dict[str, Any]:
+    return {"model": str(model), "train_file": str(data), "max_steps": 2, "batch_size": 8, "max_eval_rows": 16,
+            "threads": 1, "progress": False, "lr": 1e-3}
+
+
+def test_a_real_sweep_of_two_cells_and_two_seeds(tmp_path: Path, tiny_bert_dir: Path, sentiment_file: Path) -> None:
+    """Real training runs through the command line, resumed, then the report from the JSONL."""
+    sweep = {"output_dir": str(tmp_path / "sweep"), "seeds": [0, 1], "base": tiny_base(tiny_bert_dir, sentiment_file),
+             "cells": [{"method": "lora", "r": 2}, {"method": "full"}]}
+    config = tmp_path / "sweep.yaml"
+    config.write_text(json.dumps(sweep))  # JSON is YAML
+    assert main(["sweep", str(config), "--in-process", "--report", "--no-plots"]) == 0
+    records = read_records(tmp_path / "sweep" / "results.jsonl")
+    assert [(r["cell"], r["seed"], r["status"]) for r in records] == [
+        ("method=lora,r=2", 0, "ok"), ("method=lora,r=2", 1, "ok"), ("method=full", 0, "ok"), ("method=full", 1, "ok")]
+    for record in records:
+        assert record["steps"] == 2 and 0 <= record["metrics"]["accuracy"] <= 1 and record["tokens_per_second"] > 0
+        assert (Path(record["run_dir"]) / "adapter" / "adapter_config.json").is_file()
+    assert [r["trainable_percent"] for r in records][2:] == [100.0, 100.0]  # full: every parameter once
+    assert records[0]["trainable_percent"] < 10
+    assert main(["sweep", str(config), "--in-process"]) == 0  # resumed: nothing left to run
+    assert len(read_records(tmp_path / "sweep" / "results.jsonl")) == 4
+    report = (tmp_path / "sweep" / "results.md").read_text()
+    assert "| lora | 2 | 2 |" in report and "| full | — | 2 |" in report
+
+
+def test_a_run_in_its_own_process_reports_its_memory(tmp_path: Path, tiny_bert_dir: Path,
+                                                     sentiment_file: Path) -> None:
+    spec = parse_spec({"output_dir": str(tmp_path / "sweep"), "base": tiny_base(tiny_bert_dir, sentiment_file),
+                       "cells": [{"method": "full"}]})
+    (record,) = run_sweep(spec, say=lambda _: None)
+    assert record["status"] == "ok" and record["rss_scope"] == "run" and record["peak_rss_mib"] > 50
+    assert record["trainable_percent"] == 100.0 and record["wall_seconds"] > record["train_seconds"] > 0
+    assert "after training" in (Path(record["run_dir"]) / "train.log").read_text()
+
+
+def test_a_killed_run_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process the system kills (out of memory) writes no result; the sweep records how it ended."""
+    kill = "import os, signal, sys; print('dying'); sys.stdout.flush(); os.kill(os.getpid(), signal.SIGKILL)"
+    monkeypatch.setattr(runner, "CHILD_COMMAND", (sys.executable, "-c", kill))
+    spec = parse_spec(spec_data(tmp_path, seeds=[0], grid={}, cells=[{"r": 1}, {"r": 2}]))
+    records = run_sweep(spec, say=lambda _: None)
+    assert [r["status"] for r in records] == ["failed", "failed"]
+    assert "killed by signal 9" in records[0]["error"] and records[0]["peak_rss_mib"] > 0
+    assert (Path(records[0]["run_dir"]) / "train.log").read_text() == "dying\n"

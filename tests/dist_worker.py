@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import deltatune as dt
-from deltatune.io import adapter_tensors
+from deltatune.io import adapter_tensors, gathered
 from deltatune.train import TrainConfig, Trainer
 from deltatune.train.tasks.causal_lm import CausalLM
 from deltatune.train.tasks.seq_cls import SequenceClassification
@@ -65,7 +66,8 @@ def config(out: Path, **changes: Any) -> TrainConfig:
 
 
 def adapter_state(model: nn.Module) -> dict[str, Tensor]:
-    return {k: t.detach().clone().contiguous() for k, t in adapter_tensors(model, "default").items()}
+    """The adapter's tensors, whole (a sharded one is gathered: every rank must call this)."""
+    return {k: gathered(t).detach().clone().contiguous() for k, t in adapter_tensors(model, "default").items()}
 
 
 class Fail:
@@ -89,17 +91,23 @@ def main() -> None:
                           ("fail-rank", -1)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (TrainConfig.fsdp)")
+    parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--lm", action="store_true", help="the causal LM (token-weighted loss) instead of BERT")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.fsdp:  # the group outlives fit: gathering the sharded adapter afterwards needs it
+        dist.init_process_group("gloo")
     model, task, train, test = build_lm() if args.lm else build(args.model, args.data)
     trainer = Trainer(model, task, train, test,
                       config(args.out / "run", batch_size=args.batch, grad_accum=args.accum, max_steps=args.steps,
-                             save_every=args.save_every),
+                             save_every=args.save_every, fsdp=args.fsdp, bf16=args.bf16),
                       callbacks=[StopAt(args.stop_at)] if args.stop_at else [],
                       loss_terms=[Fail(args.fail_rank, 3)] if args.fail_rank >= 0 else [])
     result = trainer.fit(resume=args.resume)
     save_file(adapter_state(model), str(args.out / f"rank{os.environ['RANK']}.safetensors"))
+    if args.fsdp:
+        dist.destroy_process_group()
     print(f"rank {os.environ['RANK']}: {result.steps} steps, loss {result.train_loss:.6f}")
 
 

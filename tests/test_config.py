@@ -303,7 +303,7 @@ def test_unknown_keys_warn_once_listing_them_all() -> None:
 
 
 @pytest.mark.parametrize(("key", "value"), [
-    ("use_qalora", True),
+    ("use_bdlora", True),
     ("layer_replication", [[0, 1]]),
     ("trainable_token_indices", [1, 2]),
     ("alora_invocation_tokens", [5]),
@@ -318,7 +318,7 @@ def test_unsupported_peft_feature_switched_on_is_refused(key: str, value: Any) -
 
 @pytest.mark.parametrize("off", [None, False, {}, [], ""])
 def test_unsupported_peft_feature_switched_off_is_accepted(off: Any) -> None:
-    data = dt.LoraConfig(r=4).to_peft_dict() | {"layer_replication": off, "use_qalora": off}
+    data = dt.LoraConfig(r=4).to_peft_dict() | {"layer_replication": off, "use_bdlora": off}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert dt.LoraConfig.from_peft_dict(data) == dt.LoraConfig(r=4)

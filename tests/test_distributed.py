@@ -207,3 +207,121 @@ def test_gradients_travel_once_per_step_and_only_the_adapters(monkeypatch: pytes
     adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sent == [adapter, adapter]
     assert adapter < sum(p.numel() for p in model.parameters()) // 5  # the frozen base is most of the model
+
+
+# -- sharded (FSDP2) -------------------------------------------------------------------------
+
+
+def plain_llama() -> nn.Module:
+    """The tiny LLaMA of ``build_lm`` without an adapter (same seed, same weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from deltatune.train.trainer import seed_everything
+
+    seed_everything(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=64, vocab_size=128,
+                                        max_position_embeddings=64))
+
+
+def test_fsdp2_trains_the_adapter_of_ddp_and_of_one_process(tmp_path: Path, bert: Path, sentiment_file: Path) -> None:
+    """fully_shard on the tiny LLaMA: the same adapter as the data-parallel run and the 1-process run with the
+    global micro-batch; rank 0 writes the folder a 1-process run writes, and it loads into a plain model."""
+    steps = ("--lm", "--batch", "4", "--accum", "2", "--steps", "4")
+    check(run_worker(bert, sentiment_file, tmp_path / "fsdp", "--fsdp", *steps))
+    check(run_worker(bert, sentiment_file, tmp_path / "ddp", *steps))
+    sharded, _ = ranks(tmp_path / "fsdp")
+    assert max_diff(sharded, ranks(tmp_path / "fsdp")[1]) == 0.0  # both ranks gathered the same adapter
+    assert max_diff(sharded, ranks(tmp_path / "ddp")[0]) <= TOLERANCE
+    model, task, train, _ = build_lm()
+    Trainer(model, task, train, (), config(tmp_path / "one", batch_size=8, grad_accum=2, max_steps=4)).fit()
+    assert max_diff(sharded, adapter_state(model)) <= TOLERANCE
+    folder = tmp_path / "fsdp" / "run" / "adapter"
+    one = tmp_path / "one" / "adapter"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert (folder / "adapter_config.json").read_text() == (one / "adapter_config.json").read_text()
+    written = load_file(folder / "adapter_model.safetensors")
+    assert max_diff(written, load_file(one / "adapter_model.safetensors")) <= TOLERANCE
+    loaded = plain_llama()
+    dt.load(loaded, folder)
+    assert max_diff(adapter_state(loaded), sharded) == 0.0
+
+
+def test_fsdp2_with_bf16_gathers_in_bf16_and_saves_fp32(tmp_path: Path, bert: Path, sentiment_file: Path) -> None:
+    """MixedPrecisionPolicy(bf16 parameters, fp32 reduction) on CPU/gloo: it trains near the fp32 run."""
+    check(run_worker(bert, sentiment_file, tmp_path / "bf16", "--fsdp", "--bf16", "--lm", "--steps", "4"))
+    check(run_worker(bert, sentiment_file, tmp_path / "fp32", "--fsdp", "--lm", "--steps", "4"))
+    written = load_file(tmp_path / "bf16" / "run" / "adapter" / "adapter_model.safetensors")
+    assert {t.dtype for t in written.values()} == {torch.float32}
+    bf16, fp32 = ranks(tmp_path / "bf16")[0], ranks(tmp_path / "fp32")[0]
+    assert 0.0 < max_diff(bf16, fp32) < 1e-2  # bf16 rounding moved it (the policy applied), by little
+
+
+def test_fsdp2_shards_each_decoder_layer() -> None:
+    from deltatune.train.fsdp import blocks
+
+    model, *_ = build_lm()
+    assert blocks(model) == list(model.model.layers)
+
+
+def test_fsdp2_needs_several_processes(tmp_path: Path) -> None:
+    """Refused with what to do instead, the model left unsharded."""
+    model, task, train, _ = build_lm()
+    with pytest.raises(TrainingError, match="torchrun --nproc_per_node"):
+        Trainer(model, task, train, (), config(tmp_path, fsdp=True))
+    assert not any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def test_saving_a_ddp_wrapped_model_with_trained_biases_drops_the_module_prefix(tmp_path: Path) -> None:
+    """bias="all" lists the model's own parameters by name: through a DDP wrapper they carry "module."."""
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    dt.attach(model, dt.LoraConfig(r=2, target_modules=["0"], bias="all"))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        dt.save(nn.parallel.DistributedDataParallel(model), tmp_path / "wrapped")
+    finally:
+        dist.destroy_process_group()
+    dt.save(model, tmp_path / "plain")
+    saved = load_file(tmp_path / "wrapped" / "adapter_model.safetensors")
+    plain = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    assert any(k.endswith("2.bias") for k in plain)  # the untargeted layer's bias is saved too
+    assert saved.keys() == plain.keys() and all(torch.equal(saved[k], plain[k]) for k in saved)
+
+
+def test_fsdp2_kill_and_resume_equals_the_uninterrupted_run(tmp_path: Path, bert: Path, sentiment_file: Path) -> None:
+    """Checkpoints of a sharded run hold whole tensors (the 1-process form); resume slices them back."""
+    steps = ("--fsdp", "--lm", "--steps", "6", "--save-every", "3")
+    killed = run_worker(bert, sentiment_file, tmp_path / "fsdp", *steps, "--stop-at", "4")
+    assert killed.returncode != 0
+    checkpoint = tmp_path / "fsdp" / "run" / "checkpoints" / "step-0000003"
+    assert (checkpoint.parent / "latest").read_text().strip() == checkpoint.name
+    shutil.copytree(tmp_path / "fsdp" / "run", tmp_path / "alone")
+    check(run_worker(bert, sentiment_file, tmp_path / "fsdp", *steps, "--resume"))
+    rank0, rank1 = ranks(tmp_path / "fsdp")
+    assert max_diff(rank0, rank1) == 0.0
+    model, task, train, _ = build_lm()
+    Trainer(model, task, train, (), config(tmp_path / "one", batch_size=8, max_steps=6)).fit()
+    reference = adapter_state(model)
+    assert max_diff(rank0, reference) <= TOLERANCE
+    # the sharded checkpoint resumes in one process with the same global micro-batch, as a DDP one does
+    model, task, train, _ = build_lm()
+    Trainer(model, task, train, (), config(tmp_path / "alone", batch_size=8, max_steps=6, save_every=3)).fit(resume=True)
+    assert max_diff(adapter_state(model), reference) <= TOLERANCE
+
+
+def test_the_command_line_with_fsdp_trains_a_classifier_that_loads(tmp_path: Path, bert: Path,
+                                                                   sentiment_file: Path) -> None:
+    """``--fsdp`` from the command line on the sentiment data: BERT with LoRA and a trained classifier head
+    (a saved module), sharded; the adapter equals the data-parallel run's."""
+    runs = {}
+    for name, extra in (("fsdp", ("--fsdp",)), ("ddp", ())):
+        out = tmp_path / name
+        check(torchrun("-m", "deltatune", *train_command(bert, sentiment_file, out, "--max-steps", "2",
+                                                         "--batch-size", "4", *extra)))
+        runs[name] = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert max_diff(runs["fsdp"], runs["ddp"]) <= TOLERANCE
+    model, _ = dt_model(tmp_path / "fsdp")
+    assert dt.adapter_names(model) == ["default"]

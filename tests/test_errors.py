@@ -327,7 +327,7 @@ def test_unsupported_peft_type_is_named(adapter_dir: Path, peft_type: str) -> No
     assert_load_fails_cleanly(adapter_dir, dt.AdapterFileError, repr(peft_type), "LORA")
 
 
-@pytest.mark.parametrize(("key", "value"), [("use_qalora", True), ("layer_replication", [[0, 1]])])
+@pytest.mark.parametrize(("key", "value"), [("use_bdlora", True), ("layer_replication", [[0, 1]])])
 def test_unsupported_peft_feature_in_file_is_named(adapter_dir: Path, key: str, value: Any) -> None:
     edit_config(adapter_dir, **{key: value})
     assert_load_fails_cleanly(adapter_dir, dt.AdapterFileError, key)

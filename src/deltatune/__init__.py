@@ -38,6 +38,7 @@ from .methods.lora_loftq import LoftQConfig
 from .methods.loraplus import loraplus_optimizer
 from .methods.mixlora import MixLoraConfig
 from .methods.poly import PolyConfig, poly_tasks
+from .methods.xlora import XLoraConfig
 from .methods.prompt_config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from .methods.vera import VeraConfig
 from . import quant
@@ -75,6 +76,7 @@ __all__ = [
     "ParBnConfig",
     "Parallel",
     "PolyConfig",
+    "XLoraConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptTuningConfig",

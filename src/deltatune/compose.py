@@ -255,6 +255,16 @@ def without(composition: Composition, name: str) -> Composition:
     return type(composition)(*members)
 
 
+def splits_rows(composition: Composition | str) -> bool:
+    """Whether ``composition`` gives some adapters only some rows of a batch (a route over several
+    adapters, ``BatchSplit``, ``Parallel``, anywhere inside it)."""
+    if isinstance(composition, str):
+        return False
+    if isinstance(composition, Route):
+        return composition.single() is None
+    return isinstance(composition, (BatchSplit, Parallel)) or any(splits_rows(m) for m in composition.members)
+
+
 def row_weights(composition: Composition | str, name: str, rows: int) -> list[float] | None:
     """How much of adapter ``name``'s change each of ``rows`` batch rows gets under ``composition``
     (None: the adapter is not in it). For changes that act on the whole output at once (a bias):

@@ -34,7 +34,7 @@ from .layer import ADAPTER_PARTS, Delta
 from .model_card import CARD_NAME, card_text, should_write
 from .pretrained import register_saver
 from .registry import method_named
-from .state import check_name, delta_layers, saved_modules, state_of
+from .state import check_name, delta_layers, saved_modules, state_of, unwrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -66,6 +66,7 @@ def _by_module_path(deltas: Mapping[str, Delta], copies: Mapping[str, nn.Module]
 def adapter_tensors(model: nn.Module, name: str, saving: bool = False) -> dict[str, Tensor]:
     """Adapter ``name``'s tensors under peft's file keys (live tensors, not copies; with ``saving``,
     in the form a file holds them)."""
+    model = unwrap(model)  # a DDP wrapper's names carry "module.", the file's must not
     deltas = {key: layer.delta(name) for key, layer in delta_layers(model) if name in layer.deltas}
     copies = {key: module.copies[name] for key, module in saved_modules(model) if name in module.copies}
     out = {**_by_module_path(deltas, copies, saving), **trainable_biases(model, name)}
@@ -73,6 +74,29 @@ def adapter_tensors(model: nn.Module, name: str, saving: bool = False) -> dict[s
     part, prefix = state.model_deltas.get(name), state.require(name).file_prefix
     parts = {} if part is None else part.tensors_to_save() if saving else part.tensors()
     return {**{prefix + key: t for key, t in out.items()}, **parts}
+
+
+def gathered(tensor: Tensor) -> Tensor:
+    """The whole value of ``tensor``: a sharded one (a DTensor, e.g. under FSDP2's fully_shard) is
+    gathered from every rank, which is a collective every rank must join; a plain tensor is itself."""
+    from torch.distributed.tensor import DTensor  # imported here: torch.distributed is optional
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _file_tensors(model: nn.Module, name: str) -> tuple[dict[str, Tensor], bool]:
+    """Adapter ``name``'s tensors as a file holds them, on the CPU; and whether any was sharded."""
+    live = adapter_tensors(model, name, saving=True)
+    whole = {k: gathered(t) for k, t in live.items()}
+    sharded = any(whole[k] is not t for k, t in live.items())
+    return {k: t.detach().to("cpu").contiguous().clone() for k, t in whole.items()}, sharded
+
+
+def _writes_here(sharded: bool) -> bool:
+    """A sharded model is saved by every rank gathering its tensors; rank 0 alone writes them."""
+    import torch.distributed as dist
+
+    return not sharded or not dist.is_initialized() or dist.get_rank() == 0
 
 
 def config_dict(model: nn.Module, name: str) -> dict[str, Any]:
@@ -92,7 +116,9 @@ def save(model: nn.Module, directory: str | os.PathLike[str], names: Sequence[st
     """Save adapters (all by default) under ``directory``; returns it. ``format``: "peft" (peft's folders,
     the default) or a registered layout (``formats``), e.g. "adapters" for AdapterHub's. A peft folder also
     gets a README.md model card (``model_card``), written with the other files, all or nothing; a README.md
-    there that deltatune did not write is kept as it is."""
+    there that deltatune did not write is kept as it is. A model sharded with FSDP2 (DTensor parameters) is
+    saved by calling this on every rank: each gathers the adapter, rank 0 writes the usual folder."""
+    model = unwrap(model)
     state = state_of(model)
     root = Path(directory)
     if root.exists() and not root.is_dir():
@@ -109,9 +135,12 @@ def save(model: nn.Module, directory: str | os.PathLike[str], names: Sequence[st
     # every config first: one that peft's format cannot hold is refused before any folder is written
     configs = {name: config_dict(model, name) for name in chosen}
     texts = {name: json.dumps(data, indent=2) + "\n" for name, data in configs.items()}
+    files = {name: _file_tensors(model, name) for name in chosen}  # every rank gathers, in the same order
+    if not _writes_here(any(sharded for _, sharded in files.values())):
+        return root
     for name in chosen:
         folder = adapter_folder(root, name)
-        tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in adapter_tensors(model, name, saving=True).items()}
+        tensors = files[name][0]
         text = texts[name]
         writers: dict[str, Callable[[Path], object]] = {
             WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata={"format": "pt"}),

@@ -111,6 +111,10 @@ VARIANTS: dict[str, MakeVariant] = {}
 """Deltas for LoraConfig flags that switch on a variant built on LoRA's (``use_dora``): each
 variant's file adds itself here, so this file does not import it."""
 
+ConfiguredVariant = Callable[[BaseLayer, LoraConfig, int, float], LoraDelta]
+CONFIGURED_VARIANTS: dict[str, ConfiguredVariant] = {}
+"""Variants that read more of the config (``use_qalora``: its group size), by flag: ``(base, config, r, scaling)``."""
+
 KINDS: dict[str, Callable[[BaseLayer, LoraConfig], WeightDelta]] = {}
 """Deltas for base kinds LoRA's own class does not adapt (a parameter site, ``lora_param``), by kind."""
 
@@ -124,6 +128,9 @@ def make_lora(base: BaseLayer, config: DeltaConfig, key: str, shared: ModelDelta
     scaling = scale_for(r, alpha, config.use_rslora)
     if config.use_dora:
         return VARIANTS["use_dora"](base, r, scaling, config.lora_dropout, config.init_lora_weights)
+    for flag, make_variant in CONFIGURED_VARIANTS.items():
+        if getattr(config, flag):
+            return make_variant(base, config, r, scaling)
     delta = LoraDelta(base, r, scaling, config.lora_dropout)
     delta.initialize(config.init_lora_weights, config.loftq_config)
     return delta

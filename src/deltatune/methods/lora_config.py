@@ -23,14 +23,14 @@ class LoraConfig(TargetedConfig):
 
     peft_type: ClassVar[str] = "LORA"
     peft_ignored: ClassVar[Mapping[str, Any]] = MappingProxyType(
-        {"megatron_core": "megatron.core", "qalora_group_size": 16, "ensure_weight_tying": False}
+        {"megatron_core": "megatron.core", "ensure_weight_tying": False}
     )
     peft_unsupported: ClassVar[Mapping[str, Any]] = MappingProxyType({
         key: None for key in ("alora_invocation_tokens", "arrow_config", "corda_config", "eva_config",
                               "kasa_config", "layer_replication", "lora_ga_config", "megatron_config",
                               "monteclora_config", "trainable_token_indices",
                               "use_bdlora", "velora_config")
-    } | {"use_qalora": False})
+    })
 
     r: int = 8
     lora_alpha: float = 8
@@ -47,6 +47,9 @@ class LoraConfig(TargetedConfig):
     lora_bias: bool = False
     loftq_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """``init_lora_weights="loftq"``'s settings: a ``LoftQConfig`` or its dict (peft stores the dict)."""
+    use_qalora: bool = False
+    """QA-LoRA (``lora_qalora``): lora_A sees the input averaged per group of ``qalora_group_size`` features."""
+    qalora_group_size: int = 16
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loftq_config", loftq_dict(self.loftq_config))
@@ -69,6 +72,7 @@ class LoraConfig(TargetedConfig):
                    "init_lora_weights", f"supported inits are {_INITS} and 'pissa_niter_<K>'",
                    "pass True (the standard zero-B init) or one of those")
         self.check_loftq()
+        self.check_qalora()
         self.check(not self.lora_bias, "lora_bias", "a bias on lora_B is not implemented in this version yet",
                    "use lora_bias=False")
         self.check_patterns()
@@ -86,6 +90,21 @@ class LoraConfig(TargetedConfig):
             return
         self.check(not self.use_dora, "use_dora", "LoftQ with DoRA is not implemented in this version",
                    "use use_dora=False with init_lora_weights='loftq'")
+
+    def check_qalora(self) -> None:
+        """QA-LoRA: a positive group size; plain LoRA's init and forward (no DoRA, no init from W)."""
+        self.check(isinstance(self.use_qalora, bool), "use_qalora", "use_qalora must be a bool", "pass True or False")
+        self.check(_is_int(self.qalora_group_size) and self.qalora_group_size >= 1, "qalora_group_size",
+                   "the group size must be a positive integer", "pass the base's quantization group size, e.g. 64")
+        if not self.use_qalora:
+            return
+        self.check(self.peft_type == "LORA", "use_qalora", f"{self.peft_type} does not pool its input",
+                   "use a LoraConfig for QA-LoRA")
+        self.check(not self.use_dora, "use_dora", "QA-LoRA with DoRA is not defined (peft refuses it too)",
+                   "use use_dora=False with use_qalora=True")
+        self.check(self.init_lora_weights in (True, False, "gaussian"), "init_lora_weights",
+                   "inits from the weight (PiSSA, OLoRA, LoftQ) do not fit QA-LoRA's pooled lora_A",
+                   "pass init_lora_weights=True")
 
     def check_patterns(self) -> None:
         """rank_pattern and alpha_pattern: regular expressions mapped to ranks and alphas."""

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
 from ..bases import BaseLayer
-from ..compose import BatchSplit, Composition, Parallel, Route
+from ..compose import Composition, splits_rows
 from ..config import DeltaConfig, TargetedConfig
 from ..errors import AdapterError, TargetError
 from ..layer import Delta, ModelDelta
@@ -109,18 +109,11 @@ class PolyTasks(ModelDelta):
 
     @classmethod
     def check_active(cls, model: nn.Module, active: Mapping[str, ModelDelta], composition: Composition) -> None:
-        if _splits_rows(composition):
+        if splits_rows(composition):
             raise AdapterError(f"{composition!r} gives the Poly adapters {sorted(active)} only some rows of a batch, but "
                                "their task ids are given per call for the whole batch. Activate them for whole "
                                "batches (dt.set_active) and run rows of other adapters in separate calls.")
 
-
-def _splits_rows(composition: Composition | str) -> bool:
-    if isinstance(composition, str):
-        return False
-    if isinstance(composition, Route):
-        return composition.single() is None
-    return isinstance(composition, (BatchSplit, Parallel)) or any(_splits_rows(m) for m in composition.members)
 
 
 @contextmanager

@@ -16,6 +16,8 @@ from ..errors import ConfigError
 from .blockwise import BLOCKSIZES, FLOAT_DTYPES, STORAGE_DTYPES
 from .codes import QUANT_TYPES
 
+INT4_GROUP = "int4_group"
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantConfig:
@@ -27,6 +29,8 @@ class QuantConfig:
     layer's original dtype. ``prepare_for_training`` freezes every parameter, keeps unquantized
     parameters (norms, embeddings, head) in fp32 and makes the input embeddings' output require grad, so that gradient checkpointing
     works on a frozen base.
+    ``quant_type="int4_group"`` stores asymmetric INT4 per ``group_size`` inputs (``int4_group``; QA-LoRA
+    adapters merge into it losslessly) and ignores ``blocksize``, ``double_quant`` and ``quant_storage``.
     """
 
     quant_type: str = "nf4"
@@ -36,12 +40,19 @@ class QuantConfig:
     quant_storage: torch.dtype = torch.uint8
     skip_modules: tuple[str, ...] | None = None
     prepare_for_training: bool = True
+    group_size: int = 64
+    """``quant_type="int4_group"`` only: inputs per (scale, offset) pair (``int4_group``)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.skip_modules, (list, set, frozenset)):
             object.__setattr__(self, "skip_modules", tuple(sorted(self.skip_modules)))
-        self.check(self.quant_type in QUANT_TYPES, "quant_type", f"supported formats are {QUANT_TYPES}",
-                   "pass quant_type='nf4' (best for normally distributed weights) or 'fp4'")
+        self.check(self.quant_type in (*QUANT_TYPES, INT4_GROUP), "quant_type",
+                   f"supported formats are {(*QUANT_TYPES, INT4_GROUP)}",
+                   "pass quant_type='nf4' (best for normally distributed weights), 'fp4', or 'int4_group' (asymmetric "
+                   "INT4 per group of inputs: QA-LoRA adapters merge into it losslessly)")
+        self.check(isinstance(self.group_size, int) and not isinstance(self.group_size, bool)
+                   and self.group_size >= 2 and self.group_size % 2 == 0, "group_size",
+                   "the group size must be an even integer >= 2", "pass group_size=64 (or 32, 128)")
         self.check(isinstance(self.blocksize, int) and not isinstance(self.blocksize, bool)
                    and self.blocksize in BLOCKSIZES, "blocksize", f"bitsandbytes' 4-bit format allows {BLOCKSIZES}",
                    "pass blocksize=64 (QLoRA's choice)")

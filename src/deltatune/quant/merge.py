@@ -10,6 +10,7 @@ difference is measured and reported every time.
 from __future__ import annotations
 
 import warnings
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +18,18 @@ from torch import Tensor, nn
 from .linear import Linear4bit
 
 
-def dense_linear(layer: Linear4bit, weight: Tensor | None, bias: Tensor | None) -> nn.Linear:
+class StoredLinear(Protocol):
+    """What ``dense_linear`` reads of a quantized linear layer (``Linear4bit``, ``Int4GroupLinear``)."""
+
+    in_features: int
+    out_features: int
+    compute_dtype: torch.dtype
+    bias: nn.Parameter | None
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor: ...
+
+
+def dense_linear(layer: StoredLinear, weight: Tensor | None, bias: Tensor | None) -> nn.Linear:
     """A plain ``nn.Linear`` in the compute dtype with ``weight`` (default: the dequantized weight)."""
     dtype = layer.compute_dtype
     dense = weight if weight is not None else layer.dequantize()
@@ -38,12 +50,17 @@ def requantized(layer: Linear4bit, weight: Tensor | None, bias: Tensor | None) -
     state = layer.quant_state()
     new = Linear4bit.from_weight(dense, bias if bias is not None else layer.bias, state.quant_type, state.blocksize,
                                  state.nested is not None, layer.compute_dtype, layer.weight.dtype)
+    warn_requantized(new, dense, state.quant_type, "")
+    new.to(layer.weight.device)
+    return new
+
+
+def warn_requantized(new: StoredLinear, dense: Tensor, quant_type: str, why: str) -> None:
+    """Warn that ``new`` re-quantized the merged ``dense`` weight, with the error that added (``why``: a hint)."""
     err = new.dequantize(torch.float32) - dense.float()
     rel = (err.norm() / dense.float().norm().clamp_min(1e-30)).item()
     warnings.warn(
-        f"re-quantizing a merged {layer.out_features}x{layer.in_features} weight to {state.quant_type}: the 4-bit "
+        f"re-quantizing a merged {new.out_features}x{new.in_features} weight to {quant_type}{why}: the 4-bit "
         f"layer differs from the merged weight by up to {err.abs().max().item():.3g} (relative Frobenius error "
         f"{rel:.3g}), so its outputs differ from the trained model's. Use requantize=False for a lossless "
-        "16-bit merge.", stacklevel=4)
-    new.to(layer.weight.device)
-    return new
+        "16-bit merge.", stacklevel=5)

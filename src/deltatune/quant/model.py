@@ -21,7 +21,9 @@ from torch import Tensor, nn
 from .. import hf
 from ..errors import QuantError
 from ..state import STATE_ATTR
-from .config import QuantConfig
+from .config import INT4_GROUP, QuantConfig
+from .int4_group import check_group_size
+from .int4_linear import Int4GroupLinear
 from .linear import Linear4bit
 
 
@@ -80,7 +82,7 @@ def _check_finite(name: str, weight: Tensor, skip: tuple[str, ...]) -> None:
         f"or leave the layer dense with QuantConfig(skip_modules={[*skip, name]})")
 
 
-def _quantized(name: str, module: nn.Module, config: QuantConfig) -> Linear4bit:
+def _quantized(name: str, module: nn.Module, config: QuantConfig) -> Linear4bit | Int4GroupLinear:
     weight: Tensor = module.weight  # type: ignore[assignment]
     if not isinstance(module, nn.Linear):
         weight = weight.t()  # Conv1D stores (in, out)
@@ -88,9 +90,23 @@ def _quantized(name: str, module: nn.Module, config: QuantConfig) -> Linear4bit:
         raise QuantError(f"{name}: weight dtype {weight.dtype} cannot be quantized to 4 bits; cast the model to "
                          "float32, float16 or bfloat16 first")
     bias: Any = getattr(module, "bias", None)
+    if config.quant_type == INT4_GROUP:
+        return _int4_group(name, weight, bias if isinstance(bias, Tensor) else None, config, module.training)
     layer = Linear4bit.from_weight(weight, bias if isinstance(bias, Tensor) else None, config.quant_type,
                                    config.blocksize, config.double_quant, config.compute_dtype, config.quant_storage)
     layer.train(module.training)
+    return layer
+
+
+def _int4_group(name: str, weight: Tensor, bias: Tensor | None, config: QuantConfig,
+                training: bool) -> Int4GroupLinear:
+    problem = check_group_size(weight.shape[1], config.group_size)
+    if problem is not None:
+        raise QuantError(f"cannot quantize {name!r} to int4_group: {problem}. Nothing was changed. Fix: pass a "
+                         "group_size that divides every quantized layer's input size, or skip this layer with "
+                         f"QuantConfig(skip_modules=[..., {name!r}])")
+    layer = Int4GroupLinear.from_weight(weight, bias, config.group_size, config.compute_dtype)
+    layer.train(training)
     return layer
 
 
@@ -121,11 +137,12 @@ def _require_grad(module: nn.Module, inputs: Any, output: Tensor) -> None:
 
 
 def dequantize(model: nn.Module) -> nn.Module:
-    """Replace every ``Linear4bit`` of ``model`` by a dense ``nn.Linear`` in its compute dtype, in place."""
+    """Replace every ``Linear4bit`` and ``Int4GroupLinear`` of ``model`` by a dense ``nn.Linear`` in its compute
+    dtype, in place."""
     from .merge import dense_linear
 
     for name, module in list(model.named_modules()):
-        if isinstance(module, Linear4bit):
+        if isinstance(module, (Linear4bit, Int4GroupLinear)):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, dense_linear(module, None, None))
     return model

@@ -56,6 +56,9 @@ class TrainConfig:
     warmup_ratio: float = _help("fraction of the steps spent warming up linearly from 0", default=0.1)
     max_grad_norm: float = _help("clip the gradient norm to this; 0 = no clipping", default=1.0)
     bf16: bool = _help("bf16 autocast for the forward pass (CPU and CUDA)", default=False)
+    fsdp: bool = _help("under torchrun, shard the model with torch's FSDP2 (fully_shard: each transformer block, then "
+                       "the root): the frozen base is split across ranks, the adapter trains sharded; with --bf16 the "
+                       "parameters are gathered in bf16", default=False)
     gradient_checkpointing: bool = _help("recompute activations in backward to save memory", default=False)
     accelerate: bool = _help("fused kernels for the frozen base (dt.accelerate: LLaMA, Mistral, Qwen2, Qwen3, GPT-2): "
                              "results equal within fp32 rounding, faster steps, less memory", default=False)

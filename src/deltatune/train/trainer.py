@@ -27,6 +27,10 @@ averaged once per optimizer step (none on the other micro-batches of an accumula
 N-process run computes the update of a 1-process run with N times the micro-batch. Every rank
 then holds the same adapter; rank 0 alone evaluates (the others wait for its metrics) and writes
 the log, checkpoints, ``best/``, the adapter and the progress display.
+
+With ``TrainConfig.fsdp`` the model is sharded with FSDP2 instead (see ``fsdp.py``): the same data order
+and loss weighting, FSDP2 averages the gradients, every rank evaluates and joins every gather of the
+adapter (saves, checkpoints), and rank 0 writes the same files.
 """
 
 from __future__ import annotations
@@ -48,10 +52,10 @@ from torch import Tensor, nn
 
 from ..errors import AdapterError, TrainingError
 from ..fast import accelerate, retain_freed_memory
-from ..io import save
+from ..io import gathered, save
 from ..layer import ADAPTER_PARTS, STATE_ATTR
 from ..state import unwrap
-from . import distributed
+from . import distributed, fsdp
 from .checkpoint import latest_checkpoint, read_trainer_state, restore_adapters, rng_state, set_rng_state, write_checkpoint
 from .config import TrainConfig
 from .lock import own_folder
@@ -178,8 +182,10 @@ def parameter_stats(params: Sequence[Tensor]) -> tuple[float, float]:
     if not params:
         return 0.0, 0.0
     device = params[0].device
-    norms = torch.stack([torch.linalg.vector_norm(p, dtype=torch.float32).to(device) for p in params])
-    peaks = torch.stack([torch.linalg.vector_norm(p, ord=math.inf, dtype=torch.float32).to(device) for p in params])
+    # a sharded (DTensor) parameter's norm is reduced over the ranks: ``gathered`` makes it a plain tensor
+    norms = torch.stack([gathered(torch.linalg.vector_norm(p, dtype=torch.float32)).to(device) for p in params])
+    peaks = torch.stack([gathered(torch.linalg.vector_norm(p, ord=math.inf, dtype=torch.float32)).to(device)
+                         for p in params])
     norm, peak = torch.stack([torch.linalg.vector_norm(norms), peaks.max()]).tolist()
     return norm, peak
 
@@ -257,11 +263,17 @@ class Trainer:
         self.train_features = train_features if isinstance(train_features, FeatureStream) else list(train_features)
         self.eval_features = list(eval_features)
         cfg = self.config
-        self.optimizer = optimizer or make_optimizer(model, cfg)
-        self.params = trainable(model)
-        self.device = self.params[0].device  # batches go where the adapter lives
+        self.device = next(iter(trainable(model) or model.parameters())).device  # batches go where the adapter lives
         self.owns_group = distributed.start(self.device)  # under torchrun without a group set up by the caller
         self.world = distributed.current()
+        if cfg.fsdp:  # before the optimizer, which must hold the sharded parameters
+            if optimizer is not None:
+                raise TrainingError("with --fsdp the trainer shards the model and then builds the optimizer; "
+                                    "do not pass an optimizer (or shard the model yourself, without --fsdp)")
+            fsdp.shard(model, trainable(model), cfg.bf16)
+        self.sharded = fsdp.is_sharded(model)
+        self.optimizer = optimizer or make_optimizer(model, cfg)
+        self.params = trainable(model)
         if isinstance(self.train_features, FeatureStream):
             self.total_steps = streamed_steps(cfg.max_steps)
             self.stream: MicroBatches | StreamBatches = StreamBatches(self.train_features, cfg.batch_size, self.world)
@@ -294,9 +306,12 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------
     def state(self, log_records: int | None = None) -> dict[str, Any]:
         """What a checkpoint stores besides the adapters; ``log_records``: the lines metrics.jsonl holds
-        (None: unknown, then a resume cuts the log at the step instead)."""
+        (None: unknown, then a resume cuts the log at the step instead). Sharded, every rank must call it."""
+        optimizer = self.optimizer.state_dict()
+        if self.sharded:  # stored whole, as one process stores it
+            optimizer = fsdp.gather_optimizer_state(self.optimizer, optimizer)
         return {"step": self.step, "micro_batches": self.step * self.config.grad_accum,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                 "best": self.best, "evals_without_improvement": self.evals_without_improvement, "rng": rng_state(),
                 "tokens": self.tokens, "loss_window": list(self.window), "last_loss": self.last_loss,
                 "log_records": log_records, "world_size": self.world.size,
@@ -309,8 +324,11 @@ class Trainer:
             return False
         state = read_trainer_state(folder)
         self._check_same_batches(state, folder)
-        restore_adapters(self.model, folder)
+        with fsdp.whole_trainables(self.model, write_back=True) if self.sharded else contextlib.nullcontext():
+            restore_adapters(self.model, folder)  # sharded: into whole copies, whose slices go back to the shards
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            fsdp.shard_optimizer_state(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.best = int(state["step"]), state["best"]
         self.evals_without_improvement = int(state["evals_without_improvement"])
@@ -323,6 +341,16 @@ class Trainer:
         self.log_records = int(records) if records is not None else None
         self._check_resumed(folder)
         return True
+
+    def _checkpoint(self, log_records: int, loss: float) -> None:
+        """Rank 0 writes a checkpoint; sharded, every rank first gathers the adapter and optimizer states."""
+        if not (self.world.main or self.sharded):
+            return
+        with fsdp.whole_trainables(self.model) if self.sharded else contextlib.nullcontext():
+            state = self.state(log_records)
+            if self.world.main:
+                write_checkpoint(self.output / "checkpoints", self.model, state,
+                                 {"step": self.step, "loss": loss}, self.config.keep_checkpoints)
 
     def _check_same_batches(self, state: dict[str, Any], folder: Path) -> None:
         """The data position of a checkpoint means the same rows only with the same global micro-batch
@@ -356,6 +384,7 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, tokens), over all ranks."""
         cfg, losses, tokens = self.config, [], 0
         for micro in range(cfg.grad_accum):
+            fsdp.set_gradient_sync(self.model, micro == cfg.grad_accum - 1)  # FSDP2 reduces in backward
             batch = self._batch(self.step * cfg.grad_accum + micro)
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 self._signal_loss()  # dropped: recorded by forwards outside this micro-batch
@@ -372,7 +401,8 @@ class Trainer:
                 (loss * share / cfg.grad_accum).backward()
             losses.append(value)
             tokens += counted
-        distributed.all_reduce_mean(self.params)  # once per step: accumulation needs no traffic in between
+        if not self.sharded:  # FSDP2 reduce-scattered (averaged) them in the last backward
+            distributed.all_reduce_mean(self.params)  # once per step: accumulation needs no traffic in between
         self._clip_and_check_gradients()
         self.optimizer.step()
         self._check_update()
@@ -410,7 +440,7 @@ class Trainer:
     def _clip_and_check_gradients(self) -> None:
         """Clip to ``max_grad_norm``; a NaN/inf gradient norm stops before the update is applied."""
         if self.config.max_grad_norm > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
+            norm = float(gathered(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)))
         else:
             norm = gradient_norm(self.params)
         if not math.isfinite(norm):
@@ -450,7 +480,8 @@ class Trainer:
         """
         if not self.eval_features:
             return {}
-        metrics = self._evaluate_here() if self.world.main else {}
+        # sharded, every rank must join every forward; each evaluates the whole set, rank 0's result counts
+        metrics = self._evaluate_here() if self.world.main or self.sharded else {}
         return dict(distributed.broadcast_object(metrics))
 
     def _evaluate_here(self) -> dict[str, float]:
@@ -469,7 +500,7 @@ class Trainer:
             return False
         if self.best is None or value > self.best:
             self.best, self.evals_without_improvement = value, 0
-            if self.world.main:
+            if self.world.main or self.sharded:  # sharded: every rank gathers, rank 0 writes
                 save(self.model, self.output / "best")
             return False
         self.evals_without_improvement += 1
@@ -523,7 +554,8 @@ class Trainer:
                 progress.message(f"{self.output}: removed the checkpoints and metrics of an earlier run (fresh start; "
                                  "pass resume=True / --resume to continue a run instead)")
             log = MetricsLog(self.output / "metrics.jsonl", self.output / "tensorboard" if cfg.tensorboard else None)
-        distributed.broadcast_parameters(self.params)  # identical adapters on every rank, however they were built
+        if not self.sharded:  # fsdp.shard made them equal before sharding
+            distributed.broadcast_parameters(self.params)  # identical adapters on every rank, however they were built
         self.param_norm = parameter_stats(self.params)[0]
         self.model.train()
         stopped_early, out_of_time, metrics = False, False, {}
@@ -549,9 +581,8 @@ class Trainer:
                     log.write("eval", self.step, metrics)
                     progress.message(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                     stopped_early = self._record_eval(metrics)
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.world.main:
-                    write_checkpoint(self.output / "checkpoints", self.model, self.state(log.records),
-                                     {"step": self.step, "loss": loss}, cfg.keep_checkpoints)
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self._checkpoint(log.records, loss)
                 if self._time_spent(started):
                     out_of_time = True
                     log.write("stop", self.step, {"reason": "max_time", "max_time": cfg.max_time,
@@ -568,7 +599,8 @@ class Trainer:
             log.write("eval", self.step, metrics)
             self._record_eval(metrics)
         log.close()
-        adapter_dir = save(self.model, self.output / "adapter") if self.world.main else self.output / "adapter"
+        writes = self.world.main or self.sharded  # sharded: every rank gathers, rank 0 writes
+        adapter_dir = save(self.model, self.output / "adapter") if writes else self.output / "adapter"
         distributed.barrier()  # when fit returns on any rank, the adapter is on disk
         return TrainResult(self.step, self.last_loss, metrics, self.best, stopped_early, adapter_dir, self.tokens, seconds,
                            sum(p.numel() for p in self.params), base_parameters(self.model), out_of_time)

@@ -1,0 +1,181 @@
+"""X-LoRA against peft's XLoraModel (eval mode) on a tiny LLaMA with LoRA experts saved by peft
+(random non-zero B): logits and scalings equal, classifier save/load, what trains, what is refused.
+peft is only imported here, as a test oracle.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import deltatune as dt
+from conftest import state_hash, tiny_llama, token_ids
+from deltatune.errors import AdapterError, AdapterFileError, ConfigError, DeltatuneError, TargetError
+
+import peft
+
+EXPERT_TARGETS = (["q_proj", "v_proj"], ["q_proj", "down_proj"], ["o_proj"])
+
+
+def no_cache_llama() -> nn.Module:
+    model = tiny_llama()
+    model.config.use_cache = False  # peft's X-LoRA refuses a model that caches
+    return model
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Three peft LoRA experts (ranks 2, 3, 4; different targets) in folders named "0", "1", "2"
+    (peft 0.21.2's X-LoRA works only when the expert names are their indices)."""
+    root = tmp_path_factory.mktemp("experts")
+    paths = {}
+    for i, targets in enumerate(EXPERT_TARGETS):
+        config = peft.LoraConfig(r=2 + i, lora_alpha=4 + i, target_modules=targets, init_lora_weights=False)
+        peft.get_peft_model(tiny_llama(seed=10 + i), config).save_pretrained(root / str(i))
+        paths[str(i)] = str(root / str(i))
+    return paths
+
+
+def pair(experts: dict[str, str], **fields: Any) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(base, peft's X-LoRA model, ours) with the same classifier weights."""
+    base = no_cache_llama()
+    settings = {"hidden_size": 32, "adapters": experts, "xlora_size": 8, **fields}
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.XLoraConfig(task_type="CAUSAL_LM", **settings)).eval()
+    ours = dt.attach(copy.deepcopy(base), dt.XLoraConfig(**settings), name="xl").eval()
+    classifier = theirs.base_model.internal_xlora_classifier
+    ours_part = ours.deltatune_state.model_deltas["xl"]
+    ours_part.classifier.load_state_dict(classifier.state_dict())
+    return base, theirs, ours
+
+
+CASES = [
+    {"layerwise_scalings": True},
+    {"layerwise_scalings": False},
+    {"layerwise_scalings": True, "top_k_lora": 1},
+    {"layerwise_scalings": False, "top_k_lora": 1},
+    {"top_k_lora": 2, "enable_softmax_topk": True, "enable_softmax": False, "xlora_depth": 2, "scaling_pass_value": 0.5},
+    {"layerwise_scalings": True, "xlora_depth": 3, "softmax_temperature": 0.7, "global_scaling_weight": 0.6,
+     "scaling_pass_value": 0.3},
+]
+
+
+@pytest.mark.parametrize("fields", CASES)
+def test_logits_and_scalings_equal_peft(experts: dict[str, str], fields: dict[str, Any]) -> None:
+    base, theirs, ours = pair(experts, **fields)
+    ids = token_ids(2, 6)
+    with torch.no_grad():
+        expected, got, plain = theirs(input_ids=ids).logits, ours(input_ids=ids).logits, base(ids).logits
+    assert (expected - plain).abs().max() > 1e-2  # the experts change the output
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    scalings = ours.deltatune_state.model_deltas["xl"].scalings
+    torch.testing.assert_close(scalings, theirs.base_model.internal_xlora_scalings, rtol=1e-6, atol=1e-6)
+    assert scalings.shape == (2, 6, 8, 3)  # 8 adapted modules (q, v, o, down in 2 layers), 3 experts
+
+
+def test_generate_equals_peft(experts: dict[str, str]) -> None:
+    _, theirs, ours = pair(experts, layerwise_scalings=True, top_k_lora=2)
+    ids = token_ids(1, 4)
+    with torch.no_grad():
+        expected = theirs.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+        assert torch.equal(ours.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False), expected)
+
+
+def test_disabled_is_the_base_exactly(experts: dict[str, str]) -> None:
+    base, _, ours = pair(experts, layerwise_scalings=True)
+    ids = token_ids(2, 5)
+    with torch.no_grad(), dt.disabled(ours):
+        assert torch.equal(ours(ids).logits, base(ids).logits)
+    with torch.no_grad():
+        assert not torch.equal(ours(ids).logits, base(ids).logits)
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_training_updates_only_the_classifier(experts: dict[str, str], trainable: bool) -> None:
+    _, _, ours = pair(experts, use_trainable_adapters=trainable, layerwise_scalings=True)
+    part = ours.deltatune_state.model_deltas["xl"]
+    before = {k: v.detach().clone() for k, v in ours.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.5)
+    ids = token_ids(2, 6)
+    ours.train()
+    ours(ids, labels=ids).loss.backward()
+    optimizer.step()
+    changed = {k for k, v in ours.state_dict().items() if not torch.equal(v, before[k])}
+    classifier = {k for k in changed if ".classifier." in k}
+    expert_keys = {k for k in changed if ".experts." in k}
+    assert classifier and changed == classifier | expert_keys
+    assert bool(expert_keys) == trainable
+    assert all(not p.requires_grad for n, p in ours.named_parameters() if n.startswith(("model.", "lm_head.")))
+    assert part.classifier.layers[0].weight.requires_grad
+    statistics = part.take_statistics()  # what the trainer logs: mean scaling per expert (softmax: sums to 1)
+    assert sum(statistics[f"xl/expert_load_{e}"] for e in range(3)) == pytest.approx(1.0, abs=1e-5)
+    assert 0 < statistics["xl/router_entropy"] <= torch.log(torch.tensor(3.0)).item() + 1e-6
+    assert part.take_statistics() == {} and part.take_loss() is None
+
+
+def test_save_and_load_both_ways(experts: dict[str, str], tmp_path: Path) -> None:
+    """peft's config and the classifier under peft's state keys, the experts read again from their
+    paths: peft loads our folder. peft 0.21.2 saves X-LoRA's classifier as an empty tensor file, so
+    its own folders carry no classifier: loading one is refused, not filled with a random classifier."""
+    _, theirs, ours = pair(experts, layerwise_scalings=True, top_k_lora=2)
+    dt.save(ours, tmp_path / "x", names=["xl"])
+    loaded = dt.load(no_cache_llama(), tmp_path / "x" / "xl", name="xl")  # a named adapter's subfolder
+    ids = token_ids(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    in_peft = peft.PeftModel.from_pretrained(no_cache_llama(), tmp_path / "x" / "xl").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(in_peft(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    theirs.save_pretrained(tmp_path / "peft")
+    with pytest.raises(AdapterFileError, match="missing tensor"):
+        dt.load(no_cache_llama(), tmp_path / "peft")
+    saved_keys = set(loaded.deltatune_state.model_deltas["xl"].tensors())
+    assert saved_keys == {f"base_model.internal_xlora_classifier.{k}"
+                          for k in theirs.base_model.internal_xlora_classifier.state_dict()}
+
+
+def test_merge_and_mixed_batches_are_refused(experts: dict[str, str]) -> None:
+    _, _, ours = pair(experts)
+    other = dt.attach(ours, dt.LoraConfig(target_modules=["k_proj"]), name="lora")
+    before = state_hash(other)
+    with pytest.raises(DeltatuneError, match="merge|X-LoRA"):
+        dt.merge(other, "xl")
+    with pytest.raises(AdapterError, match="X-LoRA"):
+        with dt.routing(other, ["xl", "lora"]):
+            pass
+    with pytest.raises(AdapterError, match="use_cache=False"):
+        other(token_ids(1, 4), past_key_values=object())
+    assert state_hash(other) == before
+
+
+def test_bad_experts_are_refused_unchanged(experts: dict[str, str], tmp_path: Path) -> None:
+    model = no_cache_llama()
+    before = state_hash(model)
+    wide = tmp_path / "wide"  # an expert trained on a wider model with the same module names
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    wide_base = LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=64, vocab_size=128))
+    peft.get_peft_model(wide_base, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(wide)
+    with pytest.raises(AdapterFileError, match="no adapter_config.json"):
+        dt.attach(model, dt.XLoraConfig(hidden_size=32, adapters={"0": str(tmp_path / "missing")}))
+    with pytest.raises(TargetError, match="hidden size"):
+        dt.attach(model, dt.XLoraConfig(hidden_size=16, adapters=experts))
+    with pytest.raises(TargetError, match="does not fit"):
+        dt.attach(model, dt.XLoraConfig(hidden_size=32, adapters={"0": str(wide)}))
+    assert state_hash(model) == before and not hasattr(model, "deltatune_state")
+
+
+def test_config_checks(experts: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match="enable_softmax_topk"):
+        dt.XLoraConfig(hidden_size=32, adapters=experts, enable_softmax_topk=True)
+    with pytest.raises(ConfigError, match="top_k_lora"):
+        dt.XLoraConfig(hidden_size=32, adapters=experts, top_k_lora=4)
+    with pytest.raises(ConfigError, match="adapters"):
+        dt.XLoraConfig(hidden_size=32)
+    with pytest.raises(ConfigError, match="softmax_temperature"):
+        dt.XLoraConfig(hidden_size=32, adapters=experts, softmax_temperature="hot")  # type: ignore[arg-type]

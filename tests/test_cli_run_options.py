@@ -16,7 +16,7 @@ from deltatune.cli import main
 from deltatune.errors import ConfigError, ModelLoadError
 from deltatune.train import TrainConfig
 from deltatune.train.config import duration_seconds
-from deltatune.train.options import RunOptions
+from deltatune.train.options import RunOptions, split_options
 from deltatune.train.report import classification_report, format_report
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("keep_thread_count")]
@@ -36,6 +36,16 @@ def test_durations_read_as_seconds() -> None:
     assert [duration_seconds(t) for t in ("", "600", "90s", "10m", "1.5h", "1h30m")] == [0, 600, 90, 600, 5400, 5400]
     with pytest.raises(ConfigError, match="max_time='ten minutes' is invalid"):
         TrainConfig(max_time="ten minutes")
+
+
+def test_a_bare_yaml_number_is_a_duration_in_seconds() -> None:
+    """YAML reads ``max_time: 600`` as an int; it means 600 seconds, as ``--max-time 600`` does."""
+    _, config = split_options({"max_time": 600})
+    assert config.max_time == "600" and config.max_seconds == 600
+    _, config = split_options({"max_time": 1.5})
+    assert config.max_seconds == 1.5
+    with pytest.raises(ConfigError, match="max_time"):
+        split_options({"max_time": True})
 
 
 def test_max_time_stops_evaluates_and_saves(tmp_path: Path, tiny_bert_dir: Path, sentiment_file: Path,

@@ -148,6 +148,8 @@ def _typed(name: str, kind: str, value: Any) -> Any:
             return value
     elif isinstance(value, str):
         return value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # YAML reads `max_time: 600` as a number; the option's own check parses the text
     raise ConfigError("options", name, value, f"must be of type {kind}", f"give {name} {'an' if kind[0] in 'aeiou' else 'a'} {kind} value")
 
 

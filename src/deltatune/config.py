@@ -84,6 +84,11 @@ def _is_off(value: Any) -> bool:
     return value is None or value is False or value == {} or value == [] or value == ""
 
 
+def is_positive_int(value: object) -> bool:
+    """An int >= 1 (a bool is not one), as config fields that count things need."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DeltaConfig:
     """Fields every method shares. Subclasses set ``peft_type`` and add their own fields."""

@@ -42,14 +42,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..bases import BaseLayer
-from ..config import DeltaConfig, TargetedConfig
+from ..config import DeltaConfig, TargetedConfig, is_positive_int
 from ..errors import TargetError
 from ..layer import Delta, ModelDelta
 from ..registry import Method, MethodOption, Recipe, RecipeInput, register, register_recipe
-
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _number(value: object) -> bool:
@@ -73,7 +69,7 @@ class MixLoraConfig(TargetedConfig):
     def validate(self) -> None:
         super().validate()
         for field in ("r", "num_experts", "top_k"):
-            self.check(_positive_int(getattr(self, field)), field, f"{field} must be a positive integer",
+            self.check(is_positive_int(getattr(self, field)), field, f"{field} must be a positive integer",
                        f"pass e.g. {field}=2")
         self.check(self.top_k <= self.num_experts, "top_k", f"top_k cannot exceed num_experts={self.num_experts}",
                    "pass top_k <= num_experts (top_k = num_experts is the dense mixture)")

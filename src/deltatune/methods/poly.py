@@ -36,7 +36,7 @@ from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
 from ..bases import BaseLayer
 from ..compose import Composition, splits_rows
-from ..config import DeltaConfig, TargetedConfig
+from ..config import DeltaConfig, TargetedConfig, is_positive_int
 from ..errors import AdapterError, TargetError
 from ..layer import Delta, ModelDelta
 from ..registry import Method, register
@@ -45,10 +45,6 @@ from ..state import state_of
 
 EPS = 1e-12
 """Added to the sum of a split's skill weights before dividing (peft's and mttl's value)."""
-
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -67,7 +63,7 @@ class PolyConfig(TargetedConfig):
     def validate(self) -> None:
         super().validate()
         for field in ("r", "n_tasks", "n_skills", "n_splits"):
-            self.check(_positive_int(getattr(self, field)), field, f"{field} must be a positive integer",
+            self.check(is_positive_int(getattr(self, field)), field, f"{field} must be a positive integer",
                        f"pass e.g. {field}=2")
         self.check(self.poly_type == "poly", "poly_type", "only 'poly' is defined (as in peft)", "pass poly_type='poly'")
         self.check(isinstance(self.init_weights, bool), "init_weights", "init_weights must be a bool",

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..compose import Composition, splits_rows
-from ..config import DeltaConfig
+from ..config import DeltaConfig, is_positive_int
 from ..errors import AdapterError, TargetError
 from ..hf import hidden_size
 from ..layer import HookedDelta, ModelDelta, Removable
@@ -71,7 +71,7 @@ class XLoraConfig(DeltaConfig):
         super().validate()
         for field in ("hidden_size", "xlora_depth", "xlora_size"):
             value = getattr(self, field)
-            self.check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field,
+            self.check(is_positive_int(value), field,
                        f"{field} must be a positive integer", f"pass e.g. {field}=16")
         self.check(isinstance(self.adapters, Mapping) and len(self.adapters) > 0
                    and all(isinstance(k, str) and isinstance(v, str) for k, v in self.adapters.items()), "adapters",

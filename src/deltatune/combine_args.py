@@ -14,6 +14,7 @@ import torch
 from .combine_layer import Arithmetic
 from .combine_ops import OPS, SIGN_METHODS
 from .errors import AdapterError, ConfigError
+from .values import is_positive_int
 from .state import ModelState
 
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -69,7 +70,7 @@ def _check_svd(method: str, svd: bool, rank: int | None, clamp: float | None, fu
                driver: str | None) -> None:
     for field, value in (("svd_rank", rank), ("svd_clamp", clamp), ("svd_driver", driver)):
         require(value is None or svd, field, value, f"{method!r} takes no SVD", "leave it unset or pick an svd method")
-    require(rank is None or isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1, "svd_rank", rank,
+    require(rank is None or is_positive_int(rank), "svd_rank", rank,
             "it must be a positive integer", "pass e.g. svd_rank=8, or leave it unset (the largest rank)")
     require(clamp is None or _is_number(clamp) and 0 <= clamp <= 1, "svd_clamp", clamp,
             "it is a quantile, in [0, 1]", "pass e.g. svd_clamp=0.99")

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .errors import AdapterError
+from .values import is_int
 
 
 @dataclass(frozen=True, init=False)
@@ -104,7 +105,7 @@ class BatchSplit(Composition):
     def __init__(self, *members: str | Composition, sizes: Sequence[int]) -> None:
         super().__init__(*members)
         sizes = tuple(sizes)
-        if len(sizes) != len(members) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+        if len(sizes) != len(members) or not all(is_int(s) and s >= 0
                                                  for s in sizes):
             raise AdapterError(
                 f"BatchSplit sizes={list(sizes)} must give one non-negative row count per member "

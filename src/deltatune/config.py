@@ -21,6 +21,7 @@ from typing import Any, ClassVar, TypeVar
 
 from .compose import Composition
 from .errors import AdapterFileError, ConfigError
+from .values import is_int, is_positive_int
 
 TASK_TYPES = (
     "CAUSAL_LM",
@@ -82,11 +83,6 @@ def _thaw(value: Any) -> Any:
 def _is_off(value: Any) -> bool:
     """Whether a peft field that deltatune does not implement holds an 'off' value."""
     return value is None or value is False or value == {} or value == [] or value == ""
-
-
-def is_positive_int(value: object) -> bool:
-    """An int >= 1 (a bool is not one), as config fields that count things need."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -213,8 +209,8 @@ class TargetedConfig(DeltaConfig):
         self.check(value is None or (isinstance(value, tuple) and all(isinstance(v, str) and v for v in value)),
                    "modules_to_save", "it must be a list of module names", "pass e.g. ['classifier'] or None")
         layers = self.layers_to_transform
-        ok = layers is None or (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0) or (
-            isinstance(layers, tuple) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers))
+        ok = layers is None or (is_int(layers) and layers >= 0) or (
+            isinstance(layers, tuple) and all(is_int(i) and i >= 0 for i in layers))
         self.check(ok, "layers_to_transform", "it must be a layer index or a list of non-negative layer indices",
                    "pass e.g. [0, 1, 2] or None")
         self.check(layers is None or isinstance(self.target_modules, tuple) or self.target_modules is None,

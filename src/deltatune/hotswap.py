@@ -30,7 +30,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from .config import DeltaConfig
+from .config import DeltaConfig, is_positive_int
 from .errors import AdapterError, AdapterFileError
 from .inject import AttachPlan, trainable_biases
 from .layer import Delta
@@ -151,7 +151,7 @@ def prepare_hotswap(model: nn.Module, target_rank: int | None = None, names: Seq
 
 
 def _check_target_rank(target: int, chosen: list[str], padded: Sequence[tuple[str, str, PaddedRank]]) -> None:
-    if not isinstance(target, int) or isinstance(target, bool) or target < 1:
+    if not is_positive_int(target):
         raise AdapterError(f"prepare_hotswap: target_rank={target!r} must be a positive integer, e.g. 16")
     if not padded:
         raise AdapterError(f"prepare_hotswap: target_rank={target}, but no layer of adapters {chosen} has a rank to "

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .errors import ConfigError, TrainingError
+from .values import is_int
 from .projections import PROJECTIONS, make_projection
 
 SUBSPACE_ATTR = "deltatune_subspace"
@@ -167,7 +168,7 @@ def trainable_with_locations(model: nn.Module) -> tuple[list[nn.Parameter], list
 def check_dim(dim: int, total: int, tensors: int, said: bool) -> None:
     """d must leave z at least one coordinate and be no larger than the space it lives in."""
     where = "enter_subspace"
-    if isinstance(dim, bool) or not isinstance(dim, int):
+    if not is_int(dim):
         raise ConfigError(where, "dim", dim, "must be an integer", "pass e.g. dim=1000")
     if dim < 1:
         raise ConfigError(where, "dim", dim, "must be >= 1", "pass e.g. dim=1000 (--intrinsic-dim 1000)")

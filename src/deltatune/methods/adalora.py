@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..bases import BaseLayer
-from ..config import DeltaConfig
+from ..config import DeltaConfig, is_int
 from ..errors import TargetError
 from ..layer import ModelDelta, WeightDelta
 from ..registry import Method, last_fan_in_fan_out, register
@@ -57,7 +57,7 @@ class AdaLoraConfig(LoraConfig):
         super().validate()
         for field in ("target_r", "init_r", "tinit", "tfinal", "deltaT"):
             value = getattr(self, field)
-            self.check(isinstance(value, int) and not isinstance(value, bool) and value >= (1 if "r" in field else 0),
+            self.check(is_int(value) and value >= (1 if "r" in field else 0),
                        field, "it must be a non-negative integer (a positive one for ranks and deltaT)", "pass e.g. 8")
         self.check(isinstance(self.total_step, int) and self.total_step > 0, "total_step", "the budget schedule needs "
                    "the number of training steps", "pass total_step=<steps you will train>")

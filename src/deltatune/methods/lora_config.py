@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-from ..config import TargetedConfig
+from ..config import TargetedConfig, is_int
 from .lora_loftq import loftq_dict, loftq_problem
 
 _INITS = (True, False, "gaussian", "pissa", "olora", "loftq")
@@ -58,7 +58,7 @@ class LoraConfig(TargetedConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.check(_is_int(self.r) and self.r >= 1, "r", "the rank must be a positive integer", "pass e.g. r=8")
+        self.check(is_int(self.r) and self.r >= 1, "r", "the rank must be a positive integer", "pass e.g. r=8")
         self.check(_is_number(self.lora_alpha), "lora_alpha", "lora_alpha must be a number",
                    "pass e.g. lora_alpha=16 (twice r is common)")
         self.check(_is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout",
@@ -94,7 +94,7 @@ class LoraConfig(TargetedConfig):
     def check_qalora(self) -> None:
         """QA-LoRA: a positive group size; plain LoRA's init and forward (no DoRA, no init from W)."""
         self.check(isinstance(self.use_qalora, bool), "use_qalora", "use_qalora must be a bool", "pass True or False")
-        self.check(_is_int(self.qalora_group_size) and self.qalora_group_size >= 1, "qalora_group_size",
+        self.check(is_int(self.qalora_group_size) and self.qalora_group_size >= 1, "qalora_group_size",
                    "the group size must be a positive integer", "pass the base's quantization group size, e.g. 64")
         if not self.use_qalora:
             return
@@ -111,7 +111,7 @@ class LoraConfig(TargetedConfig):
         for field in ("rank_pattern", "alpha_pattern"):
             self.check(isinstance(getattr(self, field), Mapping), field, "it must map module names to values",
                        "pass a dict, e.g. {'q_proj': 16}")
-        self.check(all(_is_int(v) and v >= 1 for v in self.rank_pattern.values()), "rank_pattern",
+        self.check(all(is_int(v) and v >= 1 for v in self.rank_pattern.values()), "rank_pattern",
                    "every rank in the pattern must be a positive integer", "pass e.g. {'q_proj': 16}")
         self.check(all(_is_number(v) for v in self.alpha_pattern.values()), "alpha_pattern",
                    "every alpha in the pattern must be a number", "pass e.g. {'q_proj': 32}")
@@ -163,10 +163,6 @@ def _sorted_names(value: Any) -> Any:
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
         return tuple(sorted(set(value)))
     return value
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: object) -> bool:

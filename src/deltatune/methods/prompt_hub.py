@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..values import is_positive_int
 from ..errors import AdapterFileError
 from .bottleneck_block import ACTIVATIONS
 from .prompt_config import PrefixTuningConfig, PromptTuningConfig
@@ -73,10 +74,6 @@ def _refuse(source: str, field: str, value: Any, why: str, fix: str) -> AdapterF
                             f"Fix: {fix}. The model was left unchanged.")
 
 
-def _positive(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def prefix_settings(fields: Mapping[str, Any], source: str, trainable: bool, encoder_decoder: bool) -> HubPrefix:
     """Check a prefix config against what deltatune reproduces; the settings of the load."""
     if fields["use_gating"] is not False:
@@ -96,7 +93,7 @@ def prefix_settings(fields: Mapping[str, Any], source: str, trainable: bool, enc
                       "load it with AdapterHub's adapters package, or train a deltatune prefix adapter")
     length, bottleneck, flat = fields["prefix_length"], fields["bottleneck_size"], fields["flat"]
     for name, value in (("prefix_length", length), ("bottleneck_size", bottleneck)):
-        if not _positive(value):
+        if not is_positive_int(value):
             raise AdapterFileError(f"{source}: {name}={value!r} must be a positive integer; the file is corrupt.")
     if not isinstance(flat, bool):
         raise AdapterFileError(f"{source}: flat={flat!r} must be true or false; the file is corrupt.")
@@ -123,7 +120,7 @@ def prompt_place(fields: Mapping[str, Any], source: str) -> tuple[int, str]:
     if fields["combine"] not in COMBINE:
         raise AdapterFileError(f"{source}: combine={fields['combine']!r} is none of AdapterHub's {sorted(COMBINE)}; "
                                "the file is corrupt.")
-    if not _positive(fields["prompt_length"]):
+    if not is_positive_int(fields["prompt_length"]):
         raise AdapterFileError(f"{source}: prompt_length={fields['prompt_length']!r} must be a positive integer; "
                                "the file is corrupt.")
     return fields["prompt_length"], COMBINE[fields["combine"]]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..bases import BaseLayer
-from ..config import DeltaConfig, TargetedConfig
+from ..config import DeltaConfig, TargetedConfig, is_int
 from ..errors import TargetError
 from ..layer import ModelDelta, WeightDelta
 from ..registry import Method, Recipe, last_fan_in_fan_out, register, register_recipe
@@ -49,9 +49,9 @@ class VeraConfig(TargetedConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.check(_is_int(self.r) and self.r >= 1, "r", "the rank of the shared projection must be a positive integer",
+        self.check(is_int(self.r) and self.r >= 1, "r", "the rank of the shared projection must be a positive integer",
                    "pass e.g. r=256 (VeRA uses far larger ranks than LoRA: only r + out numbers are trained per layer)")
-        self.check(_is_int(self.projection_prng_key), "projection_prng_key", "the seed must be an integer",
+        self.check(is_int(self.projection_prng_key), "projection_prng_key", "the seed must be an integer",
                    "pass e.g. projection_prng_key=0")
         self.check(isinstance(self.vera_dropout, (int, float)) and 0 <= self.vera_dropout < 1, "vera_dropout",
                    "dropout must be in [0, 1)", "pass e.g. vera_dropout=0.05")
@@ -74,10 +74,6 @@ class VeraConfig(TargetedConfig):
 
     def trained_biases(self) -> str:
         return {"none": "none", "all": "all", "vera_only": "adapted"}[self.bias]
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..values import is_int
 
 SPEC_KEYS = ("output_dir", "results", "seeds", "base", "grid", "cells")
 RESERVED = ("seed", "output_dir")
@@ -96,7 +97,7 @@ def parse_spec(data: Any, source: str = "<memory>", default_dir: Path | None = N
         raise _fail(source, unknown[0], data[unknown[0]], "is not a sweep key",
                     f"use {SPEC_KEYS}; train options go under `base:`, `grid:` or `cells:`")
     seeds = data.get("seeds", [0])
-    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    if not (isinstance(seeds, list) and seeds and all(is_int(s) for s in seeds)
             and len(set(seeds)) == len(seeds)):
         raise _fail(source, "seeds", seeds, "must be a non-empty list of distinct integers", "e.g. seeds: [0, 1, 2]")
     grid = _options(source, "grid", data.get("grid"))

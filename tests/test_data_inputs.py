@@ -106,6 +106,69 @@ def test_train_takes_a_dataset_dict_folder_and_says_which_splits(
     assert "accuracy" in json.loads(capsys.readouterr().out)
 
 
+def _predictions(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    return [json.loads(line)["prediction"] for line in capsys.readouterr().out.splitlines()]
+
+
+def test_eval_and_predict_take_one_split_of_a_dataset_dict_folder(
+        tmp_path: Path, tiny_bert_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``predict --file FOLDER --split NAME`` and ``eval --data FOLDER --split NAME`` read that split as the
+    datasets library itself does (load_from_disk is the oracle); a split that is not there, or a folder of
+    several splits with none named, is an error naming the splits, never another split's rows."""
+    from deltatune.train.commands import evaluate_run, predict_run
+
+    folder = tmp_path / "sentiment"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(sentiment_rows(48, 1)),
+                          "validation": datasets.Dataset.from_list(sentiment_rows(7, 2)),
+                          "test": datasets.Dataset.from_list(sentiment_rows(9, 3))}).save_to_disk(folder)
+    run = tmp_path / "run"
+    assert main(train_command(tiny_bert_dir, folder, run, "--max-steps", "2")) == 0
+    capsys.readouterr()
+    test_rows = [dict(row) for row in datasets.load_from_disk(str(folder))["test"]]
+    expected = [r["prediction"] for r in predict_run(run, test_rows, threads=1)]
+    assert main(["predict", str(run), "--file", str(folder), "--split", "test", "--threads", "1"]) == 0
+    assert _predictions(capsys) == expected and len(expected) == 9
+    saved = datasets.load_from_disk(str(folder))
+    for name in ("test", "validation"):  # the run's default evaluation split is test: naming validation moves it
+        rows = [dict(row) for row in saved[name]]
+        predicted = [r["prediction"] for r in predict_run(run, rows, threads=1)]
+        accuracy = sum(p == row["label"] for p, row in zip(predicted, rows, strict=True)) / len(rows)
+        assert evaluate_run(run, str(folder), name, threads=1)["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+        assert evaluate_run(run, "", name, threads=1)["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+
+    for argv, named in ((["predict", str(run), "--file", str(folder)], "holds several splits"),
+                        (["predict", str(run), "--file", str(folder), "--split", "tset"], "has no split 'tset'"),
+                        # validation exists, but the user named another split: no fallback to it
+                        (["eval", str(run), "--data", str(folder), "--split", "tset"], "has no split 'tset'")):
+        assert main([*argv, "--threads", "1"]) == 2
+        err = capsys.readouterr().err
+        assert named in err and "its splits: ['test', 'train', 'validation']" in err and "--split" in err
+    assert main(["predict", str(run), "--text", "good", "--split", "test"]) == 2
+    assert "no --file was given" in capsys.readouterr().err
+
+    # a DatasetDict of one split needs no choice
+    datasets.DatasetDict({"only": datasets.Dataset.from_list(test_rows)}).save_to_disk(tmp_path / "single")
+    assert main(["predict", str(run), "--file", str(tmp_path / "single"), "--threads", "1"]) == 0
+    assert _predictions(capsys) == expected
+
+
+def test_predict_split_of_a_file_uses_the_runs_split_column(
+        tmp_path: Path, tiny_bert_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = sentiment_rows(32, 1, "train") + sentiment_rows(5, 2, "test") + sentiment_rows(6, 4, "dev")
+    data = tmp_path / "all.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(train_command(tiny_bert_dir, data, run, "--max-steps", "2")) == 0
+    capsys.readouterr()
+    from deltatune.train.commands import predict_run
+
+    dev = [r for r in rows if r["split"] == "dev"]
+    assert main(["predict", str(run), "--file", str(data), "--split", "dev", "--threads", "1"]) == 0
+    assert _predictions(capsys) == [r["prediction"] for r in predict_run(run, dev, threads=1)]
+    assert main(["predict", str(run), "--file", str(data), "--split", "valid", "--threads", "1"]) == 2
+    assert "no row has split='valid'; values found: ['dev', 'test', 'train']" in capsys.readouterr().err
+
+
 # -- streaming --------------------------------------------------------------------------------------------
 
 

@@ -283,24 +283,3 @@ def test_trl_takes_a_deltatune_config_only_through_the_model(tmp_path: Path, bas
     with pytest.raises(TypeError, match="peft_config"):
         SFTTrainer(model=fresh(base_dir), args=args, train_dataset=data, processing_class=chat_tokenizer(tmp_path / "t"),
                    peft_config=dt.LoraConfig(**LORA))  # type: ignore[arg-type]
-
-
-def test_accelerate(tmp_path: Path, base_dir: Path) -> None:
-    """``unwrap_model(model).save_pretrained`` writes an adapter; ``Accelerator.save_model`` writes the whole
-    state dict for ``load_checkpoint_in_model`` into the same adapted model (accelerate's own round trip),
-    and transformers refuses that folder (no config.json) instead of misreading it."""
-    from accelerate import Accelerator
-    from accelerate.utils import load_checkpoint_in_model
-    from transformers import AutoModelForCausalLM
-
-    accelerator = Accelerator(cpu=True)
-    model = accelerator.prepare(adapted(base_dir))
-    expected = logits(model)
-    accelerator.unwrap_model(model).save_pretrained(tmp_path / "adapter")
-    assert_loads_everywhere(tmp_path / "adapter", base_dir, expected)
-    accelerator.save_model(model, tmp_path / "state")
-    target = adapted(base_dir, seed=1)
-    load_checkpoint_in_model(target, str(tmp_path / "state"), strict=True)
-    assert torch.allclose(logits(target), expected, atol=1e-6)
-    with pytest.raises((OSError, ValueError), match="config.json"):
-        AutoModelForCausalLM.from_pretrained(tmp_path / "state")

@@ -86,13 +86,16 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
                          help="in a run folder: the final adapter or the best evaluated one (default: adapter)")
         if name == "eval":
             sub.add_argument("--data", default="", help="data file (default: the run's evaluation data)")
-            sub.add_argument("--split", default="", help="value of the run's split column to evaluate")
+            sub.add_argument("--split", default="", help="the split to evaluate: a split of a saved DatasetDict, "
+                             "else the value of the run's split column (default: the run's evaluation split)")
             sub.add_argument("--max-rows", type=int, default=0, help="at most this many rows; 0 = all")
             sub.add_argument("--report", action="store_true", help="classification runs: also print per-class "
                              "precision, recall, F1 and the confusion matrix")
         if name == "predict":
             sub.add_argument("--text", action="append", default=[], help="an input text (repeatable)")
             sub.add_argument("--file", default="", help="a data file (or datasets folder) whose rows to predict")
+            sub.add_argument("--split", default="", help="with --file: predict one split, a split of a saved "
+                             "DatasetDict or the value of the run's split column (default: every row)")
             sub.add_argument("--include-input", action="store_true", help="repeat each input row in its output line")
         if name in ("eval", "predict"):
             sub.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default "
@@ -289,10 +292,12 @@ def run_other(args: argparse.Namespace) -> int:
 
 def _predict_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     from .train import commands
-    from .train.data import read_rows
 
     if args.file:
-        return read_rows(args.file).rows
+        return commands.rows_to_predict(args.source, args.file, args.split).rows
+    if args.split:
+        raise ConfigError("deltatune predict", "split", args.split, "it chooses rows of --file, and no --file was "
+                          "given", "pass --file FILE --split NAME, or drop --split")
     if not args.text:
         raise ConfigError("deltatune predict", "text", None, "no input given", "pass --text '...' or --file FILE")
     column = commands.first_role_column(args.source)

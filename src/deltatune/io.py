@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -39,6 +39,11 @@ from .state import check_name, delta_layers, saved_modules, state_of, unwrap
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
+WHOLE_MODEL_HINT = (" Its model*.safetensors is a whole adapted model's state dict, deltatune's wrapper keys included (what "
+                    "accelerate's Accelerator.save_model and save_state write), not an adapter: load it into the same "
+                    "adapted model with "
+                    "accelerate.utils.load_checkpoint_in_model(model, folder, strict=True) or Accelerator.load_state, "
+                    "or write an adapter folder with accelerator.unwrap_model(model).save_pretrained(folder) or dt.save.")
 PEFT_ARTIFACTS = ("original_module", "modules_to_save")
 """Path parts peft writes for bias="all" next to modules_to_save; they carry no extra information."""
 
@@ -176,6 +181,7 @@ def read_config(folder: Path) -> DeltaConfig:
         nested = [n for n in found if (folder / n / CONFIG_NAME).is_file()]
         hint = f" It holds {pickled[0]}, a pickle file, which deltatune never loads." if pickled else ""
         hint += f" Adapters are in its subfolders {nested}: pass one of those." if nested else ""
+        hint += WHOLE_MODEL_HINT if _holds_adapted_state_dict(folder, found) else ""
         raise AdapterFileError(f"no {CONFIG_NAME} found: {where}.{hint} Pass the folder that dt.save or peft wrote.")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -188,6 +194,20 @@ def read_config(folder: Path) -> DeltaConfig:
         return config_class.from_peft_dict(data, str(path))
     except (ConfigError, TypeError) as err:
         raise AdapterFileError(f"{path}: {err}") from err
+
+
+def _holds_adapted_state_dict(folder: Path, found: list[str]) -> bool:
+    """Whether ``folder`` holds a whole adapted model's state dict (keys under ``ADAPTER_PARTS``): what
+    accelerate writes, which only the same adapted model can load. Reads the key list, not the tensors."""
+    for name in (n for n in found if n.startswith("model") and n.endswith(".safetensors")):
+        try:
+            with safe_open(str(folder / name), "pt") as file:
+                keys = list(file.keys())
+        except (SafetensorError, OSError):
+            continue
+        if any(part in ADAPTER_PARTS for key in keys for part in key.split(".")[:-1]):
+            return True
+    return False
 
 
 def read_tensors(folder: Path) -> dict[str, Tensor]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,8 @@ from ..io import CONFIG_NAME, load, read_config, read_tensors
 from ..merge import unload
 from ..targets import is_saved_module
 from ..hf import from_pretrained, load_tokenizer
-from .data import Row, Rows, read_rows, saved_splits, split_rows
-from .options import RunOptions, split_options
+from .data import Row, Rows, read_rows, rows_of_split, saved_splits
+from .options import RunOptions, default_data_file, split_options
 from .run import RUN_FILE, load_data, read_eval_rows, read_run_file, rebuild, spread
 from .report import classification_report
 from .tasks import Task, task_class
@@ -51,15 +51,16 @@ def _class_report(model: nn.Module, task: Task, rows: Rows) -> dict[str, Any]:
 
 
 def _evaluation_rows(run: RunOptions, data: str, split: str) -> Rows:
-    if data and saved_splits(data):
-        rows = read_eval_rows(data, replace(run, eval_split=split or run.eval_split))
-    elif data:
-        rows = read_rows(data, run.skip_bad_rows)
-        if split:
-            rows = split_rows(rows, run.split_column, split)
-    else:
-        _, rows = load_data(replace(run, eval_split=split or run.eval_split))
-    return rows
+    """``data`` (else the run's evaluation data); a named ``split`` of it is taken as named, never
+    replaced by another (a saved DatasetDict's "validation" fallback is for the run's default only).
+    The run's own data is capped at its --max-eval-rows, as during training; ``data`` is not."""
+    if split:
+        rows = rows_of_split(data or run.eval_file or run.train_file or default_data_file(), split,
+                             run.split_column, run.skip_bad_rows)
+        return rows if data else spread(rows, run.max_eval_rows)
+    if data:
+        return read_eval_rows(data, run) if saved_splits(data) else read_rows(data, run.skip_bad_rows)
+    return load_data(run)[1]
 
 
 def predict_run(run_dir: Path, rows: list[Row], adapter: str = "adapter", threads: int = 0) -> list[dict[str, Any]]:
@@ -74,6 +75,15 @@ def predict_run(run_dir: Path, rows: list[Row], adapter: str = "adapter", thread
         label = max(probabilities, key=probabilities.__getitem__)
         results.append({"prediction": label, "score": probabilities[label], "probabilities": probabilities})
     return results
+
+
+def rows_to_predict(run_dir: Path, file: str, split: str = "") -> Rows:
+    """The rows of ``file`` to predict: all of them, or its ``split`` (a saved DatasetDict's split, else
+    the rows whose run's --split-column holds ``split``)."""
+    if not split:
+        return read_rows(file)
+    run, _ = split_options(read_run_file(run_dir)["options"])
+    return rows_of_split(file, split, run.split_column)
 
 
 def first_role_column(run_dir: Path) -> str:

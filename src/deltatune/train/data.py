@@ -233,12 +233,22 @@ def saved_splits(path: str | Path) -> list[str]:
 def _read_saved(path: Path, split: str) -> Rows:
     data = open_saved(path)
     if is_dataset_dict(data):
+        if not split and len(data) == 1:  # nothing to choose between
+            split = next(iter(data))
         if split not in data:
             wanted = f"has no split {split!r}" if split else "holds several splits"
             raise DataError(f"{path}: this DatasetDict {wanted}; its splits: {sorted(data)}. Name one "
-                            "(--train-split / --eval-split / eval --split)")
+                            "(train: --train-split / --eval-split; eval and predict: --split)")
         return rows_from(data[split], f"{path} [split {split}]")
     return rows_from(data, str(path))
+
+
+def rows_of_split(path: str | Path, split: str, split_column: str, skip_bad_rows: bool = False) -> Rows:
+    """The rows of one chosen split: that split of a saved ``DatasetDict`` (an error naming its splits when
+    it has none of that name; no fallback, the user named it), else the rows whose ``split_column`` is ``split``."""
+    if saved_splits(path):
+        return read_rows(path, skip_bad_rows, split=split)
+    return split_rows(read_rows(path, skip_bad_rows), split_column, split)
 
 
 def eval_split_of(splits: Sequence[str], wanted: str, source: str) -> str:

@@ -15,7 +15,7 @@ from torch import nn
 
 import deltatune as dt
 from conftest import state_hash, tiny_llama, token_ids
-from deltatune.quant import Int4GroupLinear
+from deltatune.quant import Int4GroupLinear, load_quantized, save_quantized
 from deltatune.quant.int4_group import dequantize_int4_group, quantize_int4_group, unpack_codes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -154,3 +154,43 @@ def test_qalora_refuses_bad_settings_and_a_layer_that_does_not_group() -> None:
     with pytest.raises(dt.TargetError, match="qalora_group_size=24"):
         dt.attach(model, dt.LoraConfig(target_modules=["q_proj"], use_qalora=True, qalora_group_size=24))
     assert state_hash(model) == before
+
+
+def test_the_lossless_merge_saves_as_int4_group_and_loads_back_bit_for_bit(tmp_path: Path) -> None:
+    model = adapted(GROUP)
+    dt.unload(model, merge=True, requantize=True)
+    ids = token_ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+    save_quantized(model, tmp_path / "merged.safetensors")
+    fresh = load_quantized(tiny_llama(seed=5), tmp_path / "merged.safetensors")  # other weights: all replaced
+    assert codes(fresh) == codes(model) and len(codes(fresh)) == 2 * len(TARGETS)
+    for name, layer in model.named_modules():
+        if isinstance(layer, Int4GroupLinear):
+            again = fresh.get_submodule(name)
+            assert isinstance(again, Int4GroupLinear) and again.group_size == GROUP
+            assert torch.equal(again.scale, layer.scale) and torch.equal(again.offset, layer.offset)
+            assert again.compute_dtype == layer.compute_dtype
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, expected)
+
+
+def test_an_int4_group_checkpoint_for_another_shape_is_refused_unchanged(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = dt.quantize(tiny_llama(), dt.QuantConfig(quant_type="int4_group", group_size=GROUP))
+    save_quantized(model, tmp_path / "q.safetensors")
+    torch.manual_seed(0)
+    wide = LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=64, vocab_size=128))
+    before = state_hash(wide)
+    with pytest.raises(dt.QuantError, match="belongs to another model configuration"):
+        load_quantized(wide, tmp_path / "q.safetensors")
+    assert state_hash(wide) == before and not any(isinstance(m, Int4GroupLinear) for m in wide.modules())
+    damaged = dict(model.state_dict())
+    damaged["model.layers.0.self_attn.q_proj.scale"] = damaged["model.layers.0.self_attn.q_proj.scale"][:, :1]
+    fresh = tiny_llama()
+    before = state_hash(fresh)
+    with pytest.raises(dt.QuantError, match="do not fit together"):
+        load_quantized(fresh, damaged)
+    assert state_hash(fresh) == before

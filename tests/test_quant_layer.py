@@ -150,6 +150,17 @@ def test_quantize_gpt2_conv1d_transposes() -> None:
     assert model(token_ids()).logits.isfinite().all()
 
 
+def test_a_skipped_module_keeps_every_layer_inside_it_dense() -> None:
+    """Skipping a block (``attn``, as a run skips a pooler it trains in full) skips the layers inside
+    it, at any depth; a name only matches whole dotted parts (``attn`` is not ``c_attn``)."""
+    model = tiny_gpt2()
+    dt.quantize(model, dt.QuantConfig(skip_modules=["h.0.attn", "lm_head"]))
+    assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    assert type(model.transformer.h[0].attn.c_proj).__name__ == "Conv1D"
+    assert isinstance(model.transformer.h[0].mlp.c_fc, Linear4bit)
+    assert isinstance(model.transformer.h[1].attn.c_attn, Linear4bit)
+
+
 @pytest.mark.parametrize(("field", "value"), [("quant_type", "nf8"), ("blocksize", 100), ("double_quant", 1),
                                               ("compute_dtype", torch.int8), ("quant_storage", torch.int64),
                                               ("skip_modules", ["", "x"])])

@@ -6,6 +6,7 @@ peft is only imported here, as a test oracle.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +180,36 @@ def test_config_checks(experts: dict[str, str]) -> None:
         dt.XLoraConfig(hidden_size=32)
     with pytest.raises(ConfigError, match="softmax_temperature"):
         dt.XLoraConfig(hidden_size=32, adapters=experts, softmax_temperature="hot")  # type: ignore[arg-type]
+
+
+def test_hidden_size_zero_is_the_models_and_is_saved_as_a_number(experts: dict[str, str], tmp_path: Path) -> None:
+    _, theirs, _ = pair(experts, layerwise_scalings=True)
+    ours = dt.attach(no_cache_llama(), dt.XLoraConfig(adapters=experts, xlora_size=8, layerwise_scalings=True)).eval()
+    assert ours.deltatune_state.configs["default"].hidden_size == 32
+    ours.deltatune_state.model_deltas["default"].classifier.load_state_dict(
+        theirs.base_model.internal_xlora_classifier.state_dict())
+    ids = token_ids(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    dt.save(ours, tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["hidden_size"] == 32 and "modules_to_save" not in saved  # peft's X-LoRA has no such key
+
+
+def test_modules_to_save_trains_a_head_copy_that_saves_and_loads(experts: dict[str, str], tmp_path: Path) -> None:
+    model = dt.attach(no_cache_llama(), dt.XLoraConfig(adapters=experts, xlora_size=8, modules_to_save=["lm_head"]))
+    head = model.get_submodule("lm_head")
+    original = head.original_module.weight.detach().clone()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ids = token_ids(2, 6)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    model.eval()
+    assert not torch.equal(head.copies["default"].weight, original)
+    assert torch.equal(head.original_module.weight, original)
+    dt.save(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["lm_head"]
+    loaded = dt.load(no_cache_llama(), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

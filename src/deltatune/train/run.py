@@ -85,7 +85,7 @@ def adapter_config(run: RunOptions, task: Task, model: nn.Module, total_steps: i
     common: dict[str, Any] = {"task_type": task.task_type,
                               "modules_to_save": (*run.modules_to_save, *task.saved_modules(model)) or None}
     return recipe_named(run.method).build(RecipeInput(run.method_options, targets, default_targets(model), common,
-                                                      total_steps, name_or_path(model)))
+                                                      total_steps, name_or_path(model), run.flat()))
 
 
 def load_prior(run: RunOptions, model: nn.Module) -> None:
@@ -102,12 +102,13 @@ def attach_trained(model: nn.Module, config: DeltaConfig) -> None:
 
 
 def prepare_base(run: RunOptions, task: Task, model: nn.Module) -> nn.Module:
-    """The base as the run stores it: quantized to 4 bits for QLoRA, the trained modules kept dense."""
+    """The base as the run stores it: quantized to 4 bits for QLoRA (``--quantize``; int4_group in groups of
+    ``--quant-group-size`` inputs), the trained modules kept dense."""
     if run.quantize == "none":
         return model
     head = output_head_name(model, task.task_type)
     keep = (*run.modules_to_save, *task.saved_modules(model), *([head] if head else []))
-    return quantize(model, QuantConfig(quant_type=run.quantize, skip_modules=keep))
+    return quantize(model, QuantConfig(quant_type=run.quantize, group_size=run.quant_group_size, skip_modules=keep))
 
 
 def write_run_file(folder: Path, run: RunOptions, train: TrainConfig, model_path: str, task: Task) -> None:

@@ -8,16 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
 from conftest import lm_losses, outputs, perturb_site_adapters, state_hash, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5, token_ids
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama, "t5": tiny_t5}
-
-
-
-
 
 
 def structure(model: nn.Module) -> list[tuple[str, type]]:
@@ -189,3 +186,61 @@ def test_parallel_gives_each_adapter_its_copy_of_the_batch(arch: str) -> None:
     both = outputs_of(model, dt.Parallel("a", "b"), ids)
     assert both.shape[0] == 4
     torch.testing.assert_close(both, torch.cat([a, b]), atol=1e-6, rtol=0)
+
+
+def test_adamw_keeps_small_updates_of_an_adapter_over_a_bf16_base() -> None:
+    """Over a bf16 base the adapter is fp32 (``layer.adapter_dtype``, the rule LoRA follows too), so AdamW's
+    first step, ``lr * g / (|g| + eps)`` with lr = 1e-5, lands on every weight to one fp32 rounding (Adam's own
+    arithmetic: a few roundings of the step). Stored in bf16, the base's dtype, most of those steps would round
+    away: the last assertion shows that this lr is small enough for the test to catch bf16 parameters."""
+    model, ids = tiny_bert().to(torch.bfloat16).train(), token_ids()
+    dt.attach(model, dt.SeqBnConfig(reduction_factor=4))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    lr, eps, u32 = 1e-5, 1e-8, torch.finfo(torch.float32).eps / 2
+    optimizer = torch.optim.AdamW(params.values(), lr=lr, eps=eps, weight_decay=0.0)
+    logits = model(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16  # the activations return in the base's dtype
+    torch.nn.functional.cross_entropy(logits.float(), torch.tensor([0, 2])).backward()
+    optimizer.step()
+    kept_in_bf16 = total = 0
+    for name, param in params.items():
+        assert param.dtype == torch.float32 and param.grad is not None, name
+        grad = param.grad.double()
+        step = lr * grad / (grad.abs() + eps)
+        now, expected = param.detach().double(), before[name].double() - step
+        assert bool(((now - expected).abs() <= u32 * now.abs() + 16 * u32 * step.abs()).all()), name
+        if name.endswith("weight"):
+            start = before[name].to(torch.bfloat16)
+            kept_in_bf16 += int(((start.double() - step).to(torch.bfloat16) == start)[grad != 0].sum())
+            total += int((grad != 0).sum())
+    assert total > 0 and kept_in_bf16 > total / 2
+
+
+def test_a_bf16_base_saves_fp32_adapters_as_lora_does_and_loads_bf16_files_exactly(tmp_path: Path) -> None:
+    """Both formats write the fp32 parameters, as a LoRA adapter over the same base (peft's convention); a folder
+    written from bf16 modules (AdapterHub's, which follow ``model.to``) loads into fp32 parameters exactly."""
+    def half() -> nn.Module:
+        return tiny_bert().to(torch.bfloat16)
+
+    def blocks(model: nn.Module) -> list[torch.Tensor]:
+        return [p.detach() for n, p in sorted(model.named_parameters()) if "site_adapters" in n]
+
+    def dtypes(file: Path) -> set[torch.dtype]:
+        return {t.dtype for t in load_file(file).values()}
+    model, ids = dt.attach(half(), dt.SeqBnConfig(reduction_factor=4)), token_ids()
+    perturb_site_adapters(model, seed=3, scale=0.1)
+    dt.save(model, tmp_path / "native")
+    dt.save(model, tmp_path / "hub", format="adapters")
+    dt.save(dt.attach(half(), dt.LoraConfig(target_modules=["query"])), tmp_path / "lora")
+    assert dtypes(tmp_path / "lora/adapter_model.safetensors") == {torch.float32}
+    assert dtypes(tmp_path / "native/adapter_model.safetensors") == dtypes(tmp_path / "hub/adapter.safetensors") == {torch.float32}
+    for folder in ("native", "hub"):
+        fresh = dt.load(half(), tmp_path / folder)
+        assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(blocks(fresh), blocks(model), strict=True))
+        assert torch.equal(outputs(fresh, ids), outputs(model, ids))
+    model.to(torch.bfloat16)  # now bf16 modules, as AdapterHub's on a bf16 model
+    dt.save(model, tmp_path / "bf16", format="adapters")
+    assert dtypes(tmp_path / "bf16/adapter.safetensors") == {torch.bfloat16}
+    loaded = blocks(dt.load(half(), tmp_path / "bf16"))
+    assert all(a.dtype == torch.float32 and torch.equal(a, b.float()) for a, b in zip(loaded, blocks(model), strict=True))

@@ -225,3 +225,23 @@ def test_compositions_at_post_ln_sites_give_the_results_of_before(composition: d
     with general_path(monkeypatch, reuse_own=False):
         before = logits_and_grads(model, ids)
     assert_same(now, before, rtol=1e-10)
+
+
+def test_fused_site_over_a_bf16_base_with_its_fp32_adapter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The adapter is fp32 over a bf16 base (``adapter_dtype``): the fused site still runs, its logits are the
+    general path's bits, its gradients are fp32 and differ from the general path's only by where LN2's input is
+    rounded to bf16 (one rounding of relative size 2^-8 on each side: a bound of 2^-7 in norm)."""
+    model, ids = adapted(tiny_bert, dt.SeqBnConfig(mh_adapter=True, reduction_factor=4, scaling=0.5),
+                         torch.bfloat16), token_ids()
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert site_nodes(model, ids) == [FUSED_NODE] * 4
+    fast = logits_and_grads(model, ids)
+    with general_path(monkeypatch):
+        assert FUSED_NODE not in site_nodes(model, ids)
+        slow = logits_and_grads(model, ids)
+    assert fast[0].dtype == torch.bfloat16 and torch.equal(fast[0], slow[0])
+    assert fast[1].keys() == slow[1].keys() and len(fast[1]) == 16
+    bound = 2 * torch.finfo(torch.bfloat16).eps / 2
+    for name, grad in fast[1].items():
+        assert grad.dtype == torch.float32, name
+        assert float((grad - slow[1][name]).norm()) <= bound * float(slow[1][name].norm()), name

@@ -13,17 +13,13 @@ import deltatune as dt
 from conftest import outputs, perturb_site_adapters, state_hash, tiny_bert, tiny_llama, token_ids
 
 
-
-
-def fused_model(make: object = tiny_bert) -> nn.Module:
-    model = make().eval()  # type: ignore[operator]
+def fused_model(make: object = tiny_bert, dtype: torch.dtype = torch.float32) -> nn.Module:
+    model = make().to(dtype).eval()  # type: ignore[operator]
     dt.attach(model, dt.SeqBnConfig(reduction_factor=4), name="a")
     dt.attach(model, dt.SeqBnConfig(reduction_factor=8), name="b")
     dt.attach(model, dt.FusionConfig(adapter_names=["a", "b"], dropout_prob=0.0), name="ab")
     perturb_site_adapters(model, seed=5, scale=0.1)
     return model
-
-
 
 
 @pytest.mark.parametrize("make", [tiny_bert, tiny_llama])
@@ -97,3 +93,26 @@ def test_a_second_fusion_of_the_same_members_is_refused() -> None:
     with pytest.raises(dt.TargetError, match="already fuses"):
         dt.attach(model, dt.FusionConfig(adapter_names=["a", "b"]), name="ab2")
     assert state_hash(model) == before
+
+
+@pytest.mark.parametrize("make", [tiny_bert, tiny_llama])
+def test_over_a_bf16_base_members_and_fusion_are_fp32_and_round_trip(make: object, tmp_path: Path) -> None:
+    """The bottleneck rule (``layer.adapter_dtype``): fp32 parameters, activations back in bf16, fp32 gradients;
+    both formats save the fp32 values and load them exactly."""
+    model, ids = fused_model(make, torch.bfloat16), token_ids()
+    dt.set_active(model, dt.Fuse("a", "b"))
+    assert {p.dtype for n, p in model.named_parameters() if "site_adapters" in n} == {torch.float32}
+    out = model(ids)[0]
+    assert out.dtype == torch.bfloat16
+    out.float().pow(2).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 and bool(g.abs().sum() > 0) for g in grads)
+    for fmt in ("peft", "adapters"):
+        folder = tmp_path / fmt
+        dt.save(model, folder, names=["a", "b", "ab"], format=fmt)  # a subfolder per adapter
+        fresh = make().to(torch.bfloat16).eval()  # type: ignore[operator]
+        for name in ("a", "b", "ab"):
+            dt.load(fresh, folder / name, name=name)
+        dt.set_active(fresh, dt.Fuse("a", "b"))
+        assert {p.dtype for n, p in fresh.named_parameters() if "site_adapters" in n} == {torch.float32}
+        assert torch.equal(outputs(fresh, ids), outputs(model, ids)), fmt

@@ -26,7 +26,7 @@ from torch import nn
 from ..config import DeltaConfig
 from ..errors import TargetError
 from ..hf import hidden_size
-from ..layer import STATE_ATTR, HookedDelta, ModelDelta, Removable
+from ..layer import STATE_ATTR, HookedDelta, ModelDelta, Removable, adapter_dtype
 from ..registry import Method, MethodOption, Recipe, RecipeInput, register, register_recipe
 from ..sites import Site, SiteBlocks, SiteConfig, SiteHooks, check_room, model_sites
 from .bottleneck_compose import SiteFusion, run_site
@@ -142,8 +142,8 @@ def make_bottleneck(model: nn.Module, config: DeltaConfig, views: Mapping[str, o
                           f"leave_out={list(config.leave_out)}. Fix: select output_adapter or mh_adapter, or leave out fewer layers.")
     check_room(model, sites)
     width = hidden_size(model)
-    like = next(model.parameters())
-    blocks = [_block(config, width, site.layer).to(device=like.device, dtype=like.dtype) for site in sites]
+    like = next(model.parameters())  # fp32 blocks over a half-precision base: AdamW's small updates are not lost
+    blocks = [_block(config, width, site.layer).to(device=like.device, dtype=adapter_dtype(like.dtype)) for site in sites]
     return BottleneckAdapter(sites, blocks)
 
 

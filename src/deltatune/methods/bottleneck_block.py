@@ -11,8 +11,7 @@
 A site is a sub-block's output ``hidden_states``, the residual ``input_tensor`` the model adds back, and
 the layer norm applied after that sum (post-LN: BERT, RoBERTa, DistilBERT) or None (pre-LN: GPT-2,
 LLaMA, T5). ``site_input``/``site_output`` are AdapterHub's pre/post steps around a block;
-``apply_at_site``/``fuse_at_site`` chain them. Pure torch (no transformers, no ``adapters``); sites,
-formats and composition: docs/adapterhub.md.
+``apply_at_site``/``fuse_at_site`` chain them. Pure torch; sites, formats and composition: docs/adapterhub.md.
 """
 
 from __future__ import annotations
@@ -80,14 +79,11 @@ class BottleneckBlock(nn.Module):
                  original_ln_before: bool = False, original_ln_after: bool = True,
                  adapter_residual_before_ln: bool = False) -> None:
         super().__init__()
-        if non_linearity.lower() not in ACTIVATIONS:
-            raise ConfigError("BnConfig", "non_linearity", non_linearity, "not a supported activation",
-                              f"use one of {sorted(ACTIVATIONS)}")
-        if init_weights not in INIT_WEIGHTS:
-            raise ConfigError("BnConfig", "init_weights", init_weights, "unknown init", f"use one of {INIT_WEIGHTS}")
-        if residual_before_ln not in (True, False, "post_add"):
-            raise ConfigError("BnConfig", "residual_before_ln", residual_before_ln, "unknown value",
-                              'use True, False or "post_add"')
+        for field, value, allowed in (("non_linearity", non_linearity.lower(), sorted(ACTIVATIONS)),
+                                      ("init_weights", init_weights, INIT_WEIGHTS),
+                                      ("residual_before_ln", residual_before_ln, [True, False, "post_add"])):
+            if value not in allowed:
+                raise ConfigError("BnConfig", field, value, "not a supported value", f"use one of {list(allowed)}")
         self.non_linearity = non_linearity.lower()
         self.activation = ACTIVATIONS[self.non_linearity]
         self.is_parallel, self.residual_before_ln = is_parallel, residual_before_ln
@@ -122,8 +118,11 @@ class BottleneckBlock(nn.Module):
                 _bert_init(self.gate)
 
     def forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
-        """Adapter input ``x`` and adapter residual -> (output, scaled up-projection). Fusion attends over
-        the second value: after ``scaling``, before dropout, gate, residual and ``norm_after``."""
+        """Adapter input ``x`` and adapter residual -> (output in ``x``'s dtype, scaled up-projection in the
+        block's). Fusion attends over the second value: after ``scaling``, before dropout, gate, residual and
+        ``norm_after``. Over a half-precision base the block is fp32 (``adapter_dtype``): it computes in fp32."""
+        dtype, own = x.dtype, self.up.weight.dtype
+        x, residual = x.to(own), residual.to(own)
         h = x if self.norm_before is None else self.norm_before(x)
         up = self.up(self.activation(self.down(h)))
         if not isinstance(self.scaling, float) or self.scaling != 1.0:  # times 1.0 is the same bits: skip that pass
@@ -132,14 +131,10 @@ class BottleneckBlock(nn.Module):
         if self.gate is not None:  # one gate per sequence: the sigmoid averaged over positions
             out = out * torch.mean(torch.sigmoid(self.gate(x)), dim=1).unsqueeze(-1)
         if self.is_parallel:
-            return (out if self.norm_after is None else self.norm_after(out)), up
-        if self.adapter_residual_before_ln:
-            out = out + residual
-        if self.norm_after is not None:
-            out = self.norm_after(out)
-        if not self.adapter_residual_before_ln:
-            out = out + residual
-        return out, up
+            return (out if self.norm_after is None else self.norm_after(out)).to(dtype), up
+        out = out + residual if self.adapter_residual_before_ln else out
+        out = out if self.norm_after is None else self.norm_after(out)
+        return (out if self.adapter_residual_before_ln else out + residual).to(dtype), up
 
     def adapterhub_keys(self) -> dict[str, list[str]]:
         """Each state-dict key here -> its key(s) in an AdapterHub file, relative to ``...adapters.<name>.``.
@@ -226,7 +221,10 @@ class FusionBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, query: Tensor, ups: Tensor, residual: Tensor) -> Tensor:
-        """``query`` and ``residual`` (batch, seq, h); ``ups`` (batch, seq, members, h) -> (batch, seq, h)."""
+        """``query`` and ``residual`` (batch, seq, h); ``ups`` (batch, seq, members, h) -> (batch, seq, h) in
+        ``query``'s dtype, computed in the block's (fp32 over a half-precision base, as ``BottleneckBlock``)."""
+        dtype, own = query.dtype, next(self.parameters()).dtype
+        query, ups, residual = query.to(own), ups.to(own), residual.to(own)
         if self.residual_before:  # AdapterHub adds in place to the one tensor that is both key and value input
             ups = ups + residual[:, :, None, :]
         q = query if self.query is None else self.query(query)
@@ -238,7 +236,7 @@ class FusionBlock(nn.Module):
         context = torch.squeeze(torch.matmul(probs.unsqueeze(2), v), dim=2)
         if self.value is not None and not self.value_before_softmax:
             context = self.value(context)
-        return context if self.residual_before else context + residual
+        return (context if self.residual_before else context + residual).to(dtype)
 
 
 def fuse_at_site(blocks: Sequence[BottleneckBlock], fusion: FusionBlock, hidden_states: Tensor, input_tensor: Tensor,

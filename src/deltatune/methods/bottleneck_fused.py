@@ -13,6 +13,8 @@ passed in detached so that the owner's graph, and its copy of ``s``, is freed.
 
 The forward runs the general path's operations in its order, so its outputs are the same bits. The
 backward recomputes LN2's input as ``u + s`` (the sum reassociated), so gradients agree to rounding.
+Over a half-precision base the adapter is fp32 (``layer.adapter_dtype``): as on the general path, the
+bottleneck and the adapter's residual sum are computed in fp32, the site's sum and layer norms in the base's dtype.
 Where any condition of ``fused_site`` fails, the caller takes the general path.
 """
 
@@ -41,10 +43,11 @@ class SerialSite(torch.autograd.Function):
     def forward(ctx: FunctionCtx, h: Tensor, x: Tensor, a: Tensor, weight: Tensor | None, bias: Tensor | None,
                 eps: float, wd: Tensor, bd: Tensor, wu: Tensor, bu: Tensor, scaling: float) -> Tensor:
         width = h.shape[-1]
-        r = F.relu(F.linear(a, wd, bd))
+        r = F.relu(F.linear(a.to(wd.dtype), wd, bd))  # fp32 adapter over a half-precision base: computed in fp32
         u = F.linear(r, wu, bu)
         u = u.mul_(scaling) if scaling != 1.0 else u
-        y, mean, rstd = _aten.native_layer_norm(u.add_(h).add_(x), [width], weight, bias, eps)  # the general order
+        z = u.add_(h.to(u.dtype)).to(h.dtype).add_(x)  # the general order: the block's sum in its dtype, back, + x
+        y, mean, rstd = _aten.native_layer_norm(z, [width], weight, bias, eps)
         ctx.save_for_backward(h + x, r, mean, rstd, weight, bias, wd, wu, bu)  # type: ignore[arg-type]  # None: no affine
         ctx.eps, ctx.scaling = eps, scaling  # type: ignore[attr-defined]
         return y
@@ -57,10 +60,10 @@ class SerialSite(torch.autograd.Function):
         scaling: float = ctx.scaling  # type: ignore[attr-defined]
         width, mask = s.shape[-1], [True, False, False]
         u = F.linear(r, wu, bu)
-        z = (u.mul_(scaling) if scaling != 1.0 else u).add_(s)  # LN2's input again
+        z = (u.mul_(scaling) if scaling != 1.0 else u).add_(s).to(s.dtype)  # LN2's input again
         gz = _aten.native_layer_norm_backward(grad.contiguous(), z, [width], mean, rstd, weight, bias, mask)[0]
         del u, z
-        gu = (gz * scaling if scaling != 1.0 else gz).reshape(-1, width)
+        gu = (gz.to(wu.dtype) * scaling if scaling != 1.0 else gz.to(wu.dtype)).reshape(-1, width)
         r2 = r.reshape(-1, r.shape[-1])
         gwu = gu.t().mm(r2) if need[8] else None
         gbu = gu.sum(0) if need[9] else None
@@ -68,10 +71,10 @@ class SerialSite(torch.autograd.Function):
         gwd = gbd = gs = None
         if need[6] or need[0] or need[1]:
             a, mean1, rstd1 = _aten.native_layer_norm(s, [width], weight, bias, ctx.eps)  # type: ignore[attr-defined]
-            gwd = gr.t().mm(a.reshape(-1, width)) if need[6] else None
+            gwd = gr.t().mm(a.reshape(-1, width).to(gr.dtype)) if need[6] else None
             del a
             if need[0] or need[1]:
-                ga = gr.mm(wd).view(s.shape)
+                ga = gr.mm(wd).view(s.shape).to(s.dtype)
                 gs = _aten.native_layer_norm_backward(ga, s, [width], mean1, rstd1, weight, bias, mask)[0].add_(gz)
         gbd = gr.sum(0) if need[7] else None
         return (gs if need[0] else None, gs if need[1] else None, None, None, None, None, gwd, gbd, gwu, gbu, None)
@@ -97,8 +100,8 @@ def _eligible(block: BottleneckBlock) -> bool:
 def fused_site(block: BottleneckBlock, h: Tensor, x: Tensor, norm: Norm | None, own: Tensor | None) -> Tensor | None:
     """The site's output through ``SerialSite`` (``own``: the model's ``LN(h + x)``), or None where the
     general path must run: fusion off, not such a site or block, a trainable site norm, autocast or
-    mixed dtypes (the Function computes in one dtype), or nothing to differentiate (the general path,
-    reusing ``own``, is as lean without autograd)."""
+    mixed dtypes other than an adapter in one dtype (fp32) over a base in another, or nothing to
+    differentiate (the general path, reusing ``own``, is as lean without autograd)."""
     ln = _plain_layer_norm(norm)
     if not ENABLED or own is None or ln is None or not _eligible(block) or not torch.is_grad_enabled():
         return None
@@ -106,7 +109,9 @@ def fused_site(block: BottleneckBlock, h: Tensor, x: Tensor, norm: Norm | None, 
     frozen = [t for t in (ln.weight, ln.bias) if t is not None]
     if any(t.requires_grad for t in frozen) or not any(t.requires_grad for t in (h, x, *params)):
         return None
-    if torch.is_autocast_enabled(h.device.type) or len({t.dtype for t in (h, x, own, *params, *frozen)}) != 1:
+    if torch.is_autocast_enabled(h.device.type) or len({t.dtype for t in (h, x, own, *frozen)}) != 1:
+        return None
+    if len({t.dtype for t in params}) != 1:
         return None
     if h.shape != x.shape or own.shape != h.shape or ln.normalized_shape[0] != h.shape[-1]:
         return None

@@ -24,6 +24,7 @@ from ..compose import Composition, Fuse
 from ..config import DeltaConfig
 from ..errors import TargetError
 from ..hf import hidden_size
+from ..layer import adapter_dtype
 from ..registry import Method, register
 from ..sites import Site, SiteBlocks, SiteConfig, check_room
 from ..state import STATE_ATTR
@@ -122,7 +123,7 @@ def make_fusion(model: nn.Module, config: DeltaConfig, views: Mapping[str, objec
     blocks = [FusionBlock(width, query=config.query, key=config.key, value=config.value,
                           query_before_ln=config.query_before_ln, residual_before=config.residual_before,
                           temperature=config.temperature, value_before_softmax=config.value_before_softmax,
-                          value_initialized=config.value_initialized, dropout=dropout).to(like.device, like.dtype)
+                          value_initialized=config.value_initialized, dropout=dropout).to(like.device, adapter_dtype(like.dtype))
               for _ in sites]
     return FusionAdapter(config.adapter_names, sites, blocks)
 

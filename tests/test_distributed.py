@@ -9,7 +9,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -325,3 +327,123 @@ def test_the_command_line_with_fsdp_trains_a_classifier_that_loads(tmp_path: Pat
     assert max_diff(runs["fsdp"], runs["ddp"]) <= TOLERANCE
     model, _ = dt_model(tmp_path / "fsdp")
     assert dt.adapter_names(model) == ["default"]
+
+
+# -- evaluation split across ranks -----------------------------------------------------------
+
+EVAL_WORKER = Path(__file__).with_name("eval_worker.py")
+ROUNDED = {"loss", "neg_loss", "perplexity", "pair_cosine"}
+"""Means of per-row floats: a row's forward pass shares its batch (and padding) with other rows on a rank than
+in one process, which moves its logits by float rounding. Every other metric counts discrete outcomes."""
+
+
+def test_each_rank_takes_a_contiguous_slice_and_the_slices_make_the_set_in_order() -> None:
+    from deltatune.train.eval_shard import shard
+
+    for count, size in ((9, 2), (8, 2), (1, 2), (5, 4), (3, 3), (7, 1)):
+        slices = [shard(count, World(rank, size)) for rank in range(size)]
+        assert {len(s) for s in slices} == {-(-count // size)}  # equal: as many forward passes on every rank
+        assert [i for s in slices for i in s][:count] == list(range(count))
+    assert [shard(5, World(rank, 4)) for rank in range(4)] == [[0, 1], [2, 3], [4, 0], [1, 2]]
+
+
+@pytest.fixture(scope="module")
+def eval_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model folder per evaluation kind of eval_worker.py, named by the kind."""
+    from eval_worker import KINDS, arch_of, task_of
+    from task_runs import model_folder
+
+    root = tmp_path_factory.mktemp("eval-models")
+    for kind in KINDS:
+        (root / kind).mkdir()
+        model_folder(root / kind, task_of(kind), arch_of(kind))
+    return root
+
+
+def whole_set(kind: str, root: Path, out: Path) -> tuple[dict[str, float], list[Any]]:
+    """The metrics of one process evaluating the whole set of ``kind``, and its per-row outputs."""
+    from eval_worker import EVAL_BATCH, build, leaves, trainer
+
+    from deltatune.train.eval_shard import splits
+
+    model, task, features = build(kind, root / kind)
+    metrics = trainer(model, task, features, out).evaluate()
+    model.eval()
+    return metrics, leaves(task.outputs(model, features, EVAL_BATCH)) if splits(task) else []
+
+
+def check_split_evaluation(out: Path, root: Path, kinds: Sequence[str], fsdp: bool = False) -> None:
+    """Both ranks report the metrics of one process on the whole set, each having evaluated only its slice,
+    and scored them from the per-row outputs of one process, in the same order. A task without per-row
+    outputs is evaluated whole, by rank 0 (by every rank under FSDP2)."""
+    from eval_worker import EVAL_ROWS
+
+    rank0, rank1 = (json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    for kind in kinds:
+        assert rank0[kind]["metrics"] == rank1[kind]["metrics"], kind
+        whole, rows = whole_set(kind, root, out / "one")
+        if kind.endswith("-whole"):
+            assert (rank0[kind]["rows"], rank1[kind]["rows"]) == ([EVAL_ROWS], [EVAL_ROWS] if fsdp else []), kind
+            assert rank0[kind]["metrics"] == whole
+            continue
+        assert rank0[kind]["rows"] == rank1[kind]["rows"] == [-(-EVAL_ROWS // 2)], kind
+        floats = [v for v in rows if isinstance(v, float)]
+        for gathered in (rank0[kind]["outputs"][0], rank1[kind]["outputs"][0]):
+            assert len(gathered) == len(rows), kind
+            assert [v for v in gathered if not isinstance(v, float)] == [v for v in rows if not isinstance(v, float)]
+            assert [v for v in gathered if isinstance(v, float)] == pytest.approx(floats, rel=1e-5, abs=1e-6), kind
+        got = rank0[kind]["metrics"]
+        assert got.keys() == whole.keys(), kind
+        # shown with pytest -s: the metrics, and how far the per-row floats moved
+        moved = max((abs(a - b) for a, b in zip(rank0[kind]["outputs"][0], rows) if isinstance(b, float)), default=0.0)
+        print(kind, {k: (got[k], whole[k]) for k in got}, f"per-row floats: max abs diff {moved:.3g}")
+        for name, value in got.items():
+            if name in ROUNDED:
+                assert value == pytest.approx(whole[name], rel=1e-6, abs=1e-7), (kind, name)
+            else:
+                assert value == whole[name], (kind, name)
+
+
+def test_evaluation_is_split_across_ranks_and_equals_one_process_for_every_task(tmp_path: Path,
+                                                                                 eval_models: Path) -> None:
+    """Every task type, 9 rows on 2 ranks (5 + 4, filled up to 5): the gathered per-row outputs give the metrics
+    of one process, also those that do not average over slices (macro F1, entity F1, Spearman, retrieval)."""
+    from eval_worker import KINDS, task_of
+
+    from deltatune.train.tasks import TASKS
+
+    assert {task_of(kind) for kind in KINDS} == set(TASKS)
+    check(torchrun(str(EVAL_WORKER), "--root", str(eval_models), "--out", str(tmp_path / "ddp"), timeout=240))
+    check_split_evaluation(tmp_path / "ddp", eval_models, list(KINDS))
+
+
+def test_sharded_evaluation_under_fsdp2_runs_the_ranks_in_step(tmp_path: Path, eval_models: Path) -> None:
+    """FSDP2: every forward pass is a collective, so the ranks' slices are equal in length and generation
+    steps together (here seq2seq's greedy decoding takes 16 steps on rank 0 and 15 on rank 1: transformers'
+    ``synced_gpus`` keeps rank 1 stepping until rank 0 is done); the metrics are one process's."""
+    kinds = ["causal-lm", "seq2seq", "seq-cls", "seq-cls-whole"]
+    check(torchrun(str(EVAL_WORKER), "--root", str(eval_models), "--out", str(tmp_path / "fsdp"), "--fsdp",
+                   "--kinds", *kinds, timeout=240))
+    check_split_evaluation(tmp_path / "fsdp", eval_models, kinds, fsdp=True)
+
+
+def test_the_command_line_evaluates_max_eval_rows_split_across_ranks_as_one_process(
+        tmp_path: Path, bert: Path, sentiment_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--max-eval-rows 7`` under torchrun (4 + 3 rows, in batches of 2): the evaluation before training, of
+    the same starting model, prints the metrics of one process evaluating the 7 rows (to 4 decimals: exact
+    for counts out of 7)."""
+    from deltatune.cli import main
+
+    extra = ("--max-steps", "1", "--batch-size", "4", "--max-eval-rows", "7", "--eval-batch-size", "2")
+    result = torchrun("-m", "deltatune", *train_command(bert, sentiment_file, tmp_path / "two", *extra))
+    check(result)
+    capsys.readouterr()
+    assert main(train_command(bert, sentiment_file, tmp_path / "one", *extra)) == 0
+    printed = capsys.readouterr().out
+
+    def before(output: str) -> str:
+        return next(line for line in output.splitlines() if line.startswith("before training: "))
+
+    assert "7 evaluation rows" in printed and "7 evaluation rows" in result.stdout
+    assert before(result.stdout) == before(printed)
+    print(before(printed))

@@ -181,6 +181,16 @@ def broadcast_object(value: Any) -> Any:
     return box[0]
 
 
+def all_gather_object(value: Any) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order, on every rank."""
+    world = current()
+    if not world.distributed:
+        return [value]
+    gathered: list[Any] = [None] * world.size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def barrier() -> None:
     """Wait until every rank gets here (e.g. until rank 0 has written the adapter)."""
     if current().distributed:

@@ -25,12 +25,14 @@ takes its ``r``-th slice of ``batch_size`` rows. Each rank scales its loss by it
 global loss terms (rows, or labelled tokens: ``Task.loss_weight``), and the adapter gradients are
 averaged once per optimizer step (none on the other micro-batches of an accumulation), so an
 N-process run computes the update of a 1-process run with N times the micro-batch. Every rank
-then holds the same adapter; rank 0 alone evaluates (the others wait for its metrics) and writes
-the log, checkpoints, ``best/``, the adapter and the progress display.
+then holds the same adapter; each rank evaluates its slice of the evaluation rows and the per-row
+outputs are gathered (``eval_shard.py``); rank 0 alone writes the log, checkpoints, ``best/``, the
+adapter and the progress display.
 
 With ``TrainConfig.fsdp`` the model is sharded with FSDP2 instead (see ``fsdp.py``): the same data order
-and loss weighting, FSDP2 averages the gradients, every rank evaluates and joins every gather of the
-adapter (saves, checkpoints), and rank 0 writes the same files.
+and loss weighting, FSDP2 averages the gradients, every rank evaluates its slice (in as many forward
+passes as every other rank) and joins every gather of the adapter (saves, checkpoints), and rank 0
+writes the same files.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from ..fast import accelerate, retain_freed_memory
 from ..io import gathered, save
 from ..layer import ADAPTER_PARTS, STATE_ATTR
 from ..state import unwrap
-from . import distributed, fsdp
+from . import distributed, eval_shard, fsdp
 from .checkpoint import latest_checkpoint, read_trainer_state, restore_adapters, rng_state, set_rng_state, write_checkpoint
 from .config import TrainConfig
 from .lock import own_folder
@@ -475,21 +477,26 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """The task's metrics on the evaluation features (empty when there are none).
 
-        Distributed, rank 0 evaluates the whole set and hands its metrics to the others, which wait:
-        every rank then takes the same early-stopping and best-adapter decisions.
+        Distributed, each rank evaluates its slice of the rows and every rank scores the gathered outputs
+        (``eval_shard.py``); rank 0's metrics are then handed to all, so every rank takes the same
+        early-stopping and best-adapter decisions, however its floats rounded. A task without per-row
+        outputs is evaluated whole by rank 0 (sharded: by every rank, as every forward is a collective).
         """
         if not self.eval_features:
             return {}
-        # sharded, every rank must join every forward; each evaluates the whole set, rank 0's result counts
-        metrics = self._evaluate_here() if self.world.main or self.sharded else {}
+        split = self.world.distributed and eval_shard.splits(self.task)
+        metrics = self._evaluate_here(split) if split or self.world.main or self.sharded else {}
         return dict(distributed.broadcast_object(metrics))
 
-    def _evaluate_here(self) -> dict[str, float]:
+    def _evaluate_here(self, split: bool) -> dict[str, float]:
         was_training = self.model.training
         self.model.eval()
+        task, features, batch_size = self.task, self.eval_features, self.config.eval_batch_size
         try:
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
-                return self.task.evaluate(self.model, self.eval_features, self.config.eval_batch_size)
+                if split:
+                    return eval_shard.evaluate(task, self.model, features, batch_size)
+                return task.evaluate(self.model, features, batch_size)
         finally:
             self.model.train(was_training)
 

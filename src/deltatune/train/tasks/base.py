@@ -111,9 +111,21 @@ class Task(ABC):
             return int((counted != -100).sum())
         return len(next(iter(batch.values())))
 
-    @abstractmethod
+    def outputs(self, model: nn.Module, features: Sequence[Features], batch_size: int) -> list[Any]:
+        """What evaluation keeps of each feature, in the features' order: one small picklable value per
+        feature (a predicted label, a loss sum and its token count, CPU tensors) that does not depend on
+        which other features share its batch. Evaluation across ranks computes them on each rank's slice
+        and gathers them; :meth:`score` turns the whole set's into metrics. A task without them (one that
+        only overrides :meth:`evaluate`) is evaluated whole, on one rank."""
+        raise NotImplementedError(f"task {self.name} keeps no per-row evaluation outputs")
+
+    def score(self, features: Sequence[Features], outputs: Sequence[Any]) -> dict[str, float]:
+        """The metrics of ``features`` from their :meth:`outputs` (in the same order); must include :attr:`metric`."""
+        raise NotImplementedError(f"task {self.name} keeps no per-row evaluation outputs")
+
     def evaluate(self, model: nn.Module, features: Sequence[Features], batch_size: int) -> dict[str, float]:
         """Metrics on ``features``; must include :attr:`metric`."""
+        return self.score(features, self.outputs(model, features, batch_size))
 
     @abstractmethod
     def predict(self, model: nn.Module, rows: Sequence[Row], batch_size: int = 32) -> list[Any]:

@@ -25,7 +25,7 @@ from ...errors import DataError
 from ..data import Row, Rows
 from .base import Batch, Features, Task, batches
 from .common import IGNORE, aligned, by_length, device_of, ensure_pad_token, generate, loss_metrics, mask, pad, text, \
-    token_loss_sum, to_device
+    to_device, token_loss_rows
 
 Piece = tuple[list[int], bool]
 """Token ids and whether they are labelled (the model learns to write them)."""
@@ -171,17 +171,20 @@ class CausalLM(Task):
                 "labels": pad([f["labels"] for f in features], IGNORE)}
 
     @torch.inference_mode()
-    def evaluate(self, model: nn.Module, features: Sequence[Features], batch_size: int) -> dict[str, float]:
-        total, count = 0.0, 0
-        order = by_length(features)
-        for chunk in batches(order, batch_size):
+    def outputs(self, model: nn.Module, features: Sequence[Features], batch_size: int) -> list[Any]:
+        """Each row's (summed cross-entropy, scored tokens)."""
+        sums: list[Any] = [None] * len(features)
+        for chunk in batches(by_length(features), batch_size):
             batch = to_device(self.collate([features[i] for i in chunk]), device_of(model))
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             logits = aligned(logits, batch["input_ids"].shape[1])
             # position t predicts token t + 1
-            chunk_total, chunk_count = token_loss_sum(logits[:, :-1], batch["labels"][:, 1:])
-            total, count = total + chunk_total, count + chunk_count
-        return loss_metrics(total, count)
+            for i, row in zip(chunk, token_loss_rows(logits[:, :-1], batch["labels"][:, 1:]), strict=True):
+                sums[i] = row
+        return sums
+
+    def score(self, features: Sequence[Features], outputs: Sequence[Any]) -> dict[str, float]:
+        return loss_metrics(sum(total for total, _ in outputs), sum(count for _, count in outputs))
 
     @torch.inference_mode()
     def predict(self, model: nn.Module, rows: Sequence[Row], batch_size: int = 32) -> list[Any]:

@@ -44,15 +44,16 @@ def aligned(per_position: Tensor, length: int) -> Tensor:
     return per_position[:, per_position.shape[1] - length:]
 
 
-def token_loss_sum(logits: Tensor, labels: Tensor) -> tuple[float, int]:
-    """(summed cross-entropy, number of scored tokens) over labels that are not :data:`IGNORE`.
+def token_loss_rows(logits: Tensor, labels: Tensor) -> list[tuple[float, int]]:
+    """Per row: (summed cross-entropy, number of scored tokens) over labels that are not :data:`IGNORE`.
 
     Evaluation sums over all tokens and divides once at the end, so a batch of short answers
-    does not weigh as much as a batch of long ones.
+    does not weigh as much as a batch of long ones; kept per row, the sums of a set split across
+    processes add up to those of the whole set.
     """
-    loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                                       reduction="sum")
-    return float(loss), int((labels != IGNORE).sum())
+    losses = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                         reduction="none").view(labels.shape)
+    return list(zip(losses.sum(1).tolist(), (labels != IGNORE).sum(1).tolist(), strict=True))
 
 
 def loss_metrics(total: float, count: int) -> dict[str, float]:

@@ -130,8 +130,14 @@ class FeatureExtraction(Task):
                  for chunk in batches(features, batch_size)]
         return torch.cat([p[0] for p in pairs]).float(), torch.cat([p[1] for p in pairs]).float()
 
-    def evaluate(self, model: nn.Module, features: Sequence[Features], batch_size: int) -> dict[str, float]:
+    def outputs(self, model: nn.Module, features: Sequence[Features], batch_size: int) -> list[Any]:
+        """Each pair's two embeddings (CPU): retrieval ranks every first sentence against every second one."""
         first, second = self._embeddings(model, features, batch_size)
+        return list(zip(first.cpu(), second.cpu(), strict=True))
+
+    def score(self, features: Sequence[Features], outputs: Sequence[Any]) -> dict[str, float]:
+        first = torch.stack([pair[0] for pair in outputs]) if outputs else torch.empty(0, 0)
+        second = torch.stack([pair[1] for pair in outputs]) if outputs else torch.empty(0, 0)
         first, second = nn.functional.normalize(first, dim=-1), nn.functional.normalize(second, dim=-1)
         cosines = (first * second).sum(-1)
         metrics = {"pair_cosine": float(cosines.mean())}

@@ -121,8 +121,11 @@ class QuestionAnswering(Task):
                 predicted[i] = self._answer(starts[row], ends[row], features[i])
         return predicted
 
-    def evaluate(self, model: nn.Module, features: Sequence[Features], batch_size: int) -> dict[str, float]:
-        predicted = self._predicted(model, features, batch_size)
+    def outputs(self, model: nn.Module, features: Sequence[Features], batch_size: int) -> list[Any]:
+        return self._predicted(model, features, batch_size)
+
+    def score(self, features: Sequence[Features], outputs: Sequence[Any]) -> dict[str, float]:
+        predicted = list(outputs)
         golds = [f["answers"] for f in features]
         exact = [max(squad_exact(p, g) for g in gold) for p, gold in zip(predicted, golds, strict=True)]
         f1 = [max(squad_f1(p, g) for g in gold) for p, gold in zip(predicted, golds, strict=True)]

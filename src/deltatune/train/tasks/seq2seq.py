@@ -18,7 +18,7 @@ from ... import hf
 from ..data import Row, Rows
 from .base import Batch, Features, Task, batches
 from .common import IGNORE, by_length, device_of, ensure_pad_token, generate, loss_metrics, mask, pad, \
-    require_inputs, text, token_loss_sum, to_device
+    require_inputs, text, to_device, token_loss_rows
 
 
 class Seq2SeqLM(Task):
@@ -59,24 +59,33 @@ class Seq2SeqLM(Task):
             batch["labels"] = pad([f["labels"] for f in features], IGNORE)
         return batch
 
-    def _generate(self, model: nn.Module, batch: Batch, max_new_tokens: int) -> list[str]:
-        """Greedy decoding of a batch of sources, as text without special tokens."""
+    def _generate(self, model: nn.Module, batch: Batch, budgets: Sequence[int]) -> list[str]:
+        """Greedy decoding of a batch of sources, row i to at most ``budgets[i]`` new tokens, as text without
+        special tokens. The batch decodes to its largest budget and each row is cut to its own, so a row's
+        text does not depend on the rows it shares a batch with."""
         generated = generate(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   max_new_tokens=max_new_tokens, do_sample=False)
-        return [t.strip() for t in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+                             max_new_tokens=max(budgets), do_sample=False)
+        # the decoder starts from one token (its start token), then come the new ones
+        rows = [ids[:1 + budget] for ids, budget in zip(generated.tolist(), budgets, strict=True)]
+        return [t.strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
     @torch.inference_mode()
-    def evaluate(self, model: nn.Module, features: Sequence[Features], batch_size: int) -> dict[str, float]:
-        total, count, exact = 0.0, 0, 0
+    def outputs(self, model: nn.Module, features: Sequence[Features], batch_size: int) -> list[Any]:
+        """Each row's (summed cross-entropy, scored tokens, exact match of its greedy generation)."""
+        rows: list[Any] = [None] * len(features)
         for chunk in batches(by_length(features), batch_size):
             batch = to_device(self.collate([features[i] for i in chunk]), device_of(model))
-            chunk_total, chunk_count = token_loss_sum(model(**batch).logits, batch["labels"])
-            total, count = total + chunk_total, count + chunk_count
+            losses = token_loss_rows(model(**batch).logits, batch["labels"])
             # the gold is decoded too, so both sides went through the same tokenizer round trip
             gold = [self.tokenizer.decode(features[i]["labels"], skip_special_tokens=True).strip() for i in chunk]
-            longest = max(len(features[i]["labels"]) for i in chunk)
-            exact += sum(p == g for p, g in zip(self._generate(model, batch, longest + 1), gold, strict=True))
-        return {**loss_metrics(total, count), "exact_match": exact / max(1, len(features))}
+            generated = self._generate(model, batch, [len(features[i]["labels"]) + 1 for i in chunk])
+            for i, (total, count), text_, wanted in zip(chunk, losses, generated, gold, strict=True):
+                rows[i] = (total, count, text_ == wanted)
+        return rows
+
+    def score(self, features: Sequence[Features], outputs: Sequence[Any]) -> dict[str, float]:
+        total, count = sum(row[0] for row in outputs), sum(row[1] for row in outputs)
+        return {**loss_metrics(total, count), "exact_match": sum(row[2] for row in outputs) / max(1, len(features))}
 
     @torch.inference_mode()
     def predict(self, model: nn.Module, rows: Sequence[Row], batch_size: int = 32) -> list[Any]:
@@ -86,6 +95,7 @@ class Seq2SeqLM(Task):
         outputs: list[str] = [""] * len(rows)
         for chunk in batches(sorted(range(len(rows)), key=lambda i: len(sources[i])), batch_size):
             batch = to_device(self.collate([{"input_ids": sources[i]} for i in chunk]), device_of(model))
-            for i, output in zip(chunk, self._generate(model, batch, self.max_new_tokens), strict=True):
+            generated = self._generate(model, batch, [self.max_new_tokens] * len(chunk))
+            for i, output in zip(chunk, generated, strict=True):
                 outputs[i] = output
         return outputs

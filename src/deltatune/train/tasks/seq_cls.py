@@ -95,9 +95,11 @@ class SequenceClassification(LabelledTask, Task):
         encoded = self._tokenize(Rows(list(rows), "input"))
         return [{key: values[i] for key, values in encoded.items()} for i in range(len(rows))]
 
-    def evaluate(self, model: nn.Module, features: Sequence[Features], batch_size: int) -> dict[str, float]:
-        predicted = self._predicted_ids(model, features, batch_size)
-        gold = [f["labels"] for f in features]
+    def outputs(self, model: nn.Module, features: Sequence[Features], batch_size: int) -> list[Any]:
+        return self._predicted_ids(model, features, batch_size)
+
+    def score(self, features: Sequence[Features], outputs: Sequence[Any]) -> dict[str, float]:
+        predicted, gold = list(outputs), [f["labels"] for f in features]
         return {"accuracy": accuracy(predicted, gold), "macro_f1": macro_f1(predicted, gold)}
 
     def predict(self, model: nn.Module, rows: Sequence[Row], batch_size: int = 32) -> list[Any]:

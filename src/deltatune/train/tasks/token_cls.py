@@ -100,9 +100,11 @@ class TokenClassification(LabelledTask, Task):
                 predicted[i] = [row[first[w]] if w in first else outside for w in range(features[i]["words"])]
         return predicted
 
-    def evaluate(self, model: nn.Module, features: Sequence[Features], batch_size: int) -> dict[str, float]:
-        predicted = self._predicted_tags(model, features, batch_size)
-        gold = [f["tags"] for f in features]
+    def outputs(self, model: nn.Module, features: Sequence[Features], batch_size: int) -> list[Any]:
+        return self._predicted_tags(model, features, batch_size)
+
+    def score(self, features: Sequence[Features], outputs: Sequence[Any]) -> dict[str, float]:
+        predicted, gold = list(outputs), [f["tags"] for f in features]
         names = self.labels.names
         scores = entity_scores([[names[t] for t in p] for p in predicted], [[names[t] for t in g] for g in gold])
         flat_p, flat_g = [t for p in predicted for t in p], [t for g in gold for t in g]

@@ -56,7 +56,8 @@ class Kind:
     out_features: int
     kernel: tuple[int, ...] = ()
     transposed: bool = False
-    """Stored ``(in, out)``: GPT-2's Conv1D, and an embedding table seen as a map from one-hot ids."""
+    """Stored ``(in, out)``: GPT-2's Conv1D, an embedding table seen as a map from one-hot ids, and an
+    expert stack stored ``(experts, in, out)``."""
     dense_linear: bool = False
     """Forward is one ``F.linear(x, W, b)`` on a stored dense weight (Linear, Conv1D)."""
     peft_runs: bool = True
@@ -70,8 +71,26 @@ class Kind:
         return f"Kind({self.name})"
 
     def canonical(self, stored: Tensor) -> Tensor:
-        """Stored layout -> canonical layout; it is its own inverse."""
-        return stored.t() if self.transposed else stored
+        """Stored layout -> canonical layout (an expert stack: each expert's matrix); its own inverse."""
+        return stored.transpose(-2, -1) if self.transposed else stored
+
+
+class Experts(nn.Module):
+    """A fused mixture-of-experts weight as transformers 5 stores it: one ``(experts, out, in)``
+    parameter (``(experts, in, out)`` with ``is_transposed``, as GPT-OSS), which the module reads in
+    its own forward. Token ``t`` of every row goes to expert ``t mod experts`` (a fixed routing, so
+    each expert's change shows in the output); no bias."""
+
+    def __init__(self, experts: int, in_features: int, out_features: int, is_transposed: bool = False) -> None:
+        super().__init__()
+        shape = (experts, in_features, out_features) if is_transposed else (experts, out_features, in_features)
+        self.weight = nn.Parameter(torch.randn(shape) / math.sqrt(in_features))
+        self.is_transposed = is_transposed
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight.transpose(-2, -1) if self.is_transposed else self.weight  # (experts, out, in)
+        picked = weight[torch.arange(x.shape[-2], device=x.device) % weight.shape[0]]  # one expert per token
+        return torch.einsum("bti,toi->bto", x, picked)
 
 
 def _ids(g: torch.Generator) -> Tensor:
@@ -98,6 +117,8 @@ KINDS = [
          lambda g: torch.randn(2, 2, 3, 5, 4, generator=g), 2, 4, (1, 3, 2)),
     Kind("linear4bit", lambda: nn.Linear(16, 12), _tokens, 16, 12, quantized=True),
     Kind("layernorm", lambda: nn.LayerNorm(12), lambda g: torch.randn(3, 5, 12, generator=g), 12, 12),
+    Kind("experts", lambda: Experts(3, 16, 12), _tokens, 16, 12),
+    Kind("experts_transposed", lambda: Experts(3, 16, 12, is_transposed=True), _tokens, 16, 12, transposed=True),
 ]
 KIND = {k.name: k for k in KINDS}
 
@@ -199,6 +220,26 @@ class Method:
     fused_identity_rounds: bool = False
     """DoRA: on a dense linear fp32 base its fused kernel adds the bias after ``x Wᵀ`` while the base
     adds it inside one addmm, so its identity holds up to that rounding, not bit for bit."""
+    site: str = "layer"
+    """Where the change lives: "layer" (a wrapper adds to the layer's output or merges into its
+    weight) or "parameter" (``target_parameters``: the module computes with ``W + ΔW`` in the
+    parameter's place). A module carries changes of one site only (the other is refused,
+    test_lora_moe.py), so pairs are formed within a site. At a parameter site the module computes
+    with ``W + ΔW`` stored in the base's dtype (peft's ParamWrapper), so the adapter has the base's
+    precision: its outputs are compared by ``weight_rounding_bound``, not by TOLERANCES, whose
+    premise of order-one terms a bf16 ``W + ΔW`` of order one breaks (measured: errors up to
+    1.6 u Σ|W' x|, 0.032 on the Conv1D kind with rsLoRA against TOLERANCES' 0.02)."""
+    start: Callable[[Tensor, torch.dtype], Tensor] | None = None
+    """The base weight attach leaves, from the original (canonical fp64, the layer's dtype) to fp64;
+    None: attach keeps W. LoftQ replaces W by its NF4 round trip. "The base" of the disabled and
+    oracle checks is then this weight; a 4-bit base is never rewritten (the function must keep it)."""
+    refused: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: MappingProxyType({}))
+    """Config changes the method refuses, by name: a ConfigError when the config is built or a
+    TargetError when it is attached to one of its kinds, the base left as it was."""
+    init: Callable[[Tensor, torch.dtype, Any], Tensor] | None = None
+    """None: the init is the identity (bit for bit). Else the fp64 formula of the weight the init
+    computes with, from the original W, the layer's dtype and the config (LoftQ: NF4(W) plus the best
+    rank-r approximation of the quantization error, which is not W by design)."""
 
     def __repr__(self) -> str:
         return f"Method({self.name})"
@@ -222,10 +263,13 @@ def _rows(v: Tensor, w: Tensor) -> Tensor:
     return v.reshape(-1, *(1,) * (w.dim() - 1))
 
 
+def _scale(config: Any) -> float:
+    return float(config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r))
+
+
 def _lora_weight(model: nn.Module, config: Any, w: Tensor) -> Tensor:
     d = delta_of(model)
-    scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
-    return w + scale * (_f64(d.B).flatten(1) @ _f64(d.A).flatten(1)).view(w.shape)
+    return w + _scale(config) * (_f64(d.B).flatten(1) @ _f64(d.A).flatten(1)).view(w.shape)
 
 
 def lora_oracle(model: nn.Module, config: Any, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -284,13 +328,68 @@ def bitfit_oracle(model: nn.Module, config: Any, w: Tensor, b: Tensor | None) ->
     return w, _f64(bias)
 
 
+def qalora_oracle(model: nn.Module, config: Any, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """QA-LoRA: ``W + s (n / G) B A`` with A's ``n = in / G`` columns each repeated over its group of
+    G inputs (peft's pooling: the mean of each group times n)."""
+    d = delta_of(model)
+    group = config.qalora_group_size
+    groups = w.shape[1] // group
+    return w + _scale(config) * groups / group * (_f64(d.B) @ _f64(d.A)).repeat_interleave(group, dim=1), b
+
+
+def parameter_lora_oracle(model: nn.Module, config: Any, w: Tensor, b: Tensor | None
+                          ) -> tuple[Tensor, Tensor | None]:
+    """LoRA on a parameter: expert ``e`` of an ``E``-expert stack gets ``s B_e A_e`` with A's rows
+    ``e r … e r + r - 1`` and B's columns ``e, E + e, 2E + e, …`` (peft's split), as ``(out, in)``;
+    a 2-D parameter is one expert whose change is ``s B A`` in the stored layout."""
+    d = delta_of(model)
+    stored = wrapper(model).view.weight
+    experts = stored.shape[0] if stored.dim() == 3 else 1
+    a, bb = _f64(d.A), _f64(d.B)
+    change = torch.stack([bb[:, e::experts] @ a[e * config.r:(e + 1) * config.r] for e in range(experts)])
+    change = _scale(config) * (change if stored.dim() == 3 else change[0])  # (out, in) per expert
+    if stored.dim() == 2:  # the stored layout is the parameter's (out, in); w may be its transpose
+        assert stored.shape[0] != stored.shape[1], "a square 2-D parameter would hide its layout"
+        change = change if tuple(w.shape) == tuple(stored.shape) else change.t()
+    return w + change, b
+
+
+def nf4_start(w: Tensor, dtype: torch.dtype) -> Tensor:
+    """LoftQ's base: the NF4 round trip of the fp32 weight (bitsandbytes' blocks of 64 without double
+    quantization; test_loftq.py checks the format against bitsandbytes and peft bit for bit), stored
+    in the layer's dtype."""
+    from deltatune.methods.lora_loftq import nf4_round_trip
+
+    return nf4_round_trip(w.float()).to(dtype).double()
+
+
+def loftq_init(w: Tensor, dtype: torch.dtype, config: Any) -> Tensor:
+    """One LoftQ iteration: ``NF4(W) + s U_r S_r V_rᵀ``, the best rank-r approximation (fp64 SVD) of
+    the error ``W - NF4(W)`` of the fp32 weight (peft approximates it by ``B A``, so the init is
+    closest to W at ``s = 1``)."""
+    from deltatune.methods.lora_loftq import nf4_round_trip
+
+    quantized = nf4_round_trip(w.float()).double()
+    u, s, vh = torch.linalg.svd(w - quantized, full_matrices=False)
+    r = config.r
+    return nf4_start(w, dtype) + _scale(config) * (u[:, :r] * s[:r]) @ vh[:r]
+
+
 def _prod(kind: Kind) -> int:
     return kind.in_features * math.prod(kind.kernel)
+
+
+def _expert_units(kind: Kind) -> int:
+    """``E (out + in)`` of the kind's weight seen as a parameter (a 2-D weight: one expert)."""
+    shape = kind.make().weight.shape
+    return (shape[0] if len(shape) == 3 else 1) * (shape[-2] + shape[-1])
 
 
 DENSE = ("linear", "gpt2_conv1d", "embedding", "conv1d", "conv2d", "conv2d_1x1", "conv3d")
 TARGET = {"target_modules": ["layer"]}
 LORA = {"r": R, "lora_alpha": ALPHA, **TARGET}
+GROUP = 4
+"""QA-LoRA's group size: the battery's linear layers have 16 inputs, 4 groups."""
 
 METHODS = [
     Method("lora", dt.LoraConfig, LORA, (*DENSE, "linear4bit"), lambda k: R * (_prod(k) + k.out_features),
@@ -316,6 +415,32 @@ METHODS = [
     Method("bitfit", dt.BitFitConfig, TARGET,
            ("linear", "gpt2_conv1d", "conv1d", "conv2d", "conv2d_1x1", "conv3d", "linear4bit", "layernorm"),
            lambda k: k.out_features, bitfit_oracle, layer_delta=False, trains_base_tensors=True),
+    # peft applies QA-LoRA to GPTQ layers only: test_qalora.py checks the forward against its
+    # QALoraLinearVariant; the lossless 4-bit merge is test_model_battery.py's (an int4_group base)
+    Method("qalora", dt.LoraConfig, {**LORA, "use_qalora": True, "qalora_group_size": GROUP},
+           ("linear", "gpt2_conv1d", "linear4bit"), lambda k: R * (k.in_features // GROUP + k.out_features),
+           qalora_oracle, variants={"default": {}, "gaussian": {"init_lora_weights": "gaussian"},
+                                    "rslora": {"use_rslora": True}},
+           refused={"dora": {"use_dora": True}, "pissa": {"init_lora_weights": "pissa"},
+                    "uneven_groups": {"qalora_group_size": 5}}),
+    # alpha = r: s = 1, where LoftQ's start is closest to W. peft's LoftQ quantizes on CUDA only:
+    # test_loftq.py checks its factors and model against peft's on the CPU through a patch
+    Method("loftq", dt.LoraConfig, {**LORA, "lora_alpha": float(R), "init_lora_weights": "loftq",
+                                    "loftq_config": {"loftq_bits": 4, "loftq_iter": 1}},
+           ("linear", "gpt2_conv1d", "linear4bit"), lambda k: R * (_prod(k) + k.out_features), lora_oracle,
+           start=nf4_start, init=loftq_init,
+           refused={"dora": {"use_dora": True}, "8_bits": {"loftq_config": {"loftq_bits": 8}},
+                    "rank_above_min_out_in": {"r": 13}}),
+    # a 2-D weight is one expert, a 3-D one a stack (conv1d's (out, in, k): out experts of (in, k)),
+    # as in peft; 4-D and 5-D weights, 1-D ones and a 4-bit layer's packed codes are refused
+    Method("lora_param", dt.LoraConfig, {"r": R, "lora_alpha": ALPHA, "target_modules": [],
+                                         "target_parameters": ["layer.weight"]},
+           ("linear", "gpt2_conv1d", "embedding", "conv1d", "experts", "experts_transposed"),
+           lambda k: R * _expert_units(k), parameter_lora_oracle, peft="LoraConfig",
+           variants={"default": {}, "gaussian": {"init_lora_weights": "gaussian"}, "rslora": {"use_rslora": True}},
+           site="parameter",
+           refused={"qalora": {"use_qalora": True, "qalora_group_size": GROUP}, "dora": {"use_dora": True},
+                    "dropout": {"lora_dropout": 0.1}, "pissa": {"init_lora_weights": "pissa"}}),
 ]
 METHOD = {m.name: m for m in METHODS}
 
@@ -356,9 +481,41 @@ def adapted(method: Method, kind: Kind, dtype: torch.dtype, random: bool = True,
     return model
 
 
+def starting_base(method: Method, kind: Kind, dtype: torch.dtype) -> Single:
+    """The base as the method's attach leaves it (``Method.start``; a 4-bit base is kept)."""
+    model = build(kind, dtype)
+    if method.start is not None and not kind.quantized:
+        module = base_module(model)
+        with torch.no_grad():
+            module.weight.copy_(kind.canonical(method.start(canonical_weight(kind, module), dtype)))
+    return model
+
+
 def unit_roundoff(dtype: torch.dtype) -> float:
     """The largest relative error of one rounding to ``dtype``: 2^-24 in fp32, 2^-8 in bf16."""
     return torch.finfo(dtype).eps / 2
+
+
+TERMS = 64
+"""The most terms one output of a battery layer sums (conftest.TOLERANCES: n <= 64)."""
+
+
+@torch.no_grad()
+def weight_rounding_bound(dense: nn.Module, kind: Kind, magnitude: Tensor, x: Tensor, outputs: Tensor,
+                          dtype: torch.dtype, roundings: int = 2, paths: int = 1) -> Tensor:
+    """How far outputs of a layer computing with ``W + Σ ΔW_i`` stored in ``dtype`` may be from
+    their fp64 values, elementwise, to first order: each weight element carries ``roundings``
+    roundings of size ``magnitude = |W| + Σ |ΔW_i|`` (canonical fp64; one path with one change:
+    the cast of ΔW and the sum, 2), each of ``paths`` computations sums its products in fp32 (at
+    most TERMS roundings of size ``Σ magnitude |x|``), and each output is stored once (``outputs``:
+    the sum of their absolute values). ``dense``: an fp64 copy of the layer, for ``Σ magnitude |x|``."""
+    layer = copy.deepcopy(dense)
+    layer.weight.copy_(kind.canonical(magnitude))
+    if getattr(layer, "bias", None) is not None:
+        layer.bias.zero_()
+    sums = layer(x.double().abs() if x.is_floating_point() else x)
+    u = unit_roundoff(dtype)
+    return (roundings * u + paths * TERMS * unit_roundoff(torch.float32)) * sums + u * outputs
 
 
 def restore_bound(original: Tensor, merged: Tensor, gain: Tensor | float, dtype: torch.dtype) -> Tensor:

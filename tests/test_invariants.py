@@ -7,7 +7,8 @@ Per (method, kind, dtype):
 
 1. the identity init is the identity (bit for bit: the adapter adds exact zeros or multiplies by
    exactly one on the base layer's own operation; DoRA's fused kernel up to one rounding), for
-   every identity-keeping variant of the config;
+   every identity-keeping variant of the config; a method whose init is not the identity by design
+   (LoftQ) matches its init's fp64 formula instead (``Method.init``);
 2. with random trained tensors the output matches the dense fp64 oracle (the base layer with the
    weight and bias of the method's formula);
 3. merged output == unmerged output (on a 4-bit base, the dense model of ``unload(merge=True)``),
@@ -21,11 +22,15 @@ Per (method, kind, dtype):
 7. trainable parameters == the method's formula, trained in fp32 on a bf16 base (BitFit trains
    the base's own biases, in their dtype); a backward pass reaches exactly those tensors;
 8. failed calls leave the model bit for bit unchanged: attaching to a kind the method does not
-   adapt, loading a file with a tensor of the wrong shape (into a fresh base and next to an
-   adapter), attaching under a taken name, merging in place on a 4-bit base;
+   adapt, attaching with a setting the method refuses (``Method.refused``), loading a file with a
+   tensor of the wrong shape (into a fresh base and next to an adapter), attaching under a taken
+   name, merging in place on a 4-bit base;
 9. peft cross-load, both ways, gives equal outputs where peft has the method (dense kinds).
 
-Per pair of methods on one layer (each pair once, a method with itself too), per kind and dtype:
+"The base" is the base as the method's attach leaves it (``Method.start``: LoftQ's NF4 round trip).
+
+Per pair of methods on one layer (each pair once, a method with itself too, both of one
+``Method.site``), per kind and dtype:
 
 10. ``Sum(a, b)`` == ``Sum(b, a)`` == ``base + (out_a - base) + (out_b - base)``;
 11. ``BatchSplit`` rows equal the single adapters' outputs on those rows, in both orders.
@@ -50,7 +55,8 @@ from torch import Tensor, nn
 
 import deltatune as dt
 from battery_cases import (DTYPES, KINDS, METHODS, Kind, Method, adapted, base_module, build, canonical_weight,
-                           dense_copy, make_input, randomize, randomize_peft, restore_bound, run)
+                           dense_copy, make_input, randomize, randomize_peft, restore_bound, run, starting_base,
+                           weight_rounding_bound)
 from conftest import TOLERANCES, close, state_hash
 from deltatune.io import adapter_tensors
 from deltatune.layer import DeltaLayer
@@ -81,8 +87,10 @@ PEFT = cases(lambda m, k: m.peft is not None and k.peft_runs and not k.quantized
 VARIANTS = [pytest.param(m, k, d, v, id=f"{m.name}-{k.name}-{_dtype_id(d)}-{v}")
             for m in METHODS for k in KINDS if k.name in m.kinds for d in DTYPES for v in m.variants]
 UNSUPPORTED = [pytest.param(m, k, id=f"{m.name}-{k.name}") for m in METHODS for k in KINDS if k.name not in m.kinds]
+REFUSED = [pytest.param(m, k, s, id=f"{m.name}-{k.name}-{s}") for m in METHODS for k in KINDS if k.name in m.kinds
+           for s in m.refused]
 PAIRS = [pytest.param(a, b, k, d, id=f"{a.name}+{b.name}-{k.name}-{_dtype_id(d)}")
-         for a, b in itertools.combinations_with_replacement(METHODS, 2)
+         for a, b in itertools.combinations_with_replacement(METHODS, 2) if a.site == b.site
          for k in KINDS if k.name in a.kinds and k.name in b.kinds for d in DTYPES]
 
 
@@ -139,7 +147,13 @@ def test_identity_init(method: Method, kind: Kind, dtype: torch.dtype, variant: 
     base_out = run(build(kind, dtype), x)
     out = run(adapted(method, kind, dtype, random=False, **method.variants[variant]), x)
     assert out.dtype == base_out.dtype
-    if method.fused_identity_rounds and kind.dense_linear and dtype == torch.float32:
+    if method.init is not None:  # not the identity by design: the init's own formula
+        oracle = dense_copy(base_module(build(kind, dtype)))
+        weight = method.init(canonical_weight(kind, oracle), dtype, method.config(**method.variants[variant]))
+        with torch.no_grad():
+            oracle.weight.copy_(kind.canonical(weight))
+        assert_close(out, run(oracle, x.double() if x.is_floating_point() else x), dtype, "init vs its fp64 formula")
+    elif method.fused_identity_rounds and kind.dense_linear and dtype == torch.float32:
         assert_close(out, base_out, dtype, "identity init vs base output")
     else:
         assert torch.equal(out, base_out)
@@ -150,10 +164,11 @@ def test_matches_dense_oracle(method: Method, kind: Kind, dtype: torch.dtype, va
     x = make_input(kind, dtype)
     changes = method.variants[variant]
     model = adapted(method, kind, dtype, **changes)
-    oracle = dense_copy(base_module(build(kind, dtype)))
+    oracle = dense_copy(base_module(starting_base(method, kind, dtype)))
     bias = getattr(oracle, "bias", None)
-    weight, new_bias = method.oracle(model, method.config(**changes), canonical_weight(kind, oracle),
-                                     None if bias is None else bias.detach())
+    original = canonical_weight(kind, oracle).clone()  # the fp64 oracle's weight itself: .double() is no copy
+    weight, new_bias = method.oracle(model, method.config(**changes), original, None if bias is None else bias.detach())
+    dense = copy.deepcopy(oracle)
     with torch.no_grad():
         oracle.weight.copy_(kind.canonical(weight))
         if new_bias is not None:
@@ -161,7 +176,15 @@ def test_matches_dense_oracle(method: Method, kind: Kind, dtype: torch.dtype, va
     out = run(model, x)
     assert out.dtype == run(build(kind, dtype), x).dtype
     assert_changes(out, run(build(kind, dtype), x), dtype)
-    assert_close(out, run(oracle, x.double() if x.is_floating_point() else x), dtype, "output vs dense fp64 oracle")
+    expected = run(oracle, x.double() if x.is_floating_point() else x)
+    if method.site == "parameter":  # W + ΔW in the base's dtype (Method.site)
+        err = (out.double() - expected).abs()
+        magnitude = original.abs() + (weight - original).abs()
+        bound = weight_rounding_bound(dense, kind, magnitude, x, expected.abs(), dtype)
+        worst = (err / bound).max().item()
+        assert (err <= bound).all(), f"output vs dense fp64 oracle: up to {worst:.3g} x the rounding bound"
+    else:
+        assert_close(out, expected, dtype, "output vs dense fp64 oracle")
 
 
 @pytest.mark.parametrize(("method", "kind", "dtype"), ALL)
@@ -231,7 +254,7 @@ def test_save_load_roundtrip(method: Method, kind: Kind, dtype: torch.dtype, tmp
 @pytest.mark.parametrize(("method", "kind", "dtype"), ALL)
 def test_disabled_gives_base_output(method: Method, kind: Kind, dtype: torch.dtype) -> None:
     x = make_input(kind, dtype)
-    base_out = run(build(kind, dtype), x)
+    base_out = run(starting_base(method, kind, dtype), x)
     model = adapted(method, kind, dtype)
     out = run(model, x)
     assert_changes(out, base_out, dtype)
@@ -242,7 +265,7 @@ def test_disabled_gives_base_output(method: Method, kind: Kind, dtype: torch.dty
         return
     dt.merge(model)
     merged_out = run(model, x)
-    w0, _ = weights(kind, build(kind, dtype))
+    w0, _ = weights(kind, starting_base(method, kind, dtype))
     w1, _ = weights(kind, model)
     with dt.disabled(model):
         assert merged_names(model) == []
@@ -338,6 +361,15 @@ def test_unsupported_kind_is_refused_unchanged(method: Method, kind: Kind) -> No
     assert model.layer is layer and state_hash(model) == before and "deltatune_state" not in model.__dict__
 
 
+@pytest.mark.parametrize(("method", "kind", "setting"), REFUSED)
+def test_refused_setting_leaves_the_base_unchanged(method: Method, kind: Kind, setting: str) -> None:
+    model = build(kind, torch.float32)
+    layer, before = model.layer, state_hash(model)
+    with pytest.raises((dt.ConfigError, dt.TargetError)):
+        dt.attach(model, method.config(**method.refused[setting]))
+    assert model.layer is layer and state_hash(model) == before and "deltatune_state" not in model.__dict__
+
+
 @pytest.mark.parametrize(("method", "kind", "dtype"), PEFT)
 def test_peft_cross_load(method: Method, kind: Kind, dtype: torch.dtype, tmp_path: Path) -> None:
     import peft
@@ -384,8 +416,21 @@ def test_sum_is_order_free_and_adds_the_changes(a: Method, b: Method, kind: Kind
     assert_changes(out_a, base, dtype)
     assert_changes(out_b, base, dtype)
     ab, ba = output(model, x, dt.Sum("a", "b")), output(model, x, dt.Sum("b", "a"))
-    assert_close(ab, ba, dtype, "Sum(a, b) vs Sum(b, a)")
     expected = base.double() + (out_a.double() - base.double()) + (out_b.double() - base.double())
+    if a.site == "parameter":  # W + ΔW_a + ΔW_b in the base's dtype (Method.site): its rounding bound
+        dense = dense_copy(base_module(model))
+        weight = canonical_weight(kind, base_module(model))
+        changes = [kind.canonical(model.layer.deltas[n].delta_weight(weight.float()).double()) for n in ("a", "b")]
+        magnitude = weight.abs() + changes[0].abs() + changes[1].abs()
+        outputs = sum(t.double().abs() for t in (ab, ba, out_a, out_b, base))
+        # Sum(a, b) and Sum(b, a): two casts and two sums each; out_a, out_b: a cast and a sum each
+        bound = weight_rounding_bound(dense, kind, magnitude, x, outputs, dtype, roundings=12, paths=5)
+        for got, want, what in ((ab, ba, "Sum(a, b) vs Sum(b, a)"),
+                                (ab, expected, "Sum(a, b) vs base + (out_a - base) + (out_b - base)")):
+            err = (got.double() - want.double()).abs()
+            assert (err <= bound).all(), f"{what}: up to {(err / bound).max():.3g} x the rounding bound"
+        return
+    assert_close(ab, ba, dtype, "Sum(a, b) vs Sum(b, a)")
     assert_close(ab, expected, dtype, "Sum(a, b) vs base + (out_a - base) + (out_b - base)")
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..bases import BaseLayer, ParameterBase
-from ..errors import AdapterError
+from ..errors import AdapterError, TargetError
 from ..layer import WeightDelta
 from .lora import KINDS
 from .lora_config import LoraConfig
@@ -91,6 +91,10 @@ class ParameterLoraDelta(WeightDelta):
 def make_parameter_lora(base: BaseLayer, config: LoraConfig) -> ParameterLoraDelta:
     """The delta for a parameter site; rank and alpha patterns match the parameter's full name, as in peft."""
     assert isinstance(base, ParameterBase)
+    if config.use_qalora:  # else the flag would be dropped silently while the file keeps it
+        raise TargetError(f"use_qalora=True cannot apply to {base.describe()}: QA-LoRA pools a layer's input, and a "
+                          "parameter has no input of its own. Fix: adapt the parameters in an adapter without "
+                          "use_qalora, or drop them from target_parameters")
     r, alpha = config.rank_and_alpha(base.path)
     delta = ParameterLoraDelta(base, r, scale_for(r, alpha, config.use_rslora))
     delta.initialize(config.init_lora_weights)

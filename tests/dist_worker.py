@@ -8,6 +8,7 @@ Every rank builds the same tiny model and data (seeded), trains with ``deltatune
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -38,15 +39,18 @@ class Tokens:
     pad_token_id, eos_token_id = 0, 1
 
 
-def build_lm() -> tuple[nn.Module, CausalLM, list[Any], list[Any]]:
+def build_lm(quantize: str = "none") -> tuple[nn.Module, CausalLM, list[Any], list[Any]]:
     """A tiny LLaMA and rows whose labelled tokens (the completion) vary in number: the ranks' micro-batches
-    hold different token counts, so only a global normaliser makes 2 x 4 rows equal 1 x 8 rows."""
+    hold different token counts, so only a global normaliser makes 2 x 4 rows equal 1 x 8 rows.
+    ``quantize`` ("nf4", "fp4", ...): the base's linear layers stored in 4 bits first (QLoRA)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     seed_everything(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                          num_key_value_heads=2, intermediate_size=64, vocab_size=128,
                                          max_position_embeddings=64))
+    if quantize != "none":
+        dt.quantize(model, dt.QuantConfig(quant_type=quantize))
     dt.attach(model, dt.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                                    task_type="CAUSAL_LM"))
     generator = torch.Generator().manual_seed(5)
@@ -83,6 +87,14 @@ class Fail:
         return torch.zeros(())
 
 
+def layout(model: nn.Module) -> dict[str, Any]:
+    """How this rank holds the model: the types of its parameters, and per buffer (the packed 4-bit weights
+    and their scales) its type and element count, to show what ``fully_shard`` split and what it left whole."""
+    return {"parameters": sorted({type(p).__name__ for p in model.parameters()}),
+            "buffers": {name: [type(b).__name__, b.numel()] for name, b in model.named_buffers()
+                        if name.endswith(".weight")}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     for name in ("model", "data", "out"):
@@ -94,18 +106,24 @@ def main() -> None:
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (TrainConfig.fsdp)")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--lm", action="store_true", help="the causal LM (token-weighted loss) instead of BERT")
+    parser.add_argument("--quantize", default="none", help="the causal LM's base in 4 bits (nf4, fp4, int4_group)")
+    parser.add_argument("--checkpointing", action="store_true", help="TrainConfig.gradient_checkpointing")
+    parser.add_argument("--kernels", action="store_true", help="TrainConfig.accelerate (deltatune's fused kernels)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.fsdp:  # the group outlives fit: gathering the sharded adapter afterwards needs it
         dist.init_process_group("gloo")
-    model, task, train, test = build_lm() if args.lm else build(args.model, args.data)
+    model, task, train, test = build_lm(args.quantize) if args.lm else build(args.model, args.data)
     trainer = Trainer(model, task, train, test,
                       config(args.out / "run", batch_size=args.batch, grad_accum=args.accum, max_steps=args.steps,
-                             save_every=args.save_every, fsdp=args.fsdp, bf16=args.bf16),
+                             save_every=args.save_every, fsdp=args.fsdp, bf16=args.bf16,
+                             gradient_checkpointing=args.checkpointing, accelerate=args.kernels),
                       callbacks=[StopAt(args.stop_at)] if args.stop_at else [],
                       loss_terms=[Fail(args.fail_rank, 3)] if args.fail_rank >= 0 else [])
     result = trainer.fit(resume=args.resume)
     save_file(adapter_state(model), str(args.out / f"rank{os.environ['RANK']}.safetensors"))
+    if args.quantize != "none":
+        (args.out / f"layout{os.environ['RANK']}.json").write_text(json.dumps(layout(model)))
     if args.fsdp:
         dist.destroy_process_group()
     print(f"rank {os.environ['RANK']}: {result.steps} steps, loss {result.train_loss:.6f}")

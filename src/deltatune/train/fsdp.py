@@ -6,6 +6,10 @@ then keeps ``1 / world size`` of every parameter (the frozen base and the adapte
 after, and reduce-scatters (averages) the gradients of the trainable ones in backward, so the
 trainer's own all-reduce is not used. Every rank must then take part in every forward (evaluation
 included) and in every gather of the adapter (``dt.save``, ``io.gathered``).
+
+``fully_shard`` shards parameters only. A 4-bit base (``dt.quantize``) keeps its packed codes and
+scales in buffers, so they stay whole on every rank (frozen, read in place, never gathered or
+reduced) while the float parameters around them (embeddings, norms, head, adapter) are sharded.
 """
 
 from __future__ import annotations

@@ -109,11 +109,16 @@ def main() -> None:
     parser.add_argument("--quantize", default="none", help="the causal LM's base in 4 bits (nf4, fp4, int4_group)")
     parser.add_argument("--checkpointing", action="store_true", help="TrainConfig.gradient_checkpointing")
     parser.add_argument("--kernels", action="store_true", help="TrainConfig.accelerate (deltatune's fused kernels)")
+    parser.add_argument("--cuda", action="store_true", help="each rank on its own GPU (cuda:LOCAL_RANK), NCCL")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if args.cuda else torch.device("cpu")
     if args.fsdp:  # the group outlives fit: gathering the sharded adapter afterwards needs it
-        dist.init_process_group("gloo")
+        if args.cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if args.cuda else "gloo")
     model, task, train, test = build_lm(args.quantize) if args.lm else build(args.model, args.data)
+    model.to(device)  # the trainer puts batches where the adapter lives and picks the backend from it
     trainer = Trainer(model, task, train, test,
                       config(args.out / "run", batch_size=args.batch, grad_accum=args.accum, max_steps=args.steps,
                              save_every=args.save_every, fsdp=args.fsdp, bf16=args.bf16,
@@ -121,7 +126,7 @@ def main() -> None:
                       callbacks=[StopAt(args.stop_at)] if args.stop_at else [],
                       loss_terms=[Fail(args.fail_rank, 3)] if args.fail_rank >= 0 else [])
     result = trainer.fit(resume=args.resume)
-    save_file(adapter_state(model), str(args.out / f"rank{os.environ['RANK']}.safetensors"))
+    save_file({k: t.cpu() for k, t in adapter_state(model).items()}, str(args.out / f"rank{os.environ['RANK']}.safetensors"))
     if args.quantize != "none":
         (args.out / f"layout{os.environ['RANK']}.json").write_text(json.dumps(layout(model)))
     if args.fsdp:

@@ -50,10 +50,10 @@ def test_a_bare_yaml_number_is_a_duration_in_seconds() -> None:
 
 def test_max_time_stops_evaluates_and_saves(tmp_path: Path, tiny_bert_dir: Path, sentiment_file: Path,
                                             monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    import deltatune.train.trainer as trainer_module
+    import deltatune.train.time_budget as budget_module
 
     clock = iter(range(0, 10_000, 1))  # every reading of the trainer's clock is one second later
-    monkeypatch.setattr(trainer_module, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(clock))}))
+    monkeypatch.setattr(budget_module, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(clock))}))
     out = tmp_path / "run"
     assert main(train_command(tiny_bert_dir, sentiment_file, out, "--max-steps", "50", "--max-time", "3s")) == 0
     printed = capsys.readouterr().out

@@ -26,19 +26,12 @@ from torch import Tensor, nn
 
 import deltatune as dt
 from conftest import perturb_site_adapters, state_hash, tiny_t5
+from prompt_inputs import inputs
 from prompt_models import bert_seq, bert_tok, gpt2, llama
 
 N = 3
 MODELS: dict[str, Callable[..., nn.Module]] = {"bert": bert_seq, "gpt2": gpt2, "llama": llama}
 SAFE, BIN, CONFIG = "adapter.safetensors", "pytorch_adapter.bin", "adapter_config.json"
-
-
-def inputs(pad: bool = True) -> dict[str, Tensor]:
-    ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    if pad:
-        mask[1, 5:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def out(model: nn.Module, **extra: Any) -> Tensor:

@@ -23,6 +23,9 @@ from .compose import Composition
 from .errors import AdapterFileError, ConfigError
 from .values import is_int, is_positive_int
 
+FILE_PREFIX = "base_model.model."
+"""What peft-style file keys of layer tensors and saved modules start with (peft's wrapper path)."""
+
 TASK_TYPES = (
     "CAUSAL_LM",
     "SEQ_CLS",
@@ -94,7 +97,7 @@ class DeltaConfig:
     """peft keys with no effect in deltatune: any value is accepted; written with this default."""
     peft_unsupported: ClassVar[Mapping[str, Any]] = MappingProxyType({})
     """peft features deltatune lacks: accepted only while 'off'; written with this default."""
-    file_prefix: ClassVar[str] = "base_model.model."
+    file_prefix: ClassVar[str] = FILE_PREFIX
     """What file keys of layer tensors and saved modules start with (peft's wrapper path for the method)."""
     condense_targets: ClassVar[bool] = True
     """Whether long target lists are shortened to suffixes as peft does (peft skips it for methods whose two target lists are coupled)."""

@@ -20,12 +20,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from . import hf
-from .config import TargetedConfig
+from .config import FILE_PREFIX, TargetedConfig
 from .errors import TargetError
 from .layer import ModelDelta
-
-FILE_PREFIX = "base_model.model."
-"""What peft-style file keys start with."""
 
 Norm = Callable[[Tensor], Tensor]
 SiteFunction = Callable[[Tensor, Tensor, "Norm | None", bool, "Tensor | None"], "Tensor | None"]

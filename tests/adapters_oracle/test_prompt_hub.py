@@ -22,6 +22,7 @@ import adapters
 import pytest
 import torch
 from oracle_models import ATOL, _quiet
+from prompt_inputs import inputs
 from torch import Tensor, nn
 
 import deltatune as dt
@@ -53,14 +54,6 @@ def build(arch: str, attn: str = "eager", hub: bool = False) -> nn.Module:
     if hub:
         adapters.init(model)
     return model.eval()
-
-
-def inputs(pad: bool = True) -> dict[str, Tensor]:
-    ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    if pad:
-        mask[1, 5:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def logits(model: nn.Module, pad: bool = True) -> Tensor:

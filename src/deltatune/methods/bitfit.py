@@ -33,15 +33,13 @@ from torch import Tensor, nn
 
 from ..bases import BaseLayer, channel_dim
 from ..compose import Active, row_weights
-from ..config import DeltaConfig, TargetedConfig
+from ..config import FILE_PREFIX, DeltaConfig, TargetedConfig
 from ..errors import TargetError
 from ..layer import STATE_ATTR, DeltaLayer, HookedDelta, ModelDelta, Removable
 from ..sites import HOLDER
 from ..registry import Method, Recipe, register, register_recipe
 from ..state import logical_modules
 from ..targets import is_target, nearest_names
-
-FILE_PREFIX = "base_model.model."
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -11,11 +11,11 @@ from typing import Any
 
 from ..config import DeltaConfig
 from ..errors import ConfigError, DeltatuneError
+from ..io import CONFIG_NAME
 from ..registry import MethodOption, Recipe, RecipeInput, register_recipe
 from ..state import check_name
 from .fusion import FusionConfig
 
-ADAPTER_FILE = "adapter_config.json"
 RUN_ADAPTER = "adapter"
 """The folder a ``deltatune train`` run saves its adapter to, inside its output folder."""
 OWN_NAME = "default"
@@ -26,11 +26,11 @@ FIX = "pass --fuse NAME=FOLDER NAME=FOLDER, each FOLDER an adapter folder or the
 def _folder(value: str) -> Path:
     """The adapter folder ``value`` names: itself, or the adapter a run folder holds."""
     path = Path(value)
-    if (path / ADAPTER_FILE).is_file():
+    if (path / CONFIG_NAME).is_file():
         return path
-    if (path / RUN_ADAPTER / ADAPTER_FILE).is_file():
+    if (path / RUN_ADAPTER / CONFIG_NAME).is_file():
         return path / RUN_ADAPTER
-    raise ConfigError("options", "fuse", value, f"{path} holds no {ADAPTER_FILE} (nor {RUN_ADAPTER}/{ADAPTER_FILE})", FIX)
+    raise ConfigError("options", "fuse", value, f"{path} holds no {CONFIG_NAME} (nor {RUN_ADAPTER}/{CONFIG_NAME})", FIX)
 
 
 def _default_name(folder: Path) -> str:

@@ -11,6 +11,9 @@ Per adapted layer, over the adapters present there, in the order of ``weights``:
   rank the sum of the ranks.
 - "svd" methods mix the dense ``ΔW_i`` and keep the top ``svd_rank`` singular triplets.
 
+A change that is one product per expert (``combine_layer.ExpertFactors``: a change of a fused 3-D
+expert weight) is combined expert by expert, each as its own matrix, at the same rank per expert.
+
 The result is a new adapter of the first adapter's method and settings, rank as above and
 scaling 1, built like any attach (``inject.plan``, fill the planned factors, ``inject.apply``), so
 it saves, loads and runs as any other. Every check comes before the model changes.
@@ -26,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .combine_args import checked_weights, require, settings
-from .combine_layer import Arithmetic, LayerParts, Part, combined
+from .combine_layer import Arithmetic, LayerParts, Part, as_expert_factors, combined
 from .config import DeltaConfig, TargetedConfig
 from .errors import AdapterError
 from .factor_form import FactorForm, factor_form
@@ -89,21 +92,33 @@ def _layers(model: nn.Module, weights: dict[str, float], form: FactorForm) -> li
     """Every layer that one of the adapters changes, with their factors there (in ``weights`` order)."""
     found = []
     for key, layer in delta_layers(model):
-        parts = []
+        parts, experts = [], set()
         for name, weight in weights.items():
             if name not in layer.deltas:
                 continue
             delta = layer.delta(name)
-            if type(delta) is not form.delta_class:
+            batch = as_expert_factors(delta)
+            if batch is None and type(delta) is not form.delta_class:
                 raise AdapterError(
                     f"dt.combine: adapter {name!r} changes {key!r} with a {type(delta).__name__}, which is not a plain "
                     f"low-rank product s·B·A (it rescales or reshapes it further), so it has no combination rule. "
                     f"Leave {name!r} out of the weights.")
-            b, a, scaling = form.factors(delta)
+            b, a, scaling = form.factors(delta) if batch is None else batch.expert_factors()
+            experts.add(None if batch is None else b.shape[0])
             parts.append(Part(name, weight, b.detach(), a.detach(), scaling))
         if parts:
-            found.append(LayerParts(key, layer.view, parts))
+            found.append(LayerParts(key, layer.view, parts, _one_layout(key, experts)))
     return found
+
+
+def _one_layout(key: str, experts: set[int | None]) -> int | None:
+    """The number of experts all the adapters agree on at ``key`` (None: plain matrices)."""
+    if len(experts) > 1:
+        forms = sorted(experts, key=str)
+        raise AdapterError(f"dt.combine: the adapters change {key!r} in different forms (experts: {forms}, None "
+                           "meaning one plain matrix), which have no common combination. "
+                           "Combine adapters that adapt this layer in the same way.")
+    return next(iter(experts))
 
 
 def _rank(arith: Arithmetic, ranks: dict[str, int]) -> int:
@@ -145,10 +160,25 @@ def _check_layers(attach_plan: AttachPlan, layers: list[LayerParts], arith: Arit
     """The planned adapter covers exactly the layers the adapters change, and each can take the result."""
     _check_selection(set(attach_plan.deltas), {layer.key for layer in layers})
     for layer in layers:
+        if layer.experts is not None:
+            _check_experts(layer, attach_plan.deltas[layer.key], rank)
+        matrix = layer.matrices()[0]  # the experts of one layer share their shapes
         if arith.form == "factors":
-            _check_one_rank(layer, arith, rank)
+            _check_one_rank(matrix, arith, rank)
         elif arith.form == "svd":
-            _check_svd_fits(layer, arith, rank)
+            _check_svd_fits(matrix, arith, rank)
+
+
+def _check_experts(layer: LayerParts, planned: nn.Module, rank: int) -> None:
+    """The result's planned change at a batch-of-experts layer is one too, with room for ``rank`` per expert."""
+    batch = as_expert_factors(planned)
+    part = layer.parts[0]
+    want = ((layer.experts, part.b.shape[1], rank), (layer.experts, rank, part.a.shape[2]))
+    got = None if batch is None else tuple(tuple(t.shape) for t in batch.expert_factors()[:2])
+    if got != want:
+        raise AdapterError(f"dt.combine: the combined adapter would change {layer.key!r} ({layer.view.describe()}) "
+                           f"with factors shaped {got}, not per-expert factors {want}; its method cannot hold this "
+                           "combination there. Leave the adapters that change it out of the weights.")
 
 
 def _check_selection(planned: set[str], wanted: set[str]) -> None:
@@ -211,8 +241,12 @@ def _take_copies(model: nn.Module, attach_plan: AttachPlan, owners: dict[str, st
 
 
 def _fill(form: FactorForm, delta: nn.Module, b: Tensor, a: Tensor) -> None:
-    assert isinstance(delta, form.delta_class)
-    target_b, target_a, _ = form.factors(delta)
+    batch = as_expert_factors(delta)
+    if batch is not None:
+        target_b, target_a, _ = batch.expert_factors()  # views of the live factors: copying fills them
+    else:
+        assert isinstance(delta, form.delta_class)
+        target_b, target_a, _ = form.factors(delta)
     with torch.no_grad():
         target_b.copy_(b.reshape(target_b.shape))
         target_a.copy_(a.reshape(target_a.shape))

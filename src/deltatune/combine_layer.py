@@ -2,12 +2,18 @@
 
 The three forms of peft's ``add_weighted_adapter``: "factors" (mix the A's and the B's separately),
 "cat" (stack them along the rank) and "svd" (mix the dense changes, truncate by SVD).
+
+A change that is a batch of products, one per expert (a change of a fused 3-D expert weight), is
+combined as that many separate matrices (``ExpertFactors``): expert ``e`` of the result is the
+combination of expert ``e`` of each adapter, with its own pruning, draws, norms and SVD, so a
+fused expert stack combines exactly as the same experts would as separate layers.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -44,15 +50,44 @@ class Part:
     scaling: float
 
 
+@runtime_checkable
+class ExpertFactors(Protocol):
+    """A delta whose change is a batch of scaled low-rank products, one per expert: ``ΔW_e = s B_e A_e``.
+    Its class declares this by having the method; a subclass that changes the product must not keep it."""
+
+    def expert_factors(self) -> tuple[Tensor, Tensor, float]:
+        """``(B, A, s)``: ``B`` of shape ``(experts, out, r)``, ``A`` of shape ``(experts, r, in)`` (``ΔW_e``
+        in the canonical ``(out, in)`` layout), views of the live parameters, so filling them fills the delta."""
+        ...
+
+
+def as_expert_factors(delta: object) -> ExpertFactors | None:
+    """``delta`` as an ``ExpertFactors``, or None when its class is not one."""
+    return delta if isinstance(delta, ExpertFactors) else None
+
+
 @dataclass(frozen=True)
 class LayerParts:
     key: str
     view: BaseLayer
     parts: list[Part]
+    experts: int | None = None
+    """None: each part is one matrix in its method's factor layout; else the parts' ``b`` are
+    ``(experts, out, r)`` and their ``a`` ``(experts, r, in)`` (``ExpertFactors``)."""
+
+    def matrices(self) -> list[LayerParts]:
+        """The layer as single matrices: itself, or one per expert."""
+        if self.experts is None:
+            return [self]
+        return [LayerParts(self.key, self.view, [replace(p, b=p.b[e], a=p.a[e]) for p in self.parts])
+                for e in range(self.experts)]
 
 
 def combined(layer: LayerParts, arith: Arithmetic, rank: int) -> tuple[Tensor, Tensor]:
-    """``(B, A)`` of the combination on one layer."""
+    """``(B, A)`` of the combination on one layer; per expert, stacked, for a batch of experts."""
+    if layer.experts is not None:
+        results = [combined(matrix, arith, rank) for matrix in layer.matrices()]
+        return torch.stack([b for b, _ in results]), torch.stack([a for _, a in results])
     weights = [p.weight for p in layer.parts]
     if arith.inverse_norm:
         weights = inverse_norm_weights(weights, [product_norm(p.b, p.a, p.scaling) for p in layer.parts])

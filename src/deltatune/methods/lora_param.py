@@ -13,7 +13,8 @@ In forward the module runs with ``W + ΔW`` in the parameter's place (``param_si
 adapter folds its factors into W with one ``baddbmm`` (as peft does, so outputs match peft's
 bit for bit in fp32), several add their ``ΔW`` in W's dtype. Init as LoRA on a linear layer:
 True = A Kaiming-uniform, B zero; "gaussian" = A normal with std 1/r, B zero; False = both
-Kaiming-uniform (nn.Linear's default, which peft leaves in place).
+Kaiming-uniform (nn.Linear's default, which peft leaves in place). Hot-swap (rank slots, a scale held
+in a tensor): ``lora_param_slot``.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ from torch import Tensor, nn
 
 from ..bases import BaseLayer, ParameterBase
 from ..errors import AdapterError, TargetError
-from ..layer import WeightDelta
 from .lora import KINDS
 from .lora_config import LoraConfig
+from .lora_param_slot import ParamRankSlot
 from .lora_slot import scale_for
 
 
-class ParameterLoraDelta(WeightDelta):
+class ParameterLoraDelta(ParamRankSlot):
     """Per-expert LoRA factors for one parameter, in peft's shapes."""
 
     def __init__(self, base: ParameterBase, r: int, scaling: float) -> None:
@@ -57,6 +58,14 @@ class ParameterLoraDelta(WeightDelta):
         b = self.B.reshape(self.B.shape[0], self.r, experts).permute(2, 0, 1)
         return b, a
 
+    def expert_factors(self) -> tuple[Tensor, Tensor, float]:
+        """``(B_e, A_e, s)`` per expert at the adapter's rank, views of the live factors
+        (``combine_layer.ExpertFactors``: adapter arithmetic combines expert by expert and fills a result
+        through these views)."""
+        b, a = self._per_expert()
+        rank = self.true_rank or self.r  # a padded slot's zero ranks are no part of the adapter
+        return b[..., :rank], a[:, :rank], float(self.scaling)
+
     def delta_weight(self, weight: Tensor) -> Tensor:
         """``ΔW`` in fp32 in the stored layout, computed as peft computes it (einsum over the split factors)."""
         if self.base.weight.dim() == 2:
@@ -72,8 +81,11 @@ class ParameterLoraDelta(WeightDelta):
             return weight + self.delta_weight(weight).to(weight)
         b, a = self._per_expert()
         lhs, rhs = (a.transpose(-2, -1), b.transpose(-2, -1)) if self.base.transposed else (b, a)
+        scale = self.scaling
+        if isinstance(scale, Tensor):  # held for hot-swaps: a value compiled code reads, not a constant
+            lhs, scale = lhs * scale, 1.0
         with torch.autocast(device_type=weight.device.type, enabled=False):  # the fold stays in W's dtype
-            return torch.baddbmm(weight, lhs.to(weight.dtype), rhs.to(weight.dtype), alpha=self.scaling)
+            return torch.baddbmm(weight, lhs.to(weight.dtype), rhs.to(weight.dtype), alpha=scale)
 
     @torch.no_grad()
     def initialize(self, init: bool | str) -> None:

@@ -22,40 +22,11 @@ from torch import nn
 
 import deltatune as dt
 from conftest import perturb, state_hash
+from test_hf_saving import ADAPTER_FILES, IDS, LORA, adapted, base_dir, fresh, logits  # noqa: F401 (base_dir: a fixture)
 from deltatune.errors import AdapterFileError
-from prompt_models import llama
 
 accelerate = pytest.importorskip("accelerate")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
-IDS = torch.tensor([[1, 5, 7, 9, 11, 13], [1, 20, 30, 40, 50, 60]])
-ADAPTER_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors"]
-LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    llama().save_pretrained(folder)
-    return folder
-
-
-def fresh(base_dir: Path) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(base_dir).eval()
-
-
-def adapted(base_dir: Path, seed: int = 0) -> nn.Module:
-    model = dt.attach(fresh(base_dir), dt.LoraConfig(**LORA))  # type: ignore[arg-type]
-    perturb(model, seed)
-    return model
-
-
-def logits(model: nn.Module) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(IDS).logits
 
 
 def train_steps(accelerator: Any, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> None:

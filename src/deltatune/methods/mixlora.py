@@ -89,7 +89,7 @@ class TokenRouters(ModelDelta):
     """One MixLoRA adapter's part of the model: what its layers' routers report to the trainer.
 
     Layers record only in training mode. ``take_loss`` and ``take_statistics`` are the trainer's
-    seam (``train.trainer.TrainingSignals``); each returns what was recorded since its last call.
+    seam (``train.signals.TrainingSignals``); each returns what was recorded since its last call.
     """
 
     mergeable: ClassVar[bool] = False  # input-dependent gates: there is no weight change to fold in

@@ -64,7 +64,7 @@ class XLoraPart(HookedDelta):
         self.name, self._totals, self._calls = "default", torch.zeros(len(config.adapters) + 1), 0
 
     def take_loss(self) -> Tensor | None:
-        """The trainer's seam (``train.trainer.TrainingSignals``): X-LoRA adds no loss term."""
+        """The trainer's seam (``train.signals.TrainingSignals``): X-LoRA adds no loss term."""
         return None
 
     def take_statistics(self) -> dict[str, float]:

@@ -121,6 +121,22 @@ def test_matches_peft(model: str, method: str, folders: Callable[..., Path], tmp
         theirs["r"], theirs["lora_alpha"], sorted(theirs["target_modules"]))
 
 
+@pytest.mark.parametrize("method", ["linear", "cat", "svd"])
+def test_adapters_padded_for_hot_swap_combine_as_their_own_rank(method: str, folders: Callable[..., Path],
+                                                                 tmp_path: Path) -> None:
+    """``dt.prepare_hotswap`` pads every slot with zero ranks; combining reads each adapter at its own rank,
+    so the result is peft's combination of the unpadded adapters (not rank 2r, not refused)."""
+    folder = folders("llama", ranks_for(method))
+    want = peft_side("llama", folder, method, tmp_path / "peft")
+    padded = dt_model("llama", folder)
+    dt.prepare_hotswap(padded, target_rank=16)
+    combined = dt.combine(padded, WEIGHTS, method, name="mix")
+    dt.set_active(combined, "mix")
+    dt.save(combined, tmp_path / "dt", names=["mix"])
+    assert_same_tensors(saved_tensors(tmp_path / "dt"), saved_tensors(tmp_path / "peft"))
+    assert (output(combined) - want).abs().max().item() <= ATOL
+
+
 @pytest.mark.parametrize("method", ["linear", "ties", "cat", "svd"])
 def test_matches_peft_with_different_targets(method: str, folders: Callable[..., Path], tmp_path: Path) -> None:
     """peft targets the union and, on each layer, combines the adapters present there."""

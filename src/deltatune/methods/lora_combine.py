@@ -16,8 +16,13 @@ from .lora import LoraConfig, LoraDelta
 
 
 def _factors(delta: Delta) -> Factors:
+    """The live factors at the adapter's own rank: a hot-swap slot padded past it (``dt.prepare_hotswap``)
+    holds zero rows beyond, which belong to no adapter (and would give two rank-2 adapters rank 4)."""
     assert isinstance(delta, LoraDelta)
-    return delta.B, delta.A, delta.scaling
+    rank = delta.true_rank
+    if rank is None:
+        return delta.B, delta.A, delta.scaling
+    return delta.B[:, :rank], delta.A[:rank], delta.scaling
 
 
 def _max_rank(config: DeltaConfig) -> int:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import ModelLoadError, TargetError
@@ -191,11 +193,42 @@ def from_pretrained(class_name: str, path: str, **kwargs: Any) -> Any:
         require_gguf(path)
         kwargs["gguf_file"] = source.gguf_file
     try:
+        if _ON_META and class_name.startswith("AutoModel"):
+            return _built_on_meta(getattr(transformers, class_name), source.location, kwargs)
         return getattr(transformers, class_name).from_pretrained(source.location, local_files_only=True, **kwargs)
     except OSError as error:
         if isinstance(error, ModelLoadError):
             raise
         raise ModelLoadError(unavailable(path, class_name, error)) from error
+
+
+_ON_META = False
+"""Set inside :func:`models_on_meta`."""
+
+
+@contextmanager
+def models_on_meta() -> Iterator[None]:
+    """Inside, :func:`from_pretrained` of a model class builds the architecture on the ``meta`` device from the
+    saved config and reads no weights (FSDP2's ranks other than 0 receive their shards from rank 0 instead)."""
+    global _ON_META
+    before, _ON_META = _ON_META, True
+    try:
+        yield
+    finally:
+        _ON_META = before
+
+
+def _built_on_meta(auto_class: Any, location: str, kwargs: dict[str, Any]) -> Any:
+    """``auto_class.from_config`` on the meta device, with the config ``from_pretrained`` would build (its
+    extra arguments, e.g. ``num_labels``, go to the config) and its dtype: the one asked for, else the
+    checkpoint's as its config records it (what ``from_pretrained`` keeps)."""
+    from transformers import AutoConfig
+
+    options = dict(kwargs)
+    dtype = options.pop("dtype", None)
+    config = AutoConfig.from_pretrained(location, local_files_only=True, **options)
+    with torch.device("meta"):
+        return auto_class.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
 
 
 def require_gguf(path: str) -> None:

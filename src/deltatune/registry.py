@@ -113,6 +113,14 @@ class RecipeInput:
 TrainingHooks = Callable[[nn.Module], tuple[list[Callable[[int], None]], list[Callable[[], Tensor]]]]
 """For a method that needs the trainer's help: (model) -> (per-step callbacks, extra loss terms)."""
 
+ParamGroups = Callable[[nn.Module, Mapping[str, Any], float, float], list[dict[str, Any]] | None]
+"""For a recipe whose parameters train at different rates: (model, the run's option values, lr, weight
+decay) -> the optimizer's parameter groups (torch's dicts: ``params``, ``lr``, ``weight_decay``), covering
+every trainable parameter once; or None for one group at lr (what the options ask for may be plain)."""
+
+GroupsFor = Callable[[nn.Module, float, float], list[dict[str, Any]] | None]
+"""A recipe's ``ParamGroups`` with the run's options bound: (model, lr, weight decay) -> groups or None."""
+
 
 @dataclass(frozen=True)
 class MethodOption:
@@ -141,6 +149,8 @@ class Recipe:
     loads: Callable[[Mapping[str, Any]], dict[str, Path]] | None = None
     """For a method built on adapters trained before (AdapterFusion): (the run's option values) ->
     the saved adapter folders to load, frozen, by name, before its own adapter is attached."""
+    param_groups: ParamGroups | None = None
+    """How the trainer's optimizer groups this recipe's parameters (a learning rate per group); None: one group."""
 
 
 _RECIPES: dict[str, Recipe] = {}
@@ -186,3 +196,12 @@ def training_hooks(name: str, model: nn.Module) -> tuple[list[Callable[[int], No
     """The per-step callbacks and loss terms recipe ``name`` needs (none for most methods)."""
     hooks = recipe_named(name).hooks
     return hooks(model) if hooks is not None else ([], [])
+
+
+def param_groups_for(name: str, options: Mapping[str, Any]) -> GroupsFor | None:
+    """How the optimizer should group recipe ``name``'s parameters under the run's ``options`` (the
+    trainer calls it once the model is ready, after any sharding); None when the recipe has one group."""
+    groups = recipe_named(name).param_groups
+    if groups is None:
+        return None
+    return lambda model, lr, weight_decay: groups(model, options, lr, weight_decay)

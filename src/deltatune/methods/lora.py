@@ -26,10 +26,10 @@ from torch import Tensor, nn
 
 from ..bases import BaseLayer
 from ..config import DeltaConfig
-from ..errors import TargetError
+from ..errors import ConfigError, TargetError
 from ..layer import ModelDelta, WeightDelta
 from ..registry import Method, MethodOption, Recipe, RecipeInput, register, register_recipe
-from .lora_config import LoraConfig
+from .lora_config import PISSA_NITER, LoraConfig
 from .lora_init import check_rank_fits, factors_from_weight, takes_weight
 from .lora_loftq import holds_nf4
 from .lora_slot import RankSlot, scale_for
@@ -145,11 +145,54 @@ def finalize_lora(model: nn.Module, config: DeltaConfig, views: Mapping[str, Bas
 LORA = register(Method("LORA", LoraConfig, make_lora, finalize_lora))
 
 
+GROUPINGS: dict[str, Callable[[nn.Module, float, float, float], list[dict[str, Any]]]] = {}
+"""Optimizer groupings of LoRA's parameters: ``loraplus.py`` adds "loraplus" ((model, lr, ratio, weight
+decay) -> LoRA+'s groups), so this file does not import it (it imports ``LoraDelta`` from here)."""
+
+CLI_INITS = "true, gaussian, pissa, pissa_niter_K (K randomized-SVD iterations) or olora"
+
+
+def init_option(run: RecipeInput) -> bool | str:
+    """``--init-lora-weights`` as LoraConfig's value; refused (ConfigError, before the model changes):
+    unknown words, inits that rewrite the base weight on a 4-bit base, and LoftQ (see its message)."""
+    text = run.options["init_lora_weights"]
+    word = text.strip().lower()
+    if word == "loftq":
+        raise ConfigError("options", "init_lora_weights", text, "LoftQ must see the full-precision weight before "
+                          "the base is quantized, and `deltatune train --quantize nf4` quantizes it before the adapter "
+                          "is attached (LoftQ would then start as plain QLoRA)", "use true (QLoRA) here, or the "
+                          "Python API: dt.attach(model, dt.LoraConfig(init_lora_weights='loftq', loftq_config="
+                          "dt.LoftQConfig())), then dt.quantize (docs/quantization.md)")
+    if word == "true":
+        return True
+    if word not in ("gaussian", "pissa", "olora") and not PISSA_NITER.fullmatch(word):
+        raise ConfigError("options", "init_lora_weights", text, f"must be one of {CLI_INITS}",
+                          "pass e.g. --init-lora-weights pissa (false, random A and B, is for tests: Python API only)")
+    quantize = run.run_options.get("quantize", "none")
+    if takes_weight(word) and quantize != "none":
+        raise ConfigError("options", "init_lora_weights", text, f"{word} replaces each base weight by its residual, "
+                          f"which a base stored in 4 bits (--quantize {quantize}) cannot hold",
+                          "drop --quantize, or use --init-lora-weights true or gaussian")
+    return word
+
+
 def lora_fields(run: RecipeInput) -> dict[str, Any]:
     """The LoRA-family fields every LoRA recipe takes from the run options."""
     options = run.options
+    ratio = options["loraplus_lr_ratio"]
+    if not (ratio >= 0 and math.isfinite(ratio)):
+        raise ConfigError("options", "loraplus_lr_ratio", ratio, "must be >= 0 (0 = off)",
+                          "pass e.g. --loraplus-lr-ratio 16 (LoRA+'s recommendation) or 0")
     return {"r": options["r"], "lora_alpha": options["lora_alpha"], "lora_dropout": options["lora_dropout"],
-            "use_rslora": options["use_rslora"], "target_modules": run.target_modules, **run.common}
+            "use_rslora": options["use_rslora"], "init_lora_weights": init_option(run),
+            "target_modules": run.target_modules, **run.common}
+
+
+def lora_param_groups(model: nn.Module, options: Mapping[str, Any], lr: float,
+                      weight_decay: float) -> list[dict[str, Any]] | None:
+    """``--loraplus-lr-ratio R > 0``: LoRA+'s groups (``dt.loraplus_optimizer``'s: B at lr * R); 0: one group."""
+    ratio = options["loraplus_lr_ratio"]
+    return GROUPINGS["loraplus"](model, lr, ratio, weight_decay) if ratio else None
 
 
 LORA_OPTIONS = (
@@ -157,9 +200,13 @@ LORA_OPTIONS = (
     MethodOption("lora_alpha", "float", 16.0, "LoRA scaling numerator (scale = alpha / r)"),
     MethodOption("lora_dropout", "float", 0.1, "dropout on the LoRA input (also VeRA's and AdaLoRA's)"),
     MethodOption("use_rslora", "bool", False, "rank-stabilised scaling alpha / sqrt(r)"),
+    MethodOption("init_lora_weights", "str", "true", f"LoRA/DoRA/QA-LoRA init: {CLI_INITS}; pissa and olora "
+                 "replace each base weight by its residual (eval, predict and merge re-derive it)"),
+    MethodOption("loraplus_lr_ratio", "float", 0.0, "LoRA+ (LoRA/DoRA/QA-LoRA): train B at lr x this ratio "
+                 "(the groups of dt.loraplus_optimizer; 16 is the paper's choice); 0 = off"),
 )
 
 register_recipe(Recipe("lora", "LoRA (Hu et al. 2021): W + (alpha / r) B A", lambda run: LoraConfig(**lora_fields(run)),
-                       options=LORA_OPTIONS, default=True))
+                       options=LORA_OPTIONS, default=True, param_groups=lora_param_groups))
 register_recipe(Recipe("dora", "DoRA (Liu et al. 2024): LoRA plus a trained magnitude per output",
-                       lambda run: LoraConfig(use_dora=True, **lora_fields(run))))
+                       lambda run: LoraConfig(use_dora=True, **lora_fields(run)), param_groups=lora_param_groups))

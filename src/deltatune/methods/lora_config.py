@@ -14,7 +14,7 @@ from ..config import TargetedConfig, is_int
 from .lora_loftq import loftq_dict, loftq_problem
 
 _INITS = (True, False, "gaussian", "pissa", "olora", "loftq")
-_PISSA_NITER = re.compile(r"pissa_niter_\d+")
+PISSA_NITER = re.compile(r"pissa_niter_\d+")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,7 +68,7 @@ class LoraConfig(TargetedConfig):
         for flag in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias"):
             self.check(isinstance(getattr(self, flag), bool), flag, f"{flag} must be a bool", "pass True or False")
         init = self.init_lora_weights
-        self.check(init in _INITS or (isinstance(init, str) and _PISSA_NITER.fullmatch(init) is not None),
+        self.check(init in _INITS or (isinstance(init, str) and PISSA_NITER.fullmatch(init) is not None),
                    "init_lora_weights", f"supported inits are {_INITS} and 'pissa_niter_<K>'",
                    "pass True (the standard zero-B init) or one of those")
         self.check_loftq()

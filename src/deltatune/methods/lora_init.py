@@ -2,7 +2,8 @@
 
 PiSSA (Meng et al. 2024): the top-r singular triplets of ``W = U S Vᵀ`` split evenly between the
 factors, ``B = U_r sqrt(S_r / s)``, ``A = sqrt(S_r / s) V_rᵀ``, so ``s B A`` is W's best rank-r
-part (``pissa_niter_K``: the same from K subspace iterations of a randomized SVD). OLoRA
+part (``pissa_niter_K``: the same from K subspace iterations of a randomized SVD, seeded so that
+loading re-derives it). OLoRA
 (Büyükakyüz 2024): ``W = Q R``, ``B = Q[:, :r]``, ``A = R[:r]``. Either way the base keeps the
 residual ``W - s B A``, and r can be at most min(out, in). LoftQ (``lora_loftq.py``) instead
 gives the base ``dequant(Q)``, its 4-bit quantization.
@@ -38,10 +39,27 @@ def factors_from_weight(weight: Tensor, r: int, scaling: float, init: str,
         u, s, vh = torch.linalg.svd(weight, full_matrices=False)
         u, s, vh = u[:, :r], s[:r], vh[:r]
     else:
-        u, s, v = torch.svd_lowrank(weight, r, niter=int(init.rsplit("_", 1)[1]))
-        vh = v.t()
+        u, s, vh = seeded_svd_lowrank(weight, r, int(init.rsplit("_", 1)[1]))
     root = torch.sqrt(s / scaling)
     return u * root, root[:, None] * vh, None
+
+
+def seeded_svd_lowrank(weight: Tensor, r: int, niter: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(U, S, Vᵀ) of rank r by ``torch.svd_lowrank``'s algorithm (Halko et al. 2009, alg. 5.1), its random
+    test matrix drawn from a fixed seed on the CPU instead of the global generator: the factors are then a
+    function of the weight alone, so loading a saved ``pissa_niter_K`` adapter (``dt.load``, a run's
+    eval / predict / merge) re-derives the residual training started from, on any device. Equals
+    ``torch.svd_lowrank(weight, r, niter)`` run on the CPU right after ``torch.manual_seed(0)``."""
+    tall = weight.shape[0] >= weight.shape[1]
+    a = weight if tall else weight.t()  # torch's rule: work on the tall orientation
+    test = torch.randn(a.shape[1], r, generator=torch.Generator().manual_seed(0)).to(a)
+    q = torch.linalg.qr(a @ test).Q
+    for _ in range(niter):
+        q = torch.linalg.qr(a.t() @ q).Q
+        q = torch.linalg.qr(a @ q).Q
+    u, s, vh = torch.linalg.svd(q.t() @ a, full_matrices=False)
+    u = q @ u
+    return (u, s, vh) if tall else (vh.t(), s, u.t())
 
 
 def check_rank_fits(base: BaseLayer, init: bool | str, key: str, r: int, config_name: str,

@@ -24,7 +24,7 @@ from ..bases import BaseLayer
 from ..errors import ConfigError, TargetError
 from ..quant.config import INT4_GROUP
 from ..registry import MethodOption, Recipe, RecipeInput, register_recipe
-from .lora import CONFIGURED_VARIANTS, LoraDelta, lora_fields
+from .lora import CONFIGURED_VARIANTS, LoraDelta, lora_fields, lora_param_groups
 from .lora_config import LoraConfig
 
 
@@ -85,4 +85,5 @@ register_recipe(Recipe(
     "qalora", "QA-LoRA (Xu et al. 2023): LoRA over the input averaged per group, on an int4_group base "
     "(--quantize int4_group); merges into the 4-bit base losslessly", build_qalora,
     options=(MethodOption("qalora_group_size", "int", 0, "QA-LoRA: inputs averaged per group before lora_A; 0 = "
-                          "--quant-group-size (a multiple of it keeps the 4-bit merge lossless)"),)))
+                          "--quant-group-size (a multiple of it keeps the 4-bit merge lossless)"),),
+    param_groups=lora_param_groups))

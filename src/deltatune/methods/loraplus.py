@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..state import delta_layers
-from .lora import LoraDelta
+from .lora import GROUPINGS, LoraDelta
 
 _WHERE = "loraplus_optimizer"
 
@@ -127,16 +127,24 @@ def loraplus_optimizer(
     Raises:
         ConfigError: an argument is out of range, or the model has no trainable LoRA parameters.
     """
-    _number("lr", lr, "pass the base (A) learning rate, e.g. lr=2e-4")
-    _number("loraplus_lr_ratio", loraplus_lr_ratio, "pass eta_B / eta_A, e.g. loraplus_lr_ratio=16")
-    _number("loraplus_lr_embedding", loraplus_lr_embedding, "pass e.g. loraplus_lr_embedding=1e-6")
-    _number("weight_decay", weight_decay, "pass e.g. weight_decay=0.0", zero_ok=True)
     if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
         raise ConfigError(_WHERE, "optimizer_class", optimizer_class, "it is not a torch.optim.Optimizer subclass",
                           "pass a class such as torch.optim.AdamW")
     if "params" in optimizer_kwargs:
         raise ConfigError(_WHERE, "params", "...", "the parameters are taken from the model",
                           "drop params from the keyword arguments")
+    param_groups = loraplus_groups(model, lr, loraplus_lr_ratio, loraplus_lr_embedding, weight_decay)
+    return optimizer_class(param_groups, **{"lr": lr, **optimizer_kwargs})
+
+
+def loraplus_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float = 16.0,
+                    loraplus_lr_embedding: float = 1e-6, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """The parameter groups of ``loraplus_optimizer`` (same arguments, same checks), for an optimizer
+    built elsewhere: ``deltatune train --loraplus-lr-ratio R`` builds its AdamW over these."""
+    _number("lr", lr, "pass the base (A) learning rate, e.g. lr=2e-4")
+    _number("loraplus_lr_ratio", loraplus_lr_ratio, "pass eta_B / eta_A, e.g. loraplus_lr_ratio=16")
+    _number("loraplus_lr_embedding", loraplus_lr_embedding, "pass e.g. loraplus_lr_embedding=1e-6")
+    _number("weight_decay", weight_decay, "pass e.g. weight_decay=0.0", zero_ok=True)
     groups, trains_lora = _grouped(model)
     if not trains_lora:
         raise ConfigError(_WHERE, "model", type(model).__name__, "it has no trainable LoRA/DoRA parameters",
@@ -149,6 +157,13 @@ def loraplus_optimizer(
         "loraplus_B": (lr * loraplus_lr_ratio, weight_decay),
         "loraplus_B_no_decay": (lr * loraplus_lr_ratio, 0.0),
     }
-    param_groups = [{"name": name, "params": params, "lr": settings[name][0], "weight_decay": settings[name][1]}
-                    for name, params in groups.items() if params]
-    return optimizer_class(param_groups, **{"lr": lr, **optimizer_kwargs})
+    return [{"name": name, "params": params, "lr": settings[name][0], "weight_decay": settings[name][1]}
+            for name, params in groups.items() if params]
+
+
+def _recipe_groups(model: nn.Module, lr: float, ratio: float, weight_decay: float) -> list[dict[str, Any]]:
+    """``--loraplus-lr-ratio``: peft's default embedding rate, the run's lr and weight decay."""
+    return loraplus_groups(model, lr, ratio, weight_decay=weight_decay)
+
+
+GROUPINGS["loraplus"] = _recipe_groups

@@ -10,6 +10,11 @@ included) and in every gather of the adapter (``dt.save``, ``io.gathered``).
 ``fully_shard`` shards parameters only. A 4-bit base (``dt.quantize``) keeps its packed codes and
 scales in buffers, so they stay whole on every rank (frozen, read in place, never gathered or
 reduced) while the float parameters around them (embeddings, norms, head, adapter) are sharded.
+
+Initialised on the ``meta`` device (``deltatune train --fsdp``: see ``run.py``), only rank 0 holds the
+weights: the other ranks build the architecture and the adapter on ``meta``, are sharded as empty
+shells, then allocate their shards and receive them from rank 0 tensor by tensor
+(``set_model_state_dict(..., broadcast_from_rank0=True)``), so no rank but 0 ever holds the whole model.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -28,6 +35,8 @@ from . import distributed
 
 NO_SPLIT_ATTR = "_no_split_modules"
 """The class names of a transformers model's blocks (what its device map never splits)."""
+SHARDED_HERE = "_deltatune_fsdp"
+"""Set on a model :func:`shard` sharded, so that the trainer's ``--fsdp`` takes it as it is."""
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
@@ -47,11 +56,14 @@ def policy(bf16: bool) -> MixedPrecisionPolicy:
         else MixedPrecisionPolicy()
 
 
-def shard(model: nn.Module, trainable: Sequence[nn.Parameter], bf16: bool) -> None:
+def shard(model: nn.Module, trainable: Sequence[nn.Parameter], bf16: bool,
+          device: torch.device | None = None) -> None:
     """Shard ``model`` in place across the ranks of the process group (each block, then the root).
 
     The trainable parameters are made equal on every rank first (each rank keeps its slice of its own
-    copy); the optimizer must be built afterwards, on the sharded parameters.
+    copy); the optimizer must be built afterwards, on the sharded parameters. Where the ranks other than 0
+    hold ``model`` on the ``meta`` device, they allocate their shards on ``device`` and receive them (the
+    frozen base and the adapter alike) from rank 0's whole model.
     """
     world = distributed.current()
     if not world.distributed:
@@ -60,12 +72,61 @@ def shard(model: nn.Module, trainable: Sequence[nn.Parameter], bf16: bool) -> No
     if isinstance(model, FSDPModule):
         raise TrainingError("the model is already sharded (fully_shard); pass it unsharded with --fsdp, "
                             "or shard it yourself and train without --fsdp")
-    distributed.broadcast_parameters(list(trainable))
+    meta = _initialised_on_meta(model, device)
+    whole: dict[str, Any] = model.state_dict() if meta and world.main else {}  # rank 0's, sent out tensor by tensor
+    if not meta:
+        distributed.broadcast_parameters(list(trainable))
     mp = policy(bf16)
     for block in blocks(model):
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    if meta and device is not None:
+        _materialise(model, whole, device)
+    setattr(model, SHARDED_HERE, True)
     _allocate_gather_buffers(model)
+
+
+def sharded_here(model: nn.Module) -> bool:
+    """Whether :func:`shard` sharded ``model`` already (the command line shards before building the trainer)."""
+    return bool(getattr(model, SHARDED_HERE, False))
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
+def _initialised_on_meta(model: nn.Module, device: torch.device | None) -> bool:
+    """Whether the ranks other than 0 hold ``model`` on the meta device, agreed by all (a collective).
+    Rank 0 must hold the weights, every rank the same architecture (names, shapes, dtypes)."""
+    flags = distributed.all_gather_object(_on_meta(model))
+    if not any(flags):
+        return False
+    if flags[0] or device is None:
+        raise TrainingError("a model on the meta device can be sharded only when rank 0 holds its weights and "
+                            "a device to allocate the shards on is given (fsdp.shard(..., device=...))")
+    layouts = distributed.all_gather_object([(k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items()])
+    differ = [rank for rank, layout in enumerate(layouts) if layout != layouts[0]]
+    if differ:
+        raise TrainingError(f"rank(s) {differ} built the model on the meta device with other tensors (names, shapes "
+                            "or dtypes) than rank 0 loaded; load the same model with the same options on every rank")
+    return True
+
+
+def _materialise(model: nn.Module, whole: dict[str, Any], device: torch.device) -> None:
+    """Give the meta ranks their shards of rank 0's ``whole`` state dict (one tensor in flight at a time),
+    and rank 0's copies of what the state dict leaves out: non-persistent buffers (rotary ``inv_freq``:
+    ``to_empty`` leaves them uninitialised) and the random generators' states (rank 0's weight loading drew
+    from them, the meta build did not; the ranks of a run fully loaded on each rank start equal)."""
+    if not distributed.current().main:
+        model.to_empty(device=device)
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    saved = set(model.state_dict())
+    for name, buffer in model.named_buffers():
+        if name not in saved:
+            dist.broadcast(buffer, src=0)
+    torch.set_rng_state(distributed.broadcast_object(torch.get_rng_state()))
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(distributed.broadcast_object(torch.cuda.get_rng_state(device)), device)
 
 
 def _allocate_gather_buffers(model: nn.Module) -> None:

@@ -30,7 +30,7 @@ from .tasks.base import Batch, Task, tokens_in
 def shard_if_asked(model: nn.Module, config: TrainConfig, optimizer: torch.optim.Optimizer | None) -> bool:
     """Shard ``model`` with FSDP2 when ``config.fsdp`` asks (before an optimizer is built over its
     parameters); whether the model is sharded now."""
-    if config.fsdp:
+    if config.fsdp and not fsdp.sharded_here(model):  # the command line may have sharded it (meta init)
         if optimizer is not None:
             raise TrainingError("with --fsdp the trainer shards the model and then builds the optimizer; "
                                 "do not pass an optimizer (or shard the model yourself, without --fsdp)")

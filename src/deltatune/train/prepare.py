@@ -4,6 +4,7 @@ memory options of ``TrainConfig`` (gradient checkpointing, fused kernels, keepin
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,6 +12,7 @@ from torch import nn
 from ..errors import AdapterError, TrainingError
 from ..fast import accelerate, retain_freed_memory
 from ..layer import ADAPTER_PARTS, STATE_ATTR
+from ..registry import GroupsFor
 from .config import TrainConfig
 
 
@@ -25,16 +27,32 @@ def base_parameters(model: nn.Module) -> int:
                if not any(part in ADAPTER_PARTS for part in name.split(".")[:-1]))
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (fp32 or blockwise 8-bit states, ``config.optimizer``) over the trainable parameters."""
+def make_optimizer(model: nn.Module, config: TrainConfig,
+                   param_groups: GroupsFor | None = None) -> torch.optim.Optimizer:
+    """AdamW (fp32 or blockwise 8-bit states, ``config.optimizer``) over the trainable parameters: one
+    group at ``config.lr``, or the groups ``param_groups`` builds (the method's recipe: a rate per group)."""
     params = trainable(model)
     if not params:
         raise TrainingError("the model has no trainable parameters: attach an adapter first (dt.attach)")
+    groups = param_groups(model, config.lr, config.weight_decay) if param_groups is not None else None
+    if groups is not None:
+        check_groups_cover(groups, params)
+    chosen: list[dict[str, Any]] | list[nn.Parameter] = groups if groups is not None else params
     if config.optimizer == "adamw8bit":
         from ..quant.optim import AdamW8bit
 
-        return AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return AdamW8bit(chosen, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(chosen, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def check_groups_cover(groups: list[dict[str, Any]], params: list[nn.Parameter]) -> None:
+    """A method's groups must hold every trainable parameter exactly once and no frozen one: a parameter
+    left out would silently not train, one listed twice would step twice."""
+    listed = [id(p) for group in groups for p in group["params"]]
+    if len(listed) != len(set(listed)) or set(listed) != {id(p) for p in params}:
+        raise TrainingError(f"the method's optimizer groups list {len(listed)} parameter(s) ({len(set(listed))} "
+                            f"distinct) for {len(params)} trainable ones; each trainable parameter must be in "
+                            "exactly one group (a bug in the method's param_groups)")
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

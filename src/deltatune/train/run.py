@@ -20,18 +20,19 @@ from torch import nn
 from ..adapters import summary
 from ..config import DeltaConfig
 from ..errors import ConfigError, DataError
-from ..hf import default_targets, load_tokenizer, name_or_path, output_head_name
+from ..hf import default_targets, load_tokenizer, models_on_meta, name_or_path, output_head_name
 from ..inject import attach
 from ..intrinsic import IntrinsicSubspace, enter_subspace
 from ..state import set_active, state_of
 from ..io import CONFIG_NAME, load
 from ..quant import QuantConfig, quantize
-from ..registry import RecipeInput, recipe_named, training_hooks
-from . import distributed
+from ..registry import RecipeInput, param_groups_for, recipe_named, training_hooks
+from . import distributed, fsdp
 from .config import TrainConfig
 from .data import Rows, eval_split_of, read_rows, saved_splits, split_rows
 from .lock import own_folder
 from .options import RunOptions, default_data_file, default_model_dir, split_options
+from .prepare import trainable
 from .tasks import Task, task_class
 from .trainer import Trainer, TrainResult, planned_steps, seed_everything
 
@@ -184,14 +185,18 @@ def _train_run(run: RunOptions, train: TrainConfig, say: Print, device: torch.de
     train_features, eval_features = task.encode(train_rows), task.encode(eval_rows)
     say(f"data: {len(train_features)} training rows ({train_rows.source}), "
         f"{len(eval_features)} evaluation rows ({eval_rows.source})")
-    model = prepare_base(run, task, task.load_model(model_path).to(device))
+    meta = meta_init(run, train, world)
+    model = prepare_base(run, task, load_base(task, model_path, device, meta and not world.main))
     load_prior(run, model)
     attach_trained(model, adapter_config(run, task, model, planned_steps(len(train_features), train, world.size)))
     say(summary(model))
     callbacks, loss_terms = training_hooks(run.method, model)
     space = enter_intrinsic(run, train, model, say)
     callbacks = [*callbacks, *([space.after_step] if space else [])]  # checkpoints and saves see theta
-    trainer = Trainer(model, task, train_features, eval_features, train, callbacks=callbacks, loss_terms=loss_terms)
+    if meta:  # the ranks on meta receive their shards from rank 0 (the trainer then takes the model as sharded)
+        fsdp.shard(model, trainable(model), train.bf16, device)
+    trainer = Trainer(model, task, train_features, eval_features, train, callbacks=callbacks, loss_terms=loss_terms,
+                      param_groups=param_groups_for(run.method, run.method_options))
     if not run.resume and run.initial_eval:
         before = trainer.evaluate()
         say("before training: " + _format(before))
@@ -209,6 +214,22 @@ def _train_run(run: RunOptions, train: TrainConfig, say: Print, device: torch.de
         result.metrics.update(space.record())  # d and D, for a sweep over d (intrinsic.d90)
     say(f"adapter saved to {result.adapter_dir} (peft format); metrics log: {Path(train.output_dir) / 'metrics.jsonl'}")
     return result
+
+
+def meta_init(run: RunOptions, train: TrainConfig, world: distributed.World) -> bool:
+    """Whether only rank 0 loads the weights (``--fsdp`` under torchrun): the other ranks build the model on the
+    meta device and receive just their shards (fsdp.py). Not with a 4-bit base, whose packed weights every rank
+    keeps whole anyway, nor with --intrinsic-dim, whose subspace is set up on the whole model before the
+    trainer shards it."""
+    return train.fsdp and world.distributed and run.quantize == "none" and not run.intrinsic_dim
+
+
+def load_base(task: Task, model_path: str, device: torch.device, on_meta: bool) -> nn.Module:
+    """The task's pretrained model on ``device``, or (``on_meta``) its architecture on the meta device."""
+    if on_meta:
+        with models_on_meta():
+            return task.load_model(model_path)
+    return task.load_model(model_path).to(device)
 
 
 def enter_intrinsic(run: RunOptions, train: TrainConfig, model: nn.Module, say: Print) -> IntrinsicSubspace | None:

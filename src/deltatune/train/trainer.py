@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..io import save
+from ..registry import GroupsFor
 from ..state import unwrap
 from . import distributed, eval_shard, fsdp, parallel
 from .batches import MicroBatches, batch_source, check_same_batches, micro_batch, planned_steps
@@ -91,7 +92,7 @@ class Trainer:
     def __init__(self, model: nn.Module, task: Task, train_features: Sequence[Features] | FeatureStream,
                  eval_features: Sequence[Features] = (), config: TrainConfig | None = None,
                  optimizer: torch.optim.Optimizer | None = None, callbacks: Sequence[StepCallback] = (),
-                 loss_terms: Sequence[LossTerm] = ()) -> None:
+                 loss_terms: Sequence[LossTerm] = (), param_groups: GroupsFor | None = None) -> None:
         # a DDP-wrapped model trains as the model inside: gradients are synchronised here, without its hooks
         model = unwrap(model)
         self.model, self.task, self.config = model, task, config or TrainConfig()
@@ -103,7 +104,7 @@ class Trainer:
         self.owns_group = distributed.start(self.device)  # under torchrun without a group set up by the caller
         self.world = distributed.current()
         self.sharded = parallel.shard_if_asked(model, cfg, optimizer)  # before the optimizer, which holds the shards
-        self.optimizer = optimizer or make_optimizer(model, cfg)
+        self.optimizer = optimizer or make_optimizer(model, cfg, param_groups)  # groups: the method's (registry)
         self.params = trainable(model)
         self.total_steps, self.stream = batch_source(self.train_features, cfg, self.world)
         self.scheduler = make_scheduler(self.optimizer, cfg.schedule, self.total_steps, cfg.warmup_ratio)

@@ -241,6 +241,10 @@ def test_param_groups_for_a_recipe(recipe: str) -> None:
     (("--init-lora-weights", "pissa", "--quantize", "nf4"), "(--quantize nf4) cannot hold"),
     (("--init-lora-weights", "olora", "--target-modules", "word_embeddings", "query"), "needs a linear layer"),
     (("--loraplus-lr-ratio", "-1"), "loraplus_lr_ratio=-1.0 is invalid: must be >= 0"),
+    # a method option the chosen method never reads is an error, not a silent no-op
+    (("--method", "vera", "--loraplus-lr-ratio", "16"), "--method vera does not use --loraplus-lr-ratio"),
+    (("--method", "bitfit", "--r", "16", "--reduction-factor", "4"), "--method bitfit does not use --r, --reduction-factor"),
+    (("--method", "pfeiffer", "--init-lora-weights", "pissa"), "--method pfeiffer does not use --init-lora-weights"),
 ])
 def test_bad_values_exit_2_and_leave_no_run_folder(extra: tuple[str, ...], words: str, tmp_path: Path,
                                                    tiny_bert_dir: Path, sentiment_file: Path,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from . import distributed, fsdp
 from .config import TrainConfig
 from .data import Rows, eval_split_of, read_rows, saved_splits, split_rows
 from .lock import own_folder
+from .option_use import ReadRecorder, refuse_unread
 from .options import RunOptions, default_data_file, default_model_dir, split_options
 from .prepare import trainable
 from .tasks import Task, task_class
@@ -77,22 +78,25 @@ def read_eval_rows(path: str, run: RunOptions) -> Rows:
     return read_rows(path, run.skip_bad_rows, split=eval_split_of(splits, run.eval_split, path) if splits else "")
 
 
-def adapter_config(run: RunOptions, task: Task, model: nn.Module, total_steps: int) -> DeltaConfig:
-    """The adapter the options ask for (the method's registered recipe builds it); the task's head
-    is trained and saved with it. Adapters the recipe builds on must be loaded first (``load_prior``)."""
+def adapter_config(run: RunOptions, task: Task, model: nn.Module, total_steps: int,
+                   options: Mapping[str, Any] | None = None) -> DeltaConfig:
+    """The adapter the options ask for (the method's registered recipe builds it from ``options``, by
+    default the run's method options); the task's head is trained and saved with it. Adapters the
+    recipe builds on must be loaded first (``load_prior``)."""
     targets: tuple[str, ...] | str | None = run.target_modules or None
     if targets == ("all-linear",):
         targets = "all-linear"
     common: dict[str, Any] = {"task_type": task.task_type,
                               "modules_to_save": (*run.modules_to_save, *task.saved_modules(model)) or None}
-    return recipe_named(run.method).build(RecipeInput(run.method_options, targets, default_targets(model), common,
+    return recipe_named(run.method).build(RecipeInput(run.method_options if options is None else options, targets, default_targets(model), common,
                                                       total_steps, name_or_path(model), run.flat()))
 
 
-def load_prior(run: RunOptions, model: nn.Module) -> None:
+def load_prior(run: RunOptions, model: nn.Module, options: Mapping[str, Any] | None = None) -> None:
     """Load, frozen, the saved adapters the method builds on (none for most methods)."""
     loads = recipe_named(run.method).loads
-    for name, folder in (loads(run.method_options) if loads is not None else {}).items():
+    chosen = run.method_options if options is None else options
+    for name, folder in (loads(chosen) if loads is not None else {}).items():
         load(model, folder, name)
 
 
@@ -187,8 +191,10 @@ def _train_run(run: RunOptions, train: TrainConfig, say: Print, device: torch.de
         f"{len(eval_features)} evaluation rows ({eval_rows.source})")
     meta = meta_init(run, train, world)
     model = prepare_base(run, task, load_base(task, model_path, device, meta and not world.main))
-    load_prior(run, model)
-    attach_trained(model, adapter_config(run, task, model, planned_steps(len(train_features), train, world.size)))
+    options = ReadRecorder(run.method_options)  # what the method reads of them, checked below
+    load_prior(run, model, options)
+    attach_trained(model, adapter_config(run, task, model, planned_steps(len(train_features), train, world.size),
+                                         options))
     say(summary(model))
     callbacks, loss_terms = training_hooks(run.method, model)
     space = enter_intrinsic(run, train, model, say)
@@ -196,7 +202,8 @@ def _train_run(run: RunOptions, train: TrainConfig, say: Print, device: torch.de
     if meta:  # the ranks on meta receive their shards from rank 0 (the trainer then takes the model as sharded)
         fsdp.shard(model, trainable(model), train.bf16, device)
     trainer = Trainer(model, task, train_features, eval_features, train, callbacks=callbacks, loss_terms=loss_terms,
-                      param_groups=param_groups_for(run.method, run.method_options))
+                      param_groups=param_groups_for(run.method, options))
+    refuse_unread(run.method, options)  # the optimizer's groups have read theirs; nothing is written yet
     if not run.resume and run.initial_eval:
         before = trainer.evaluate()
         say("before training: " + _format(before))

@@ -83,6 +83,18 @@ def _thaw(value: Any) -> Any:
     return value
 
 
+def saved_with_heads(modules_to_save: tuple[str, ...] | None, task_type: str | None) -> tuple[str, ...]:
+    """``modules_to_save`` plus the heads the task type trains, as peft does (for configs that have them)."""
+    names = list(modules_to_save or ())
+    return tuple(names + [h for h in TASK_HEADS.get(task_type or "", ()) if h not in names])
+
+
+def check_modules_to_save(config: DeltaConfig, value: Any) -> None:
+    """``modules_to_save`` is None or a list of non-empty module names."""
+    config.check(value is None or (isinstance(value, tuple) and all(isinstance(v, str) and v for v in value)),
+                 "modules_to_save", "it must be a list of module names", "pass e.g. ['classifier'] or None")
+
+
 def _is_off(value: Any) -> bool:
     """Whether a peft field that deltatune does not implement holds an 'off' value."""
     return value is None or value is False or value == {} or value == [] or value == ""
@@ -208,9 +220,7 @@ class TargetedConfig(DeltaConfig):
         for field in ("target_modules", "exclude_modules"):
             self._check_names(field)
         self._check_names("layers_pattern")
-        value = self.modules_to_save
-        self.check(value is None or (isinstance(value, tuple) and all(isinstance(v, str) and v for v in value)),
-                   "modules_to_save", "it must be a list of module names", "pass e.g. ['classifier'] or None")
+        check_modules_to_save(self, self.modules_to_save)
         layers = self.layers_to_transform
         ok = layers is None or (is_int(layers) and layers >= 0) or (
             isinstance(layers, tuple) and all(is_int(i) and i >= 0 for i in layers))
@@ -248,6 +258,4 @@ class TargetedConfig(DeltaConfig):
 
     def saved_module_names(self) -> tuple[str, ...]:
         """``modules_to_save`` plus the heads the task type trains, as peft does."""
-        names = list(self.modules_to_save or ())
-        names += [h for h in TASK_HEADS.get(self.task_type or "", ()) if h not in names]
-        return tuple(names)
+        return saved_with_heads(self.modules_to_save, self.task_type)

@@ -28,7 +28,7 @@ from ..bases import ParameterBase
 from ..config import DeltaConfig
 from ..errors import AdapterFileError
 from ..layer import WeightDelta
-from .lora_slot import RANK_FIELDS, SCALE_FIELDS, _settings, scale_for
+from .lora_slot import RANK_FIELDS, SCALE_FIELDS, _settings, hold_scaling_in_tensor, scale_for
 
 
 class ParamRankSlot(WeightDelta):
@@ -103,11 +103,7 @@ class ParamRankSlot(WeightDelta):
         return RANK_FIELDS | SCALE_FIELDS | {"init_lora_weights"}
 
     def hold_settings_in_tensors(self) -> None:
-        if isinstance(self.scaling, Tensor):
-            return
-        value = torch.tensor(self.scaling, dtype=self.A.dtype, device=self.A.device)
-        del self.scaling  # a plain attribute until now; a buffer from here on
-        self.register_buffer("scaling", value, persistent=False)
+        hold_scaling_in_tensor(self, self.A)
 
     def retune(self, config: DeltaConfig, key: str) -> None:
         settings = _settings(config)

@@ -72,6 +72,16 @@ def _padded(t: Tensor, size: int, dim: int) -> Tensor:
     return t if extra == 0 else F.pad(t, (0, 0) * (t.dim() - dim - 1) + (0, extra))
 
 
+def hold_scaling_in_tensor(delta: nn.Module, like: Tensor) -> None:
+    """Make ``delta.scaling`` a 0-dim buffer (dtype and device of ``like``) instead of a float, so a hot
+    swap can change it in place without a compiled graph seeing a new constant."""
+    if isinstance(delta.scaling, Tensor):
+        return
+    value = torch.tensor(delta.scaling, dtype=like.dtype, device=like.device)
+    del delta.scaling  # a plain attribute until now; a buffer from here on
+    delta.register_buffer("scaling", value, persistent=False)
+
+
 class RankSlot(Delta):
     """The hot-swap side of a delta ``s * B @ A`` with ``A: (r, in, *kernel)`` and ``B: (out, r, 1, ...)``."""
 
@@ -142,11 +152,7 @@ class RankSlot(Delta):
         return RANK_FIELDS | SCALE_FIELDS | {"init_lora_weights"} | ({"lora_dropout"} if same_dropout_kind else set())
 
     def hold_settings_in_tensors(self) -> None:
-        if isinstance(self.scaling, Tensor):
-            return
-        value = torch.tensor(self.scaling, dtype=self.A.dtype, device=self.A.device)
-        del self.scaling  # a plain attribute until now; a buffer from here on
-        self.register_buffer("scaling", value, persistent=False)
+        hold_scaling_in_tensor(self, self.A)
 
     def retune(self, config: DeltaConfig, key: str) -> None:
         settings = _settings(config)

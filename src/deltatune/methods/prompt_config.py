@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ..config import TASK_HEADS, DeltaConfig
+from ..config import DeltaConfig, check_modules_to_save, saved_with_heads
 from ..errors import AdapterFileError, ConfigError
 
 SEQ_2_SEQ = "SEQ_2_SEQ_LM"
@@ -56,13 +56,10 @@ class PromptLearningConfig(DeltaConfig):
             self.check(getattr(self, name) is None or _positive(getattr(self, name)), name,
                        "it must be a positive integer or None (None: read from the model's config)",
                        "leave it unset, or pass the model's value")
-        value = self.modules_to_save
-        self.check(value is None or (isinstance(value, tuple) and all(isinstance(v, str) and v for v in value)),
-                   "modules_to_save", "it must be a list of module names", "pass e.g. ['classifier'] or None")
+        check_modules_to_save(self, self.modules_to_save)
 
     def saved_module_names(self) -> tuple[str, ...]:
-        names = list(self.modules_to_save or ())
-        return tuple(names + [h for h in TASK_HEADS.get(self.task_type or "", ()) if h not in names])
+        return saved_with_heads(self.modules_to_save, self.task_type)
 
     def to_peft_dict(self) -> dict[str, Any]:
         """peft's dict; refused for an adapter following AdapterHub's convention, which peft would load as another model."""

@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from ..config import TASK_HEADS, DeltaConfig, is_int, is_positive_int
+from ..config import DeltaConfig, check_modules_to_save, is_int, is_positive_int, saved_with_heads
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -62,14 +62,11 @@ class XLoraConfig(DeltaConfig):
                        f"{field} must be a finite number", f"pass e.g. {field}=1.0")
         self.check(0 <= self.xlora_dropout_p < 1, "xlora_dropout_p", "must be in [0, 1)", "pass e.g. 0.2")
         self.check(self.softmax_temperature > 0, "softmax_temperature", "must be positive", "pass e.g. 1.0")
-        value = self.modules_to_save
-        self.check(value is None or (isinstance(value, tuple) and all(isinstance(v, str) and v for v in value)),
-                   "modules_to_save", "it must be a list of module names", "pass e.g. ['classifier'] or None")
+        check_modules_to_save(self, self.modules_to_save)
 
     def saved_module_names(self) -> tuple[str, ...]:
         """``modules_to_save`` plus the heads the task type trains, as for the other methods."""
-        names = list(self.modules_to_save or ())
-        return tuple(names + [h for h in TASK_HEADS.get(self.task_type or "", ()) if h not in names])
+        return saved_with_heads(self.modules_to_save, self.task_type)
 
     def to_peft_dict(self) -> dict[str, Any]:
         out = {**super().to_peft_dict(), "adapters": dict(self.adapters)}

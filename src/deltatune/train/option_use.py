@@ -1,10 +1,11 @@
 """Method options a run sets that its method never reads: a clear error instead of a silent no-op
-(``--method vera --loraplus-lr-ratio 16`` would otherwise train plain VeRA and say nothing).
+(an optimizer option of one method passed with another would otherwise train without it and say
+nothing).
 
-The registry knows which recipe declared an option, not which recipes read it (``r`` is declared by
-the first LoRA-family recipe and read by many), so the run records what its recipe actually reads
-while building the adapter, the adapters it builds on and its optimizer groups, and refuses an
-option set away from its default that none of those read.
+The registry knows which recipe declared an option, not which recipes read it (an option declared
+by one recipe may be read by several), so the run records what its recipe actually reads while
+building the adapter, the adapters it builds on and its optimizer groups, and refuses an option set
+away from its default that none of those read.
 """
 
 from __future__ import annotations

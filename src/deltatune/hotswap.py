@@ -30,7 +30,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from .config import DeltaConfig, is_positive_int
+from .config import DeltaConfig
+from .values import is_positive_int
 from .errors import AdapterError, AdapterFileError
 from .inject import AttachPlan, trainable_biases
 from .layer import Delta

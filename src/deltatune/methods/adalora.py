@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from ..bases import BaseLayer
-from ..config import DeltaConfig, is_int
+from ..config import DeltaConfig
+from ..values import is_int
 from ..errors import TargetError
 from ..layer import ModelDelta, WeightDelta
 from ..registry import Method, last_fan_in_fan_out, register

@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-from ..config import TargetedConfig, is_int
+from ..config import TargetedConfig
+from ..values import is_int
 from .lora_loftq import loftq_dict, loftq_problem
 
 _INITS = (True, False, "gaussian", "pissa", "olora", "loftq")

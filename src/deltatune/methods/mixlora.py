@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..bases import BaseLayer
-from ..config import DeltaConfig, TargetedConfig, is_positive_int
+from ..config import DeltaConfig, TargetedConfig
+from ..values import is_positive_int
 from ..errors import TargetError
 from ..layer import Delta, ModelDelta
 from ..registry import Method, MethodOption, Recipe, RecipeInput, register, register_recipe

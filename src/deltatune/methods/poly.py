@@ -36,7 +36,8 @@ from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
 from ..bases import BaseLayer
 from ..compose import Composition, splits_rows
-from ..config import DeltaConfig, TargetedConfig, is_positive_int
+from ..config import DeltaConfig, TargetedConfig
+from ..values import is_positive_int
 from ..errors import AdapterError, TargetError
 from ..layer import Delta, ModelDelta
 from ..registry import Method, register

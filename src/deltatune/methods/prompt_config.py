@@ -23,14 +23,11 @@ from typing import Any, ClassVar
 from torch import nn
 
 from ..config import DeltaConfig, check_modules_to_save, saved_with_heads
+from ..values import is_positive_int
 from ..errors import AdapterFileError, ConfigError
 
 SEQ_2_SEQ = "SEQ_2_SEQ_LM"
 """The task type whose models get virtual tokens for two transformer stacks (peft's rule)."""
-
-
-def _positive(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,10 +47,10 @@ class PromptLearningConfig(DeltaConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.check(_positive(self.num_virtual_tokens), "num_virtual_tokens",
+        self.check(is_positive_int(self.num_virtual_tokens), "num_virtual_tokens",
                    "it must be a positive number of virtual tokens", "pass e.g. num_virtual_tokens=20")
         for name in ("token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers"):
-            self.check(getattr(self, name) is None or _positive(getattr(self, name)), name,
+            self.check(getattr(self, name) is None or is_positive_int(getattr(self, name)), name,
                        "it must be a positive integer or None (None: read from the model's config)",
                        "leave it unset, or pass the model's value")
         check_modules_to_save(self, self.modules_to_save)
@@ -163,9 +160,9 @@ class PromptEncoderConfig(PromptLearningConfig):
         super().validate()
         self.check(self.encoder_reparameterization_type in self.ENCODERS, "encoder_reparameterization_type",
                    "unknown prompt encoder", f"use one of {self.ENCODERS}")
-        self.check(self.encoder_hidden_size is None or _positive(self.encoder_hidden_size), "encoder_hidden_size",
+        self.check(self.encoder_hidden_size is None or is_positive_int(self.encoder_hidden_size), "encoder_hidden_size",
                    "it must be a positive integer or None (None: token_dim)", "pass e.g. 128")
-        self.check(_positive(self.encoder_num_layers), "encoder_num_layers", "it must be a positive integer",
+        self.check(is_positive_int(self.encoder_num_layers), "encoder_num_layers", "it must be a positive integer",
                    "pass e.g. 2")
         self.check(isinstance(self.encoder_dropout, (int, float)) and 0 <= self.encoder_dropout < 1,
                    "encoder_dropout", "it must be in [0, 1)", "pass e.g. 0.1")
@@ -196,7 +193,7 @@ class PrefixTuningConfig(PromptLearningConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.check(self.encoder_hidden_size is None or _positive(self.encoder_hidden_size), "encoder_hidden_size",
+        self.check(self.encoder_hidden_size is None or is_positive_int(self.encoder_hidden_size), "encoder_hidden_size",
                    "it must be a positive integer or None (None: token_dim)", "pass e.g. 512")
         self.check(isinstance(self.prefix_projection, bool), "prefix_projection", "it must be a bool", "pass True or False")
         self.check(self.init_weights in (None, "zero"), "init_weights", "unknown initialisation",

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..bases import BaseLayer
-from ..config import DeltaConfig, TargetedConfig, is_int
+from ..config import DeltaConfig, TargetedConfig
+from ..values import is_int
 from ..errors import TargetError
 from ..layer import ModelDelta, WeightDelta
 from ..registry import Method, Recipe, last_fan_in_fan_out, register, register_recipe

@@ -14,7 +14,8 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from ..config import DeltaConfig, check_modules_to_save, is_int, is_positive_int, saved_with_heads
+from ..config import DeltaConfig, check_modules_to_save, saved_with_heads
+from ..values import is_int, is_positive_int
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,7 +53,7 @@ class XLoraConfig(DeltaConfig):
                    and all(isinstance(k, str) and isinstance(v, str) for k, v in self.adapters.items()), "adapters",
                    "adapters must map expert names to LoRA adapter folders", "pass adapters={'a': 'path/to/lora'}")
         n = len(self.adapters) if isinstance(self.adapters, Mapping) else 0
-        self.check(self.top_k_lora is None or (isinstance(self.top_k_lora, int) and 1 <= self.top_k_lora <= n),
+        self.check(self.top_k_lora is None or (is_int(self.top_k_lora) and 1 <= self.top_k_lora <= n),
                    "top_k_lora", f"top_k_lora must be None or between 1 and the {n} experts", "pass e.g. top_k_lora=1")
         self.check(not self.enable_softmax_topk or self.top_k_lora is not None, "enable_softmax_topk",
                    "enable_softmax_topk needs top_k_lora", "set top_k_lora or enable_softmax_topk=False")

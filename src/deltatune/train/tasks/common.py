@@ -115,5 +115,14 @@ def generate(model: nn.Module, **kwargs: Any) -> Tensor:
     method = getattr(model, "generate", None)
     if not callable(method):
         raise DataError(f"{type(model).__name__} has no generate(); load a transformers generation model")
+    if _sharded(model):  # each rank decodes its own rows: every rank must take every step (FSDP's gathers)
+        kwargs.setdefault("synced_gpus", True)
     ids: Tensor = method(**kwargs)
     return ids
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is sharded across processes (FSDP2), so each forward is a collective."""
+    from torch.distributed.fsdp import FSDPModule  # only under torch.distributed; import when asked
+
+    return isinstance(model, FSDPModule) and torch.distributed.is_initialized()

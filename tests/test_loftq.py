@@ -17,6 +17,7 @@ from typing import Any
 import peft
 import pytest
 import torch
+import bitsandbytes.functional as bnb_functional
 from peft.utils.loftq_utils import loftq_init
 from torch import Tensor, nn
 
@@ -49,7 +50,21 @@ def cpu_for_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         return to(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "to", to_cpu)
+    monkeypatch.setattr(bnb_functional, "dequantize_4bit", table_dequantize_4bit)
     yield
+
+
+def table_dequantize_4bit(packed: Tensor, state: Any, *args: Any, **kwargs: Any) -> Tensor:
+    """bitsandbytes' NF4 dequantization as its definition (code -> NF4 table value x the block's absmax),
+    for peft's LoftQ on the CPU: bitsandbytes 0.50.2's CPU dequantize_4bit kernel gave wrong values on
+    one machine (identical codes and absmax, values off by up to 1.55), so the oracle must not rest
+    on which CPU kernel a machine picks. The codes and absmax stay bitsandbytes' own."""
+    assert state.nested is False and state.quant_type == "nf4", "only what peft's LoftQ asks for"
+    table = bnb_functional.get_4bit_type("nf4", device="cpu")
+    flat = packed.flatten()
+    codes = torch.stack([flat >> 4, flat & 15], 1).flatten().long()[:state.shape.numel()]
+    scales = state.absmax.repeat_interleave(state.blocksize)[:codes.numel()]
+    return (table[codes] * scales).view(state.shape).to(state.dtype)
 
 
 def loftq_config(iters: int = 1, **changes: Any) -> dt.LoraConfig:

@@ -19,10 +19,8 @@ def _factors(delta: Delta) -> Factors:
     """The live factors at the adapter's own rank: a hot-swap slot padded past it (``dt.prepare_hotswap``)
     holds zero rows beyond, which belong to no adapter (and would give two rank-2 adapters rank 4)."""
     assert isinstance(delta, LoraDelta)
-    rank = delta.true_rank
-    if rank is None:
-        return delta.B, delta.A, delta.scaling
-    return delta.B[:, :rank], delta.A[:rank], delta.scaling
+    a, b = delta.adapter_factors()  # views: a layer's cut keeps the leading ranks
+    return b, a, delta.scaling
 
 
 def _max_rank(config: DeltaConfig) -> int:

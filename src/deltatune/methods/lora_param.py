@@ -63,7 +63,7 @@ class ParameterLoraDelta(ParamRankSlot):
         (``combine_layer.ExpertFactors``: adapter arithmetic combines expert by expert and fills a result
         through these views)."""
         b, a = self._per_expert()
-        rank = self.true_rank or self.r  # a padded slot's zero ranks are no part of the adapter
+        rank = self.adapter_rank()  # a padded slot's zero ranks are no part of the adapter
         return b[..., :rank], a[:, :rank], float(self.scaling)
 
     def delta_weight(self, weight: Tensor) -> Tensor:

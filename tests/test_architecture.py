@@ -14,6 +14,7 @@ SRC = Path(deltatune.__file__).parent
 GENERIC = ["adapters", "analysis", "bases", "combine", "combine_layer", "combine_ops", "compose", "config",
            "factor_form", "fastfood", "hf", "hotswap", "inject", "intrinsic", "io", "layer", "merge", "param_site",
            "projections", "registry", "routing", "spectrum", "spectrum_report", "state", "targets",
+           "methods/named_folders",  # the NAME=FOLDER parser every recipe over saved adapters shares
            *(f"sweep/{p.stem}" for p in sorted((SRC / "sweep").glob("*.py")))]
 METHOD_WORDS = re.compile(r"(?<![A-Za-z])(?i:lora|ia3|dora|adalora|vera|bitfit|prompt.?tuning|p.?tuning|prefix.?tuning"
                           r"|mixlora|loftq)|(?<![A-Za-z])(?:Poly|POLY|poly_)")

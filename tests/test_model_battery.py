@@ -422,9 +422,8 @@ def test_refused_setting_leaves_the_base_unchanged(row: Row, arch: str, setting:
 
 
 def _with_a_wrong_shape(good: Path, bad: Path) -> Path:
-    """A copy of an adapter folder with one tensor cut by a row."""
-    bad.mkdir()
-    (bad / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
+    """A copy of an adapter folder (what it keeps inside it too, e.g. X-LoRA's experts) with one tensor cut by a row."""
+    shutil.copytree(good, bad)
     tensors = load_file(good / "adapter_model.safetensors")
     key = sorted(tensors)[0]
     tensors[key] = tensors[key][:-1].clone()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,9 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from conftest import state_hash, tiny_llama, token_ids
+from conftest import perturb, state_hash, tiny_llama, token_ids
 from deltatune.errors import AdapterError, AdapterFileError, ConfigError, DeltatuneError, TargetError
+from deltatune.methods.xlora_recipe import experts as recipe_experts
 
 import peft
 
@@ -118,9 +121,10 @@ def test_training_updates_only_the_classifier(experts: dict[str, str], trainable
     assert part.take_statistics() == {} and part.take_loss() is None
 
 
-def test_save_and_load_both_ways(experts: dict[str, str], tmp_path: Path) -> None:
-    """peft's config and the classifier under peft's state keys, the experts read again from their
-    paths: peft loads our folder. peft 0.21.2 saves X-LoRA's classifier as an empty tensor file, so
+def test_save_and_load_both_ways(experts: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """peft's config and the classifier under peft's state keys, the experts copied into the folder
+    and named by paths relative to it: peft loads our folder from inside it (it reads relative paths
+    from the working directory). peft 0.21.2 saves X-LoRA's classifier as an empty tensor file, so
     its own folders carry no classifier: loading one is refused, not filled with a random classifier."""
     _, theirs, ours = pair(experts, layerwise_scalings=True, top_k_lora=2)
     dt.save(ours, tmp_path / "x", names=["xl"])
@@ -128,15 +132,102 @@ def test_save_and_load_both_ways(experts: dict[str, str], tmp_path: Path) -> Non
     ids = token_ids(2, 6)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
-    in_peft = peft.PeftModel.from_pretrained(no_cache_llama(), tmp_path / "x" / "xl").eval()
+    monkeypatch.chdir(tmp_path / "x" / "xl")
+    in_peft = peft.PeftModel.from_pretrained(no_cache_llama(), ".").eval()
     with torch.no_grad():
         torch.testing.assert_close(in_peft(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    monkeypatch.chdir(tmp_path)
     theirs.save_pretrained(tmp_path / "peft")
     with pytest.raises(AdapterFileError, match="missing tensor"):
         dt.load(no_cache_llama(), tmp_path / "peft")
     saved_keys = set(loaded.deltatune_state.model_deltas["xl"].tensors())
     assert saved_keys == {f"base_model.internal_xlora_classifier.{k}"
                           for k in theirs.base_model.internal_xlora_classifier.state_dict()}
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_a_saved_adapter_carries_its_experts_and_loads_anywhere(experts: dict[str, str], tmp_path: Path,
+                                                                trainable: bool) -> None:
+    """The save copies every expert's two files into the folder and names them relatively: the folder,
+    copied elsewhere with the experts and the first save deleted, loads and computes the same, twice."""
+    sources = tmp_path / "experts"
+    shutil.copytree(Path(experts["0"]).parent, sources)
+    own = {name: str(sources / name) for name in experts}
+    model = dt.attach(no_cache_llama(), dt.XLoraConfig(adapters=own, xlora_size=8, layerwise_scalings=True,
+                                                       use_trainable_adapters=trainable)).eval()
+    perturb(model)
+    ids = token_ids(2, 6)
+    with torch.no_grad():
+        expected = model(ids).logits
+    dt.save(model, tmp_path / "saved")
+    saved = _files(tmp_path / "saved")
+    config = json.loads(saved["adapter_config.json"])
+    assert config["adapters"] == {name: f"xlora_experts/{name}" for name in experts}
+    for name, folder in own.items():
+        for file in ("adapter_config.json", "adapter_model.safetensors"):
+            assert saved[f"xlora_experts/{name}/{file}"] == (Path(folder) / file).read_bytes()
+    assert not any(str(tmp_path).encode() in data or str(sources).encode() in data for data in saved.values())
+    shutil.copytree(tmp_path / "saved", tmp_path / "elsewhere" / "copy")
+    shutil.rmtree(sources)
+    shutil.rmtree(tmp_path / "saved")
+    again = dt.load(no_cache_llama(), tmp_path / "elsewhere" / "copy").eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, expected)
+    dt.save(again, tmp_path / "resaved")  # from the copy's own experts: the same files
+    assert _files(tmp_path / "resaved") == saved
+
+
+def test_a_save_that_cannot_copy_the_experts_writes_nothing(experts: dict[str, str], tmp_path: Path) -> None:
+    sources = tmp_path / "experts"
+    shutil.copytree(Path(experts["0"]).parent, sources)
+    model = dt.attach(no_cache_llama(), dt.XLoraConfig(adapters={n: str(sources / n) for n in experts}, xlora_size=8))
+    dt.attach(model, dt.LoraConfig(target_modules=["k_proj"]), name="xlora_experts")
+    with pytest.raises(AdapterFileError, match="adapter 'xlora_experts''s folder"):
+        dt.save(model, tmp_path / "clash")  # the other adapter's folder is where the experts' copies go
+    (sources / "2" / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterFileError, match=f"{re.escape(str(sources / '2'))}, which has no adapter_model"):
+        dt.save(model, tmp_path / "gone", names=["default"])
+    assert not (tmp_path / "clash").exists() and not (tmp_path / "gone").exists()
+
+
+def _variant(folder: Path, method: str, fields: dict[str, Any]) -> None:
+    """A real adapter of the tiny LLaMA, saved by deltatune: LoRA with ``fields``, or another method."""
+    config = dt.IA3Config(target_modules=["q_proj"], feedforward_modules=[]) if method == "ia3" else \
+        dt.LoraConfig(r=2, init_lora_weights=False, **fields)
+    dt.save(dt.attach(tiny_llama(), config), folder)
+
+
+VARIANTS = [
+    ("ia3", {}, "sets peft_type='IA3'"),
+    ("lora", {"use_dora": True, "target_modules": ["q_proj"]}, "sets use_dora=True"),
+    ("lora", {"use_qalora": True, "qalora_group_size": 8, "target_modules": ["q_proj"]}, "sets use_qalora=True"),
+    ("lora", {"rank_pattern": {"q_proj": 4}, "target_modules": ["q_proj"]}, "sets rank_pattern="),
+    ("lora", {"alpha_pattern": {"q_proj": 4}, "target_modules": ["q_proj"]}, "sets alpha_pattern="),
+    ("lora", {"bias": "all", "target_modules": ["q_proj"]}, "sets bias='all'"),
+    ("lora", {"target_parameters": ["q_proj.weight"], "target_modules": []}, "sets target_parameters="),
+    ("lora", {"target_modules": ["embed_tokens"]}, "lora_embedding_A"),
+]
+
+
+@pytest.mark.parametrize("method, fields, message", VARIANTS)
+def test_an_unsupported_expert_is_refused_early_by_one_check(experts: dict[str, str], tmp_path: Path, method: str,
+                                                             fields: dict[str, Any], message: str) -> None:
+    """The attach and the command line's recipe run the same check, which names the folder and the field."""
+    odd = tmp_path / "odd"
+    _variant(odd, method, fields)
+    model = no_cache_llama()
+    before = state_hash(model)
+    with pytest.raises(AdapterFileError, match=re.escape(message)) as refused:
+        dt.attach(model, dt.XLoraConfig(hidden_size=32, adapters={"0": experts["0"], "odd": str(odd)}))
+    assert str(odd / "adapter_config.json") in str(refused.value) and "expert 'odd'" in str(refused.value)
+    assert state_hash(model) == before and not hasattr(model, "deltatune_state")
+    with pytest.raises(ConfigError, match=re.escape(message)) as stopped:
+        recipe_experts({"xlora_experts": (f"a={experts['0']}", f"odd={odd}")})
+    assert str(refused.value) in str(stopped.value) and "--xlora-experts" in str(stopped.value)
 
 
 def test_merge_and_mixed_batches_are_refused(experts: dict[str, str]) -> None:

@@ -16,6 +16,7 @@ import dataclasses
 import re
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
@@ -150,6 +151,17 @@ class DeltaConfig:
         """What activating adapter ``name`` means: the adapter itself for most methods; a method whose
         adapter runs over others' outputs (AdapterFusion: ``Fuse`` of its members) says so."""
         return name
+
+    def located(self: C, folder: Path) -> C:
+        """This config as read from the adapter folder ``folder``. A config that names other adapter
+        folders relative to its own (``saved_folders``, so that a saved folder moves whole) has them
+        made usable from any working directory here; by default there is nothing to do."""
+        return self
+
+    def saved_folders(self) -> Mapping[str, Path]:
+        """Adapter folders a save copies into this adapter's folder: subfolder (a relative path, the one
+        ``to_peft_dict`` names it by) -> the adapter folder copied there. By default none."""
+        return {}
 
     def check(self, ok: bool, field: str, why: str, fix: str) -> None:
         """Raise a ConfigError naming ``field``, its value, the reason and the fix unless ``ok``."""

@@ -140,11 +140,15 @@ def save(model: nn.Module, directory: str | os.PathLike[str], names: Sequence[st
     # every config first: one that peft's format cannot hold is refused before any folder is written
     configs = {name: config_dict(model, name) for name in chosen}
     texts = {name: json.dumps(data, indent=2) + "\n" for name, data in configs.items()}
+    copies = {name: _copied_folders(root, name, chosen, state.require(name)) for name in chosen}
     files = {name: _file_tensors(model, name) for name in chosen}  # every rank gathers, in the same order
     if not _writes_here(any(sharded for _, sharded in files.values())):
         return root
     for name in chosen:
         folder = adapter_folder(root, name)
+        for sub, contents in copies[name].items():  # before the config that names them
+            replace_files(folder / sub, {file: _bytes_writer(data) for file, data in contents.items()},
+                          first=CONFIG_NAME)
         tensors = files[name][0]
         text = texts[name]
         writers: dict[str, Callable[[Path], object]] = {
@@ -156,6 +160,35 @@ def save(model: nn.Module, directory: str | os.PathLike[str], names: Sequence[st
             writers[CARD_NAME] = lambda p: p.write_text(card, encoding="utf-8")
         replace_files(folder, writers, first=CONFIG_NAME)
     return root
+
+
+def _copied_folders(root: Path, name: str, chosen: Sequence[str], config: DeltaConfig) -> dict[str, dict[str, bytes]]:
+    """The adapter folders ``config`` keeps inside its own (``saved_folders``): subfolder -> file -> bytes,
+    all read before anything is written (the source may be the folder being saved over)."""
+    out: dict[str, dict[str, bytes]] = {}
+    for sub, source in config.saved_folders().items():
+        folder = adapter_folder(root, name)
+        target = folder / sub
+        clash = [other for other in chosen if _clashes(target, folder, adapter_folder(root, other))]
+        if clash:
+            raise AdapterFileError(f"cannot save adapter {name!r}: it keeps a copy of {source} in {target}, which is "
+                                   f"adapter {clash[0]!r}'s folder. Save them to separate folders (names=[...]).")
+        missing = [file for file in (CONFIG_NAME, WEIGHTS_NAME) if not (source / file).is_file()]
+        if missing:
+            raise AdapterFileError(f"cannot save adapter {name!r}: it keeps a copy of the adapter folder {source}, "
+                                   f"which has no {missing[0]} any more. Restore that folder, then save again.")
+        out[sub] = {file: (source / file).read_bytes() for file in (CONFIG_NAME, WEIGHTS_NAME)}
+    return out
+
+
+def _clashes(target: Path, folder: Path, other: Path) -> bool:
+    """Whether ``target`` (a subfolder of ``folder``) overlaps another adapter's folder ``other`` that
+    does not hold ``folder`` itself (the root, where "default" is saved, holds every named one)."""
+    return not folder.is_relative_to(other) and (target.is_relative_to(other) or other.is_relative_to(target))
+
+
+def _bytes_writer(data: bytes) -> Callable[[Path], object]:
+    return lambda path: path.write_bytes(data)
 
 
 def _version() -> str:
@@ -191,9 +224,10 @@ def read_config(folder: Path) -> DeltaConfig:
         raise AdapterFileError(f"{path} has no 'peft_type' key; it is not an adapter config.")
     config_class = method_named(str(data["peft_type"]), str(path)).config_class
     try:
-        return config_class.from_peft_dict(data, str(path))
+        config = config_class.from_peft_dict(data, str(path))
     except (ConfigError, TypeError) as err:
         raise AdapterFileError(f"{path}: {err}") from err
+    return config.located(folder)  # paths it holds relative to its folder work from anywhere
 
 
 def _holds_adapted_state_dict(folder: Path, found: list[str]) -> bool:

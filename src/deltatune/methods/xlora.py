@@ -19,8 +19,9 @@ other than this adapter alone (a mixed batch would run the scaling pass over oth
 Files: peft's ``adapter_config.json`` (``"peft_type": "XLORA"``); the classifier under peft's state
 keys ``base_model.internal_xlora_classifier.layers.<i>.{weight,bias}`` (peft 0.21.2 itself writes
 an empty tensor file for X-LoRA, so its folders cannot carry a trained classifier); with
-``use_trainable_adapters``, the experts too (``base_model.xlora_experts.<module>.{A,B}_<e>``). The
-experts are read again from the paths in ``adapters`` when loading.
+``use_trainable_adapters``, the experts too (``base_model.xlora_experts.<module>.{A,B}_<e>``). A save
+copies the expert folders into the adapter's folder and names them relatively (``xlora_config``); a
+load reads the experts again from there.
 """
 
 from __future__ import annotations

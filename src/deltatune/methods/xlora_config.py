@@ -5,6 +5,13 @@ without them stays peft's: ``hidden_size=0`` means "the model's" (settled when t
 attached, so the file always holds the number), and ``modules_to_save`` names modules copied,
 trained in full and saved with the classifier, as for other methods (a classification task's
 new head, which the frozen experts do not provide).
+
+Experts travel with the adapter: ``dt.save`` copies each expert's ``adapter_config.json`` and
+``adapter_model.safetensors`` into ``xlora_experts/<name>/`` inside the saved folder and writes
+``adapters`` as those relative paths, so the folder names no expert by a path of the machine it was
+saved on and loads wherever it is moved or copied. Reading a folder (``io.read_config``) makes a relative path
+that lies inside it absolute again; any other path is kept as written (peft reads a relative one
+from the working directory, so peft loads a deltatune folder when run from inside it).
 """
 
 from __future__ import annotations
@@ -12,10 +19,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 from ..config import DeltaConfig, check_modules_to_save, saved_with_heads
+from ..state import check_name
 from ..values import is_int, is_positive_int
+
+
+EXPERTS_FOLDER = "xlora_experts"
+"""Where a saved X-LoRA adapter keeps its copies of the experts, one subfolder per expert name."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,8 +82,18 @@ class XLoraConfig(DeltaConfig):
         """``modules_to_save`` plus the heads the task type trains, as for the other methods."""
         return saved_with_heads(self.modules_to_save, self.task_type)
 
+    def located(self, folder: Path) -> XLoraConfig:
+        """Expert paths relative to ``folder`` (what a save writes) become paths that work from anywhere."""
+        inside = {name: str((folder / path).resolve()) for name, path in self.adapters.items()
+                  if not Path(path).is_absolute() and (folder / path).is_dir()}
+        return self.replace(adapters={**self.adapters, **inside}) if inside else self
+
+    def saved_folders(self) -> dict[str, Path]:
+        """Each expert's folder, copied by a save to ``xlora_experts/<name>`` (the name checked: it becomes a folder)."""
+        return {f"{EXPERTS_FOLDER}/{check_name(name)}": Path(path) for name, path in self.adapters.items()}
+
     def to_peft_dict(self) -> dict[str, Any]:
-        out = {**super().to_peft_dict(), "adapters": dict(self.adapters)}
+        out = {**super().to_peft_dict(), "adapters": {name: f"{EXPERTS_FOLDER}/{name}" for name in self.adapters}}
         if not self.saved_module_names():
             del out["modules_to_save"]  # peft's XLoraConfig has no such field
         return out

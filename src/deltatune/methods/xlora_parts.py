@@ -7,12 +7,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import AdapterFileError
-from ..io import read_config, read_tensors
+from ..files import recover
+from ..io import CONFIG_NAME, WEIGHTS_NAME, read_config, read_tensors
 from .lora_config import LoraConfig
 
 
@@ -66,10 +68,46 @@ class ExpertLayer(nn.Module):
         return total
 
 
-def _scaling(config: LoraConfig, source: Path) -> float:
-    if config.use_dora or config.rank_pattern or config.alpha_pattern:
-        raise AdapterFileError(f"{source}: X-LoRA experts must be plain LoRA adapters (no DoRA, rank_pattern or "
-                               "alpha_pattern, as in peft); pass other expert folders")
+PLAIN: Mapping[str, tuple[object, str]] = MappingProxyType({
+    "use_dora": (False, "DoRA rescales each weight by a trained magnitude"),
+    "use_qalora": (False, "QA-LoRA pools the input in groups before lora_A"),
+    "rank_pattern": ({}, "the ranks differ per module"),
+    "alpha_pattern": ({}, "the alphas differ per module"),
+    "bias": ("none", "the adapter trains the base model's biases too"),
+    "target_parameters": (None, "it adapts parameters (expert stacks), not modules"),
+})
+"""The LoRA fields an expert must leave off (value, what it would add): X-LoRA mixes ``B A x`` times
+the LoRA scaling, nothing else, so an expert with any of these would compute something else."""
+FIX = "pass plain LoRA adapters as experts (e.g. the --output-dir of a `deltatune train --method lora` run)"
+
+
+def _is_plain(value: object, off: object) -> bool:
+    return value == off or (not value and not off)
+
+
+def read_expert(label: str, folder: Path) -> tuple[LoraConfig, dict[str, Tensor]]:
+    """Expert ``label``'s config and tensors, refused unless it is a plain LoRA adapter of linear layers
+    (the one check both the command line's recipe and the attach run, so a bad expert stops early)."""
+    recover(folder)  # a save of this copy killed past its commit point is finished first, as dt.load does
+    config = read_config(folder)
+    where = f"X-LoRA expert {label!r} ({folder / CONFIG_NAME})"
+    if not isinstance(config, LoraConfig):
+        raise AdapterFileError(f"{where} sets peft_type={config.peft_type!r}; experts must be LoRA adapters "
+                               f"(peft_type 'LORA'): {FIX}")
+    for field, (off, why) in PLAIN.items():
+        value = getattr(config, field)
+        if not _is_plain(value, off):
+            raise AdapterFileError(f"{where} sets {field}={value!r}: {why}, which an X-LoRA expert cannot carry "
+                                   f"(experts are plain LoRA); {FIX}")
+    tensors = read_tensors(folder)
+    odd = [k for k in tensors if ".lora_" in k and not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    if odd:
+        raise AdapterFileError(f"{where}: its {WEIGHTS_NAME} holds {odd[:2]}, not the lora_A/lora_B weights of "
+                               f"linear layers (an embedding LoRA?); {FIX}")
+    return config, tensors
+
+
+def _scaling(config: LoraConfig) -> float:
     return config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
 
 
@@ -78,16 +116,12 @@ def read_experts(paths: Mapping[str, str], prefix: str) -> dict[str, dict[int, t
     out: dict[str, dict[int, tuple[Tensor, Tensor, float]]] = {}
     for index, (label, path) in enumerate(paths.items()):
         folder = Path(path)
-        config = read_config(folder)
-        if not isinstance(config, LoraConfig):
-            raise AdapterFileError(f"X-LoRA expert {label!r} ({folder}) is a {type(config).__name__} adapter; "
-                                   "experts must be LoRA adapters")
-        scaling = _scaling(config, folder)
-        tensors = read_tensors(folder)
+        config, tensors = read_expert(label, folder)
+        scaling = _scaling(config)
         for key, a in tensors.items():
             if ".lora_A." not in key:
                 continue
-            if not key.startswith(prefix) or not key.endswith(".weight"):
+            if not key.startswith(prefix):
                 raise AdapterFileError(f"{folder}: unexpected tensor key {key!r} for a LoRA expert")
             module = key[len(prefix):].split(".lora_A.")[0]
             b = tensors.get(key.replace(".lora_A.", ".lora_B."))

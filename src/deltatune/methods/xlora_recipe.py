@@ -2,11 +2,13 @@
 trained over LoRA adapters saved by earlier runs (the experts, frozen).
 
 Unlike AdapterFusion's members, the experts are not loaded as adapters of their own: X-LoRA reads
-their factors from the folders its config names (``XLoraConfig.adapters``), when the run attaches
-it and again whenever the run folder is rebuilt (``deltatune eval`` / ``predict``). The config
-holds each folder as an absolute path, so those commands work from any directory as long as the
-expert folders stay where they were. A task head (a classification task's) trains as a new copy
-with the classifier, as ``modules_to_save``.
+their factors from the folders its config names (``XLoraConfig.adapters``). ``--xlora-experts`` is
+read as every recipe over saved adapters reads its folders (``named_folders``), and each expert is
+vetted by the check the attach runs too (``xlora_parts.read_expert``), so a bad one stops the run
+before its folder is touched. The run's saved adapter carries copies of the experts
+(``xlora_config``), so the run folder rebuilds (``deltatune eval`` / ``predict``) from anywhere,
+also once moved or copied to another machine, without the expert folders it was trained from.
+A task head (a classification task's) trains as a new copy with the classifier, as ``modules_to_save``.
 """
 
 from __future__ import annotations
@@ -16,57 +18,20 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DeltaConfig
-from ..errors import ConfigError, DeltatuneError
-from ..io import CONFIG_NAME, read_config
+from ..errors import ConfigError
 from ..registry import MethodOption, Recipe, RecipeInput, register_recipe
-from .lora_config import LoraConfig
+from .named_folders import named_adapter_folders
 from .xlora_config import XLoraConfig
+from .xlora_parts import read_expert
 
-RUN_ADAPTER = "adapter"
-"""The folder a ``deltatune train`` run saves its adapter to, inside its output folder."""
 OPTION = "xlora_experts"
 FIX = ("pass --xlora-experts NAME=FOLDER NAME=FOLDER, each FOLDER a LoRA adapter folder or the --output-dir of a "
        "`deltatune train --method lora` run")
 
 
-def _folder(item: str, value: str) -> Path:
-    """The LoRA adapter folder ``value`` names (itself, or the adapter a run folder holds), checked."""
-    path = Path(value)
-    folder = path / RUN_ADAPTER if not (path / CONFIG_NAME).is_file() and (path / RUN_ADAPTER / CONFIG_NAME).is_file() \
-        else path
-    if not (folder / CONFIG_NAME).is_file():
-        raise ConfigError("options", OPTION, item, f"{path} holds no {CONFIG_NAME} (nor {RUN_ADAPTER}/{CONFIG_NAME})",
-                          FIX)
-    try:
-        config = read_config(folder)
-    except DeltatuneError as error:
-        raise ConfigError("options", OPTION, item, f"its adapter cannot be read ({error})", FIX) from None
-    plain = isinstance(config, LoraConfig) and not (config.use_dora or config.use_qalora or config.rank_pattern
-                                                    or config.alpha_pattern)
-    if not plain:
-        raise ConfigError("options", OPTION, item, f"{folder} holds a {config.peft_type} adapter that is not plain "
-                          "LoRA (X-LoRA's experts are LoRA without DoRA, QA-LoRA, rank_pattern or alpha_pattern, as "
-                          "in peft)", FIX)
-    return folder.resolve()
-
-
 def experts(options: Mapping[str, Any]) -> dict[str, Path]:
     """The ``--xlora-experts`` folders by name, in the order given (the classifier's expert order)."""
-    out: dict[str, Path] = {}
-    for item in options[OPTION]:
-        name, sep, value = item.partition("=")
-        if not sep:
-            name, value = "", item
-        folder = _folder(item, value)
-        name = name if sep else (folder.parent.name if folder.name == RUN_ADAPTER else folder.name)
-        if not name or name in out:
-            why = "taken by another expert" if name else "empty"
-            raise ConfigError("options", OPTION, item, f"the expert name {name!r} is {why}",
-                              "give each expert its own NAME=FOLDER")
-        out[name] = folder
-    if len(out) < 2:
-        raise ConfigError("options", OPTION, list(options[OPTION]), "a mixture needs two or more LoRA experts", FIX)
-    return out
+    return named_adapter_folders(OPTION, options[OPTION], "an X-LoRA mixture", FIX, check=read_expert)
 
 
 def build(run: RecipeInput) -> DeltaConfig:

@@ -86,6 +86,9 @@ def main() -> None:
     parser.add_argument("--method", choices=("lora", "prefix"), default="lora",
                         help="lora (q_proj/v_proj) or prefix tuning (key/value prefixes in every layer)")
     parser.add_argument("--num-virtual-tokens", type=int, default=16, help="prefix length for --method prefix")
+    parser.add_argument("--prefix-init-text", default=None,
+                        help="--method prefix: start every layer's prefix as the base model's keys/values of this "
+                             "text (default: peft's random prefixes)")
     parser.add_argument("--quantize", choices=("none", "nf4", "fp4"), default="none",
                         help="QLoRA: store the frozen base's linear layers in 4 bits (lm_head stays dense)")
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling numerator (default: 2 r)")
@@ -126,8 +129,12 @@ def main() -> None:
         dt.load(model, args.output / "loftq_init", trainable=True)
         what = f"QLoRA + LoftQ ({args.loftq_iter} iterations) r={args.r} on q_proj/v_proj"
     elif args.method == "prefix":
-        dt.attach(model, dt.PrefixTuningConfig(num_virtual_tokens=args.num_virtual_tokens, task_type=task.task_type))
+        init = {"prefix_init_text": args.prefix_init_text, "tokenizer_name_or_path": str(folder),
+                "tokenizer_kwargs": {"gguf_file": GGUF}} if args.prefix_init_text else {}
+        dt.attach(model, dt.PrefixTuningConfig(num_virtual_tokens=args.num_virtual_tokens, task_type=task.task_type,
+                                               **init))
         what = f"prefix tuning, {args.num_virtual_tokens} virtual tokens"
+        what += f", started from the keys/values of {args.prefix_init_text!r}" if args.prefix_init_text else ""
     else:
         dt.attach(model, lora)
         what = f"{'Q' if args.quantize != 'none' else ''}LoRA r={args.r} on q_proj/v_proj"

@@ -74,6 +74,22 @@ def layer_pairs(table: Tensor, layers: int, heads: int, stacks: int) -> list[tup
     return [(group[0], group[1]) for group in per_layer]
 
 
+def cached_pairs(cache: Any) -> list[tuple[Tensor, Tensor]]:
+    """Per layer the (key, value) a transformers cache holds, each (batch, heads, n, head_dim)."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list) or not all(isinstance(getattr(layer, "keys", None), Tensor) for layer in layers):
+        raise AdapterError(f"the model filled no key/value cache this version can read ({type(cache).__name__}); "
+                           "its attention layers cannot give key/value prefixes")
+    return [(layer.keys, layer.values) for layer in layers]
+
+
+def pairs_table(pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """One row's prefix table (n, layers * 2 * heads * head_dim) from per-layer (key, value) pairs of one
+    sequence, each (1, heads, n, head_dim): the inverse of ``layer_pairs`` for one stack."""
+    entries = torch.stack([part[0] for pair in pairs for part in pair])  # (2 * layers, heads, n, head_dim)
+    return entries.permute(2, 0, 1, 3).reshape(int(entries.shape[2]), -1)
+
+
 class PrefixSite:
     """The hook that puts one batch of prefixes into every call of ``model``."""
 

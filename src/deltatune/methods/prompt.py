@@ -169,7 +169,7 @@ def make_prompt(model: nn.Module, config: DeltaConfig, views: Mapping[str, objec
         (cache_owner if config.token_positions == "after_prefix" else check_positions)(model)
     if isinstance(config, PromptTuningConfig) and config.insert_at != "input":
         embeddings_module(model)
-    encoder = build_encoder(config, words).to(device=words.device, dtype=adapter_dtype(words.dtype))
+    encoder = build_encoder(config, words, model).to(device=words.device, dtype=adapter_dtype(words.dtype))
     return (PrefixAdapter if isinstance(config, PrefixTuningConfig) else PromptAdapter)(config, encoder)
 
 

@@ -177,6 +177,8 @@ class PrefixTuningConfig(PromptLearningConfig):
     peft_type: ClassVar[str] = "PREFIX_TUNING"
     POSITIONS: ClassVar[tuple[str, ...]] = ("after_prefix", "from_zero")
     HUB_ONLY: ClassVar[Mapping[str, Any]] = MappingProxyType({"token_positions": "after_prefix"})
+    INIT_ONLY: ClassVar[tuple[str, ...]] = ("prefix_init_text", "tokenizer_name_or_path", "tokenizer_kwargs")
+    """Fields that only choose the trained prefixes' start: the file holds the prefixes, so they stay out of it."""
 
     encoder_hidden_size: int | None = None
     prefix_projection: bool = False
@@ -184,6 +186,12 @@ class PrefixTuningConfig(PromptLearningConfig):
     token_positions: str = "after_prefix"
     """How the tokens are numbered: "after_prefix" (peft: the prefix counts as cached positions, so the first
     token's position is the prefix length) or "from_zero" (AdapterHub: the positions they have without it)."""
+    prefix_init_text: str | None = None
+    """deltatune's own (peft lacks it; Li & Liang's advice): start every layer's key/value prefix as the
+    keys/values the base model caches for this text, its token ids repeated or cut to ``num_virtual_tokens``
+    (peft's rule for prompt tuning's TEXT). Needs ``tokenizer_name_or_path``; not with ``prefix_projection``."""
+    tokenizer_name_or_path: str | None = None
+    tokenizer_kwargs: Mapping[str, Any] | None = None
 
     def loads_trainable(self) -> bool:
         return not self.prefix_projection  # with the projection, the file holds the computed prefixes
@@ -200,6 +208,22 @@ class PrefixTuningConfig(PromptLearningConfig):
                    "pass None (random) or 'zero'")
         self.check(self.token_positions in self.POSITIONS, "token_positions", "unknown numbering of the tokens",
                    f"use one of {self.POSITIONS}")
+        text = self.prefix_init_text
+        self.check(text is None or (isinstance(text, str) and bool(text)), "prefix_init_text",
+                   "it must be a non-empty text or None", "pass e.g. prefix_init_text='Define the word:'")
+        self.check(text is not None or not (self.tokenizer_name_or_path or self.tokenizer_kwargs),
+                   "tokenizer_name_or_path", "a tokenizer is only used by prefix_init_text", "drop it")
+        unset = text is None
+        self.check(unset or not self.prefix_projection, "prefix_projection", "prefix_init_text sets the prefixes, but "
+                   "with the projection an MLP computes them (no table of keys/values to set)", "pass False")
+        self.check(unset or self.init_weights is None, "init_weights", "prefix_init_text initialises", "leave it unset")
+        self.check(unset or self.task_type != SEQ_2_SEQ, "task_type", "prefix_init_text runs the model on the text "
+                   "alone; an encoder-decoder's decoder has no cache of it", "drop prefix_init_text")
+        self.check(unset or bool(self.tokenizer_name_or_path), "tokenizer_name_or_path",
+                   "prefix_init_text is tokenized, so it needs a tokenizer", "pass the tokenizer's folder (or the model's)")
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().to_peft_dict().items() if k not in self.INIT_ONLY}
 
     def shape_fields(self, model_config: Mapping[str, Any]) -> dict[str, int]:
         found = super().shape_fields(model_config)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..hf import from_pretrained
+from .prefix_init import text_prefix
 from .prompt_config import PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig
 
 
@@ -88,10 +89,18 @@ def table_shape(config: PromptLearningConfig) -> tuple[int, int]:
     return config.total_virtual_tokens, config.token_dim
 
 
-def build_encoder(config: PromptLearningConfig, word_embeddings: Tensor) -> nn.Module:
+def build_encoder(config: PromptLearningConfig, word_embeddings: Tensor, model: nn.Module | None = None) -> nn.Module:
     """The module a new adapter trains, or for a frozen one the table its file fills (``word_embeddings``:
-    the model's token embedding table, for initialisation from the vocabulary)."""
+    the model's token embedding table, for initialisation from the vocabulary; ``model``: the base, run on
+    ``prefix_init_text``)."""
     rows, width = table_shape(config)
+    if isinstance(config, PrefixTuningConfig) and config.prefix_init_text is not None:
+        assert model is not None
+        table = PromptTable(rows, width) if config.inference_mode else PrefixEncoder(config)
+        words = text_ids(config, config.prefix_init_text, "prefix_init_text", config.num_virtual_tokens or 0)
+        with torch.no_grad():
+            table.embedding.weight.copy_(text_prefix(model, config, _known(config, words, word_embeddings)))
+        return table
     if config.inference_mode:
         return PromptTable(rows, width)
     if isinstance(config, PromptEncoderConfig):
@@ -104,7 +113,8 @@ def build_encoder(config: PromptLearningConfig, word_embeddings: Tensor) -> nn.M
         ids = torch.randint(0, int(word_embeddings.shape[0]), (rows,), dtype=torch.long)
         _copy_rows(table, word_embeddings, ids)
     elif config.prompt_tuning_init == "TEXT":
-        _copy_rows(table, word_embeddings, torch.tensor(_text_ids(config, rows)))
+        text = str(config.prompt_tuning_init_text)
+        _copy_rows(table, word_embeddings, torch.tensor(text_ids(config, text, "prompt_tuning_init_text", rows)))
     return table
 
 
@@ -113,16 +123,26 @@ def _copy_rows(table: PromptTable, weight: Tensor, ids: Tensor) -> None:
         table.embedding.weight.copy_(weight[ids.to(weight.device)].detach().float())
 
 
-def _text_ids(config: PromptTuningConfig, rows: int) -> list[int]:
-    """The init text's token ids (special tokens included), repeated or cut to ``rows``, as peft does."""
+def text_ids(config: PromptTuningConfig | PrefixTuningConfig, text: str, field: str, rows: int) -> list[int]:
+    """``text``'s token ids (special tokens included) with the config's tokenizer, repeated or cut to ``rows``,
+    as peft does for prompt tuning's TEXT (``field``: the config field that holds the text, for errors)."""
     kwargs = {k: v for k, v in (config.tokenizer_kwargs or {}).items() if k != "trust_remote_code"}
     try:
         tokenizer = from_pretrained("AutoTokenizer", str(config.tokenizer_name_or_path), **kwargs)
     except (OSError, ValueError) as error:
-        raise ConfigError("PromptTuningConfig", "tokenizer_name_or_path", config.tokenizer_name_or_path,
+        raise ConfigError(type(config).__name__, "tokenizer_name_or_path", config.tokenizer_name_or_path,
                           f"the tokenizer could not be loaded ({error})", "pass a local tokenizer folder") from None
-    ids = list(tokenizer(config.prompt_tuning_init_text)["input_ids"])
+    ids = list(tokenizer(text)["input_ids"])
     if not ids:
-        raise ConfigError("PromptTuningConfig", "prompt_tuning_init_text", config.prompt_tuning_init_text,
-                          "it tokenizes to nothing", "pass a non-empty text")
+        raise ConfigError(type(config).__name__, field, text, "it tokenizes to nothing", "pass a non-empty text")
     return (ids * math.ceil(rows / len(ids)))[:rows]
+
+
+def _known(config: PrefixTuningConfig, ids: list[int], word_embeddings: Tensor) -> list[int]:
+    """``ids``, refused when one is past the model's vocabulary (a tokenizer of another model)."""
+    vocab = int(word_embeddings.shape[0])
+    if max(ids) >= vocab:
+        raise ConfigError(type(config).__name__, "tokenizer_name_or_path", config.tokenizer_name_or_path,
+                          f"it gives token id {max(ids)}, past the model's {vocab} embeddings",
+                          "pass the tokenizer of this model")
+    return ids

@@ -1,5 +1,6 @@
 """The prompt-space methods on the command line: ``--method prompt-tuning | p-tuning | prefix-tuning``
-with ``--num-virtual-tokens`` and each method's initialisation or encoder options."""
+with ``--num-virtual-tokens`` and each method's initialisation or encoder options (a text initialisation
+tokenizes with the base model's tokenizer)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,9 @@ def p_tuning(run: RecipeInput) -> DeltaConfig:
 
 
 def prefix_tuning(run: RecipeInput) -> DeltaConfig:
+    text = run.options["prefix_init_text"] or None
     return PrefixTuningConfig(prefix_projection=run.options["prefix_projection"], encoder_hidden_size=_hidden(run),
+                              prefix_init_text=text, tokenizer_name_or_path=run.base_path if text else None,
                               **_shared(run, "prefix tuning"))
 
 
@@ -60,4 +63,7 @@ register_recipe(Recipe(
     "prefix-tuning", "prefix tuning (Li & Liang 2021): trained key/value prefixes in every attention layer; "
     "without --prefix-projection, P-tuning v2's deep prompts", prefix_tuning,
     options=(MethodOption("prefix_projection", "bool", False, "prefix tuning: compute the prefixes with an MLP "
-                                                              "(Li & Liang's reparameterization)"),)))
+                                                              "(Li & Liang's reparameterization)"),
+             MethodOption("prefix_init_text", "str", "", "prefix tuning without projection: text whose keys/values "
+                                                         "in the base model start every layer's prefix (its tokens "
+                                                         "repeated or cut to the prefix length); '' = random"))))

@@ -55,7 +55,7 @@ def run(model: Path, data: Path, out: Path, *extra: str, full_load: bool = False
     """``deltatune train`` on 2 processes, each rank writing its peak RSS to ``out/rss<rank>.json``; the output.
     ``full_load``: every rank loads the whole model (``--fsdp`` before meta initialisation)."""
     result = torchrun(str(WORKER), str(out), *(["--full-load"] if full_load else []),
-                      *train_args(model, data, out, *extra), timeout=400)
+                      *train_args(model, data, out, *extra), timeout=900)
     check(result)
     return result.stdout
 

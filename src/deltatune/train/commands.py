@@ -18,8 +18,8 @@ from ..merge import unload
 from ..targets import is_saved_module
 from ..hf import from_pretrained, load_tokenizer
 from .data import Row, Rows, read_rows, rows_of_split, saved_splits
-from .options import RunOptions, default_data_file, split_options
-from .run import RUN_FILE, load_data, read_eval_rows, read_run_file, rebuild, spread
+from .options import RunOptions, split_options
+from .run import RUN_FILE, eval_source, load_data, read_eval_rows, read_run_file, rebuild, spread
 from .report import classification_report
 from .tasks import Task, task_class
 
@@ -55,7 +55,7 @@ def _evaluation_rows(run: RunOptions, data: str, split: str) -> Rows:
     replaced by another (a saved DatasetDict's "validation" fallback is for the run's default only).
     The run's own data is capped at its --max-eval-rows, as during training; ``data`` is not."""
     if split:
-        rows = rows_of_split(data or run.eval_file or run.train_file or default_data_file(), split,
+        rows = rows_of_split(data or eval_source(run), split,
                              run.split_column, run.skip_bad_rows)
         return rows if data else spread(rows, run.max_eval_rows)
     if data:

@@ -51,13 +51,18 @@ def spread(rows: Rows, limit: int) -> Rows:
     return rows.subset(range(0, len(rows.rows), stride)[:limit])
 
 
+def eval_source(run: RunOptions) -> str:
+    """The file a run evaluates on: --eval-file, else the training file (its splits), else the shipped data."""
+    return run.eval_file or run.train_file or default_data_file()
+
+
 def load_data(run: RunOptions) -> tuple[Rows, Rows]:
     """Training and evaluation rows, from two files or from the splits of one file (or of one saved
     ``DatasetDict``: its --train-split, and its --eval-split, else "validation", unless --eval-file is given)."""
     train_file = run.train_file or default_data_file()
     if saved_splits(train_file):
         train = read_rows(train_file, run.skip_bad_rows, split=run.train_split)
-        return train, spread(read_eval_rows(run.eval_file or train_file, run), run.max_eval_rows)
+        return train, spread(read_eval_rows(eval_source(run), run), run.max_eval_rows)
     everything = read_rows(train_file, run.skip_bad_rows)
     one_file = not run.eval_file
     has_splits = run.split_column in everything.rows[0]

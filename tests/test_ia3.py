@@ -25,7 +25,9 @@ from torch import Tensor, nn
 
 import deltatune as dt
 from battery_cases import DTYPES, KIND, METHOD, Kind, Method, adapted, delta_of
-from conftest import TOLERANCES, conv_net, perturb, state_hash, tiny_bert, tiny_gpt2, tiny_llama, token_ids
+from conftest import (TOLERANCES, conv_net, outputs, perturb, state_hash, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5,
+                      token_ids, train_command)
+from deltatune.cli import main
 
 import peft
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -115,6 +117,48 @@ def test_peft_parity_both_ways(factory: Callable[[], nn.Module], kwargs: dict[st
     assert shapes(tmp_path / "dt") == shapes(tmp_path / "peft")
 
 
+@pytest.mark.parametrize(("factory", "task_type"), [(tiny_bert, "SEQ_CLS"), (tiny_llama, None), (tiny_gpt2, None),
+                                                    (tiny_t5, None)], ids=["bert", "llama", "gpt2", "t5"])
+def test_default_targets_equal_peft(factory: Callable[[], nn.Module], task_type: str | None, tmp_path: Path) -> None:
+    """Without target_modules / feedforward_modules both libraries pick the same layers and scalings
+    (equal tensor keys and shapes), write the same resolved lists, and read each other's file. (BERT's
+    tiny logits move visibly only with its trained classifier: SEQ_CLS.)"""
+    base, x = factory(), token_ids()
+    base_out = outputs(base, x).float()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(task_type=task_type))
+    perturb(theirs)
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    ours = dt.attach(copy.deepcopy(base), dt.IA3Config(task_type=task_type))
+    perturb(ours, seed=1)
+    dt.save(ours.eval(), tmp_path / "dt")
+    assert shapes(tmp_path / "dt") == shapes(tmp_path / "peft")
+    ours_json, peft_json = config_json(tmp_path / "dt"), config_json(tmp_path / "peft")
+    for key in ("target_modules", "feedforward_modules"):
+        assert isinstance(ours_json[key], list) and set(ours_json[key]) == set(peft_json[key]), key
+    assert_parity(outputs(dt.load(copy.deepcopy(base), tmp_path / "peft"), x).float(), outputs(theirs, x).float(),
+                  base_out)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "dt").eval()
+    assert_parity(outputs(back, x).float(), outputs(ours, x).float(), base_out)
+
+
+@pytest.mark.parametrize("field", ["target_modules", "feedforward_modules"])
+def test_no_default_for_the_architecture_raises_with_the_models_names(field: str) -> None:
+    model = conv_net()
+    before = state_hash(model)
+    given = {"target_modules": ["head"], "feedforward_modules": []}
+    with pytest.raises(dt.TargetError, match=rf"{field}=None .*model type None.*'head'"):
+        dt.attach(model, dt.IA3Config(**{**given, field: None}))
+    assert state_hash(model) == before and not hasattr(model, "deltatune_state")
+
+
+def test_train_command_uses_the_defaults(tiny_bert_dir: Path, sentiment_file: Path, tmp_path: Path,
+                                         keep_thread_count: None) -> None:
+    args = train_command(tiny_bert_dir, sentiment_file, tmp_path, options=("--max-steps", "1"))
+    assert main([*args[:args.index("--target-modules")], "--method", "ia3", "--no-initial-eval"]) == 0
+    saved = config_json(tmp_path / "adapter")
+    assert saved["target_modules"] == ["key", "output.dense", "value"] and saved["feedforward_modules"] == ["output.dense"]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
 def test_peft_merge_matches(dtype: torch.dtype) -> None:
     """Merged weights and biases equal peft's merge_and_unload (bf16: both round once)."""
@@ -187,8 +231,6 @@ def test_config_json_keys_and_round_trip() -> None:
 
 @pytest.mark.parametrize(("kwargs", "field"), [
     ({"target_modules": ["k", "v"], "feedforward_modules": ["w0"]}, "feedforward_modules"),
-    ({"target_modules": None, "feedforward_modules": []}, "target_modules"),
-    ({"target_modules": ["k"]}, "feedforward_modules"),
     ({"target_modules": ["k"], "feedforward_modules": [], "init_ia3_weights": "ones"}, "init_ia3_weights"),
     ({"target_modules": ["k"], "feedforward_modules": [], "fan_in_fan_out": 1}, "fan_in_fan_out"),
     ({"target_modules": ["k"], "feedforward_modules": "(", }, "feedforward_modules"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,9 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 import deltatune as dt
-from conftest import close, state_hash, tiny_llama, token_ids
+from conftest import close, state_hash, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5, token_ids, train_command
+from deltatune.cli import main
+from deltatune.state import delta_layers
 from deltatune.errors import AdapterError, ConfigError
 from deltatune.methods.mixlora import TokenRouters
 from deltatune.registry import RecipeInput, recipe_named
@@ -246,11 +249,53 @@ def test_trainer_adds_the_balance_loss_and_logs_router_statistics(tmp_path: Path
     assert isinstance(routers, TrainingSignals)
 
 
+def gated_t5() -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=32,
+                                               feed_forward_proj="gated-gelu", decoder_start_token_id=0))
+
+
+FEEDFORWARD = [  # (model, the parent modules whose linear layers form the feed-forward block)
+    pytest.param(tiny_llama, r"model\.layers\.\d\.mlp", id="llama"),
+    pytest.param(tiny_gpt2, r"transformer\.h\.\d\.mlp", id="gpt2"),
+    pytest.param(tiny_bert, r"bert\.encoder\.layer\.\d\.(intermediate|output)", id="bert"),
+    pytest.param(tiny_t5, r"(en|de)coder\.block\.\d\.layer\.\d\.DenseReluDense", id="t5"),
+    pytest.param(gated_t5, r"(en|de)coder\.block\.\d\.layer\.\d\.DenseReluDense", id="t5-gated"),
+]
+
+
+@pytest.mark.parametrize(("factory", "parent"), FEEDFORWARD)
+def test_default_targets_are_the_feedforward_linears(factory: Any, parent: str) -> None:
+    """Exactly the linear layers directly inside each block's feed-forward modules: not BERT's
+    ``attention.output.dense`` nor GPT-2's ``attn.c_proj``."""
+    base = factory()
+    wanted = {n for n, m in base.named_modules()
+              if re.fullmatch(rf"{parent}\.\w+", n) and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")}
+    model = dt.attach(base, dt.MixLoraConfig(num_experts=2, top_k=1))
+    assert {n for n, _ in delta_layers(model)} == wanted and len(wanted) >= 4
+
+
+def test_no_default_for_the_architecture_raises_with_the_models_names() -> None:
+    model = Ffn()
+    before = state_hash(model)
+    with pytest.raises(dt.TargetError, match=r"target_modules=None .*\['down', 'up'\]"):
+        dt.attach(model, dt.MixLoraConfig())
+    assert state_hash(model) == before and not hasattr(model, "deltatune_state")
+
+
+def test_train_command_uses_the_defaults(tiny_bert_dir: Path, sentiment_file: Path, tmp_path: Path,
+                                         keep_thread_count: None) -> None:
+    args = train_command(tiny_bert_dir, sentiment_file, tmp_path, options=("--max-steps", "1"))
+    assert main([*args[:args.index("--target-modules")], "--method", "mixlora", "--no-initial-eval"]) == 0
+    routers = {k for k in load_file(tmp_path / "adapter" / "adapter_model.safetensors") if k.endswith("mixlora_router")}
+    assert routers == {f"base_model.model.bert.encoder.layer.{i}.{part}.dense.mixlora_router"
+                       for i in range(2) for part in ("intermediate", "output")}
+
+
 def test_config_and_recipe() -> None:
     with pytest.raises(ConfigError, match="top_k"):
         dt.MixLoraConfig(num_experts=2, top_k=3, target_modules=["up"])
-    with pytest.raises(ConfigError, match="target_modules"):
-        dt.MixLoraConfig()
     options = {"r": 4, "lora_alpha": 8.0, "lora_dropout": 0.0, "use_rslora": False, "num_experts": 6, "top_k": 2,
                "router_aux_loss_coef": 0.02}
     built = recipe_named("mixlora").build(RecipeInput(options, ("c_fc",), None, {"task_type": None,

@@ -207,11 +207,16 @@ class TargetedConfig(DeltaConfig):
     ``target_modules``: a list matches a module whose full name equals an entry or ends with
     ``"." + entry``; a string is a regular expression that must match the full name;
     ``"all-linear"`` selects every linear layer except the output head; None uses the model
-    type's usual attention projections. ``exclude_modules`` uses the same rules to drop
+    type's defaults (``default_tables``: the usual attention projections unless a method says
+    otherwise). ``exclude_modules`` uses the same rules to drop
     modules. ``layers_to_transform`` keeps only the given layer indices (the number after
     ``layers_pattern`` in the name, or the first number in it). ``modules_to_save`` names
     modules that are copied, trained in full and saved with the adapter.
     """
+
+    default_tables: ClassVar[Mapping[str, str]] = MappingProxyType({"target_modules": "attention"})
+    """Fields that, left None, take the model architecture's defaults when attached: field name ->
+    the name of a table in ``hf.ARCHITECTURE_TABLES`` (peft fills them from its own tables likewise)."""
 
     target_modules: tuple[str, ...] | str | None = None
     exclude_modules: tuple[str, ...] | str | None = None

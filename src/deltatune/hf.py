@@ -45,6 +45,64 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 }
 """The attention projections peft adapts when ``target_modules`` is not given."""
 
+SCALED_ACTIVATION_TARGETS: dict[str, tuple[str, ...]] = {
+    "t5": ("k", "v", "wo"), "mt5": ("k", "v", "wi_1"), "gpt2": ("c_attn", "mlp.c_proj"),
+    "bloom": ("query_key_value", "mlp.dense_4h_to_h"), "roberta": ("key", "value", "output.dense"),
+    "opt": ("q_proj", "k_proj", "fc2"), "gptj": ("q_proj", "v_proj", "fc_out"),
+    "gpt_neox": ("query_key_value", "dense_4h_to_h"), "gpt_neo": ("q_proj", "v_proj", "c_proj"),
+    "bart": ("q_proj", "v_proj", "fc2"), "gpt_bigcode": ("c_attn", "mlp.c_proj"),
+    "llama": ("k_proj", "v_proj", "down_proj"), "llama4": ("q_proj", "v_proj", "down_proj"),
+    "mistral": ("k_proj", "v_proj", "down_proj"), "mixtral": ("k_proj", "v_proj", "w2"),
+    "bert": ("key", "value", "output.dense"), "deberta-v2": ("key_proj", "value_proj", "output.dense"),
+    "deberta": ("in_proj", "output.dense"), "RefinedWebModel": ("query_key_value", "dense_4h_to_h"),
+    "RefinedWeb": ("query_key_value", "dense_4h_to_h"), "falcon": ("query_key_value", "dense_4h_to_h"),
+    "phi": ("q_proj", "v_proj", "fc2"), "gemma": ("q_proj", "v_proj", "down_proj"),
+    "gemma2": ("q_proj", "v_proj", "down_proj"), "gemma3_text": ("q_proj", "v_proj", "down_proj"),
+    "qwen2": ("q_proj", "v_proj", "down_proj"), "qwen3": ("q_proj", "v_proj", "down_proj"),
+}
+"""Keys/values (or queries/values) and the feed-forward output layer: where peft 0.21 puts learned
+activation scaling when ``target_modules`` is not given (its second per-architecture table). Entries
+are dotted suffixes, so ``output.dense`` selects BERT's attention output too, as it does in peft."""
+
+SCALED_INPUT_LAYERS: dict[str, tuple[str, ...]] = {
+    "t5": ("wo",), "mt5": (), "gpt2": ("mlp.c_proj",), "bloom": ("mlp.dense_4h_to_h",), "roberta": ("output.dense",),
+    "opt": ("fc2",), "gptj": ("fc_out",), "gpt_neox": ("dense_4h_to_h",), "gpt_neo": ("c_proj",), "bart": ("fc2",),
+    "gpt_bigcode": ("mlp.c_proj",), "llama": ("down_proj",), "llama4": ("down_proj",), "mistral": ("down_proj",),
+    "mixtral": ("w2",), "bert": ("output.dense",), "deberta-v2": ("output.dense",), "deberta": ("output.dense",),
+    "RefinedWeb": ("dense_4h_to_h",), "RefinedWebModel": ("dense_4h_to_h",), "falcon": ("dense_4h_to_h",),
+    "phi": ("fc2",), "gemma": ("down_proj",), "gemma2": ("down_proj",), "gemma3_text": ("down_proj",),
+    "qwen2": ("down_proj",), "qwen3": ("down_proj",),
+}
+"""Which of ``SCALED_ACTIVATION_TARGETS`` are feed-forward layers whose input (not output) is scaled:
+peft 0.21's table for a missing ``feedforward_modules``."""
+
+_ENCODER_FEEDFORWARD = r"(.*\.)?\d+\.(intermediate|output)\.dense"
+"""BERT-style blocks: ``<n>.intermediate.dense`` and ``<n>.output.dense``, a regular expression because
+the suffix ``output.dense`` would also select the attention output ``<n>.attention.output.dense``."""
+
+_GATED_FEEDFORWARD = ("down_proj", "gate_proj", "up_proj")
+
+FEEDFORWARD_LAYERS: dict[str, tuple[str, ...] | str] = {
+    "llama": _GATED_FEEDFORWARD, "mistral": _GATED_FEEDFORWARD, "qwen2": _GATED_FEEDFORWARD,
+    "qwen3": _GATED_FEEDFORWARD, "gemma": _GATED_FEEDFORWARD, "gemma2": _GATED_FEEDFORWARD,
+    "gemma3_text": _GATED_FEEDFORWARD, "phi3": ("down_proj", "gate_up_proj"), "opt": ("fc1", "fc2"),
+    "bart": ("fc1", "fc2"), "gpt2": ("c_fc", "mlp.c_proj"), "gpt_neox": ("dense_4h_to_h", "dense_h_to_4h"),
+    "bloom": ("dense_4h_to_h", "dense_h_to_4h"), "falcon": ("dense_4h_to_h", "dense_h_to_4h"),
+    "bert": _ENCODER_FEEDFORWARD, "roberta": _ENCODER_FEEDFORWARD, "xlm-roberta": _ENCODER_FEEDFORWARD,
+    "deberta-v2": _ENCODER_FEEDFORWARD, "distilbert": ("ffn.lin1", "ffn.lin2"),
+    "t5": ("wi", "wi_0", "wi_1", "wo"), "mt5": ("wi", "wi_0", "wi_1", "wo"),
+}
+"""Every linear layer of each block's feed-forward part (not the attention): for methods whose
+experts belong there. Entries match as ``target_modules`` does (dotted suffixes; a string is a
+regular expression over the full name); T5 lists both the plain (``wi``) and gated (``wi_0``,
+``wi_1``) input layers, of which a model has one kind."""
+
+ARCHITECTURE_TABLES: dict[str, dict[str, tuple[str, ...]] | dict[str, tuple[str, ...] | str]] = {
+    "attention": DEFAULT_TARGETS, "scaled_activations": SCALED_ACTIVATION_TARGETS,
+    "scaled_inputs": SCALED_INPUT_LAYERS, "feedforward": FEEDFORWARD_LAYERS,
+}
+"""The per-architecture default tables by name; a config names the table for each field it fills."""
+
 
 def conv1d_class() -> type[nn.Module] | None:
     """transformers' GPT-2 style ``Conv1D`` class, or None when transformers is not loaded."""
@@ -65,6 +123,12 @@ def default_targets(model: nn.Module) -> tuple[str, ...] | None:
     """peft's default targets for this model's architecture, if known."""
     kind = model_type(model)
     return DEFAULT_TARGETS.get(kind) if kind else None
+
+
+def architecture_default(model: nn.Module, table: str) -> tuple[str, ...] | str | None:
+    """The entry of the per-architecture table ``table`` for this model's type, if known."""
+    kind = model_type(model)
+    return ARCHITECTURE_TABLES[table].get(kind) if kind else None
 
 
 def output_head_name(model: nn.Module, task_type: str | None) -> str | None:

@@ -75,21 +75,32 @@ def _resolve_targets(model: nn.Module, config: TargetedConfig) -> TargetedConfig
 
 
 def _expand_targets(model: nn.Module, config: TargetedConfig) -> TargetedConfig:
-    """Replace a missing target list with the architecture default, and expand "all-linear"."""
+    """Fill in fields left None with the architecture defaults, and expand "all-linear"."""
+    config = _fill_defaults(model, config)
     targets = config.target_modules
-    if targets is None:
-        default = hf.default_targets(model)
-        if default is None:
-            raise TargetError(
-                f"{type(config).__name__}.target_modules is not set and the model type "
-                f"{hf.model_type(model)!r} has no default; pass target_modules, e.g. {_example_targets(model)}"
-            )
-        return config.replace(target_modules=default)
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         head = hf.output_head_name(model, config.task_type)
         names = sorted(n for n, m in logical_modules(model) if is_linear(m) and n != head)
         return config.replace(target_modules=tuple(names))
     return config
+
+
+def _fill_defaults(model: nn.Module, config: TargetedConfig) -> TargetedConfig:
+    """The config with each None field of ``default_tables`` set from its table for this model type;
+    the file then records the resolved names, as peft's does."""
+    filled: dict[str, object] = {}
+    for field_name, table in config.default_tables.items():
+        if getattr(config, field_name) is not None:
+            continue
+        default = hf.architecture_default(model, table)
+        if default is None:
+            raise TargetError(
+                f"{type(config).__name__}.{field_name}=None is invalid: the model type {hf.model_type(model)!r} has "
+                f"no default {field_name}. Fix: pass {field_name}, e.g. from this model's linear layers: "
+                f"{_example_targets(model)}"
+            )
+        filled[field_name] = default
+    return config.replace(**filled) if filled else config
 
 
 def _example_targets(model: nn.Module) -> list[str]:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -30,7 +32,7 @@ from ..bases import BaseLayer
 from ..config import DeltaConfig, TargetedConfig
 from ..errors import TargetError
 from ..layer import ModelDelta, WeightDelta
-from ..registry import Method, MethodOption, Recipe, last_fan_in_fan_out, register, register_recipe
+from ..registry import Method, MethodOption, Recipe, RecipeInput, last_fan_in_fan_out, register, register_recipe
 
 _NOT_IN_PEFT = ("layers_to_transform", "layers_pattern")
 """TargetedConfig fields that peft's IA3Config lacks: kept unset, and never written."""
@@ -40,14 +42,18 @@ _NOT_IN_PEFT = ("layers_to_transform", "layers_pattern")
 class IA3Config(TargetedConfig):
     """IA3 settings, with peft's field names and defaults.
 
-    ``target_modules`` and ``feedforward_modules`` must be given (peft fills both from its own
-    per-architecture tables; pass ``feedforward_modules=[]`` when no target is feed-forward).
-    A list of feed-forward names must be a subset of a list of targets (peft's rule); a module is
+    ``target_modules`` and ``feedforward_modules`` left None take, when attached, the model type's
+    defaults from peft's per-architecture tables (``hf.SCALED_ACTIVATION_TARGETS``,
+    ``hf.SCALED_INPUT_LAYERS``; e.g. BERT ``key``, ``value``, ``output.dense`` with ``output.dense``
+    feed-forward), each independently, as peft does; other models must pass them
+    (``feedforward_modules=[]`` when no target is feed-forward). A list of feed-forward names must be a subset of a list of targets (peft's rule); a module is
     feed-forward when its full name ends with a list entry, or fully matches a regex string.
     """
 
     peft_type: ClassVar[str] = "IA3"
     condense_targets: ClassVar[bool] = False  # peft never shortens IA3 target lists
+    default_tables: ClassVar[Mapping[str, str]] = MappingProxyType(
+        {"target_modules": "scaled_activations", "feedforward_modules": "scaled_inputs"})
 
     feedforward_modules: tuple[str, ...] | str | None = None
     fan_in_fan_out: bool = False
@@ -62,12 +68,6 @@ class IA3Config(TargetedConfig):
     def validate(self) -> None:
         super().validate()
         self._check_names("feedforward_modules")
-        self.check(self.target_modules is not None, "target_modules",
-                   "IA3 needs explicit targets (the architecture defaults known to deltatune are LoRA's)",
-                   "pass e.g. target_modules=['k_proj', 'v_proj', 'down_proj']")
-        self.check(self.feedforward_modules is not None, "feedforward_modules",
-                   "IA3 needs to know which targets are feed-forward layers (their input is scaled)",
-                   "pass e.g. feedforward_modules=['down_proj'], or [] if no target is feed-forward")
         ff, targets = self.feedforward_modules, self.target_modules
         self.check(not (isinstance(ff, tuple) and isinstance(targets, tuple)) or set(ff) <= set(targets),
                    "feedforward_modules", f"every feed-forward name must also be in target_modules={list(targets or ())}",
@@ -175,10 +175,16 @@ def make_ia3(base: BaseLayer, config: DeltaConfig, key: str, shared: ModelDelta 
 IA3 = register(Method("IA3", IA3Config, make_ia3, last_fan_in_fan_out))
 
 
+def build_ia3(run: RecipeInput) -> IA3Config:
+    """Without --target-modules both lists take the architecture's defaults at attach time; with
+    them, an absent --feedforward-modules means no target is feed-forward."""
+    feedforward = run.options["feedforward_modules"] or (None if run.target_modules is None else ())
+    return IA3Config(target_modules=run.target_modules, feedforward_modules=feedforward, **run.common)
+
+
 register_recipe(Recipe(
-    "ia3", "IA3 (Liu et al. 2022): learned scaling of keys, values and feed-forward inputs; needs --target-modules "
-           "and --feedforward-modules",
-    lambda run: IA3Config(target_modules=run.target_modules, feedforward_modules=run.options["feedforward_modules"],
-                          **run.common),
+    "ia3", "IA3 (Liu et al. 2022): learned scaling of keys, values and feed-forward inputs; targets default to "
+           "peft's per-architecture lists (--target-modules with --feedforward-modules override them)",
+    build_ia3,
     options=(MethodOption("feedforward_modules", "tuple[str, ...]", (),
                           "IA3: which of --target-modules are feed-forward layers (their input is scaled)"),)))

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -55,9 +56,13 @@ def _number(value: object) -> bool:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MixLoraConfig(TargetedConfig):
-    """MixLoRA settings (LoRA's field names for the experts). ``target_modules`` must be given."""
+    """MixLoRA settings (LoRA's field names for the experts). ``target_modules`` left None takes, when
+    attached, the model type's feed-forward linears (``hf.FEEDFORWARD_LAYERS``: LLaMA ``gate_proj``,
+    ``up_proj``, ``down_proj``; GPT-2 ``c_fc``, ``mlp.c_proj``; BERT each block's ``intermediate.dense``
+    and ``output.dense``, not the attention's; T5 ``wi``/``wi_0``/``wi_1``, ``wo``)."""
 
     peft_type: ClassVar[str] = "MIXLORA"
+    default_tables: ClassVar[Mapping[str, str]] = MappingProxyType({"target_modules": "feedforward"})
 
     r: int = 8
     lora_alpha: float = 16
@@ -81,9 +86,6 @@ class MixLoraConfig(TargetedConfig):
                    "the load-balancing coefficient must be a number >= 0", "pass e.g. 0.01 (0 switches it off)")
         self.check(isinstance(self.init_lora_weights, bool), "init_lora_weights", "init_lora_weights must be a bool",
                    "pass True (every B_e starts at zero) or False")
-        self.check(self.target_modules is not None, "target_modules",
-                   "MixLoRA needs explicit targets (its experts belong in the feed-forward block)",
-                   "pass e.g. ['gate_proj', 'up_proj', 'down_proj'] (LLaMA) or ['c_fc', 'c_proj'] (GPT-2)")
 
 
 class TokenRouters(ModelDelta):
@@ -223,5 +225,5 @@ def build_mixlora(run: RecipeInput) -> MixLoraConfig:
 
 
 register_recipe(Recipe("mixlora", "MixLoRA (Li et al. 2024): top-k routed LoRA experts per layer, load-balancing "
-                                  "loss; give --target-modules (the feed-forward projections)",
+                                  "loss; targets default to the feed-forward block's linear layers",
                        build_mixlora, options=MIXLORA_OPTIONS))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -144,6 +145,38 @@ def test_report_writes_tables_and_plots(tmp_path: Path) -> None:
     text = out.read_text()
     assert f"`deltatune sweep report {path.as_posix()} --output {out.as_posix()} --columns accuracy --no-plots`" in text
     assert "| r | method | runs | accuracy |" in text
+
+
+def test_report_over_two_results_files_keeps_the_named_cells_in_order(tmp_path: Path) -> None:
+    """A memory table that reuses another sweep's runs: two files, the chosen cells, one table."""
+    first, second = tmp_path / "rank.jsonl", tmp_path / "memory.jsonl"
+    for record in fake_records():
+        append_record(first, record)
+    append_record(second, {"cell": "quantize=nf4", "seed": 0, "status": "ok", "settings": {"quantize": "nf4"},
+                           "metrics": {"accuracy": 0.6}, "peak_rss_mib": 500.0})
+    out = tmp_path / "table.md"
+    argv = ["sweep", "report", str(second), str(first), "--cells", "quantize=nf4", "method=full", "--output", str(out),
+            "--columns", "accuracy", "--no-plots"]
+    assert main(argv) == 0
+    lines = out.read_text().splitlines()
+    header = lines.index("| quantize | method | runs | accuracy |")
+    assert lines[header + 2:header + 4] == ["| nf4 | — | 1 | 0.6 |", "| — | full | 1 | 0.9 |"]
+    assert f"deltatune sweep report {second.as_posix()} {first.as_posix()} --output" in lines[2]
+
+
+def test_report_refuses_what_it_cannot_make_one_table_of(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    append_record(first, {"cell": "r=8", "seed": 0, "status": "ok", "settings": {"r": 8}, "options": {"lr": 1e-3}})
+    append_record(second, {"cell": "r=8", "seed": 1, "status": "ok", "settings": {"r": 8}, "options": {"lr": 1e-2}})
+    out = tmp_path / "t.md"
+    refused = {"different options": [str(first), str(second), "--output", str(out)],
+               "--output": [str(first), str(second)],
+               "names no cell of the results.*use cell names as the table prints them: r=8":
+                   [str(first), "--cells", "r=4", "--output", str(out)]}
+    for reason, paths in refused.items():
+        assert main(["sweep", "report", *paths, "--no-plots"]) != 0
+        assert re.search(reason, capsys.readouterr().err), reason
+    assert not out.exists()
 
 
 def tiny_base(model: Path, data: Path) -> dict[str, Any]:

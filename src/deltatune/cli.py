@@ -116,8 +116,8 @@ def add_sweep(commands: Any) -> Parser:
     sub: Parser = commands.add_parser("sweep", help=text, description=text + ". `deltatune sweep SWEEP.yaml` runs "
                                       "(finished runs are skipped, failed ones retried); `deltatune sweep report "
                                       "RESULTS.jsonl` writes markdown tables and plots from the results alone.")
-    sub.add_argument("paths", nargs="+", metavar="PATH", help="a sweep YAML file, or the word report and a results "
-                     "JSONL file")
+    sub.add_argument("paths", nargs="+", metavar="PATH", help="a sweep YAML file, or the word report and one "
+                     "results JSONL file or more (one table over sweeps that share cells)")
     sub.add_argument("--in-process", action="store_true", help="run every run in this process instead of one "
                      "process each (faster to start; the memory column is then this process's peak so far)")
     sub.add_argument("--report", action="store_true", help="after the sweep, write its report too")
@@ -126,16 +126,18 @@ def add_sweep(commands: Any) -> Parser:
                      "train_loss, trainable_percent, peak_rss_mib, train_seconds, tokens_per_second)")
     sub.add_argument("--plot-x", nargs="*", help="options to plot the metrics against (default: every numeric "
                      "option the cells set)")
+    sub.add_argument("--cells", nargs="*", help="only these cells, in this order (names as the table prints them, "
+                     "e.g. method=lora,r=8)")
     sub.add_argument("--no-plots", action="store_true", help="tables only (plots need the plot extra: matplotlib)")
     return sub
 
 
-def _report_command(results: Path, args: argparse.Namespace) -> str:
+def _report_command(results: list[Path], args: argparse.Namespace) -> str:
     """The ``deltatune sweep report`` command line that writes this report again (quoted in it)."""
-    words = ["deltatune sweep report", results.as_posix()]
+    words = ["deltatune sweep report", *(p.as_posix() for p in results)]
     if args.output:
         words.append(f"--output {args.output.as_posix()}")
-    for flag, values in (("--columns", args.columns), ("--plot-x", args.plot_x)):
+    for flag, values in (("--columns", args.columns), ("--plot-x", args.plot_x), ("--cells", args.cells)):
         if values is not None:
             words.append(" ".join([flag, *values]))
     return " ".join(words + (["--no-plots"] if args.no_plots else []))
@@ -146,10 +148,13 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
     paths = list(args.paths)
     if paths[0] == "report":
-        if len(paths) != 2:
-            raise ConfigError("deltatune sweep report", "paths", paths[1:], "takes one results file",
+        if len(paths) < 2:
+            raise ConfigError("deltatune sweep report", "paths", paths[1:], "takes one results file or more",
                               "e.g. deltatune sweep report runs/sweeps/rank/results.jsonl")
-        results = Path(paths[1])
+        if len(paths) > 2 and not args.output:
+            raise ConfigError("deltatune sweep report", "--output", None, "several results files make one report, "
+                              "which has no default name", "pass --output REPORT.md")
+        results = [Path(p) for p in paths[1:]]
     elif len(paths) == 1:
         spec = read_spec(Path(paths[0]))
         written = run_sweep(spec, in_process=args.in_process)
@@ -157,12 +162,13 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         print(f"sweep done: {len(written)} runs this time, {failed} failed; results in {spec.results}")
         if not args.report:
             return 1 if failed else 0
-        results = spec.results
+        results = [spec.results]
     else:
         raise ConfigError("deltatune sweep", "paths", paths, "takes one sweep file, or `report` and a results file",
                           "e.g. deltatune sweep experiments/rank_ablation_minilm.yaml")
     command = _report_command(results, args)
-    report, plots = write_report(results, args.output, args.columns, args.plot_x, not args.no_plots, command)
+    report, plots = write_report(results, args.output, args.columns, args.plot_x, not args.no_plots, command,
+                                 args.cells)
     print(f"report written to {report}" + (f" with {len(plots)} plot(s)" if plots else ""))
     return 0
 

@@ -148,23 +148,57 @@ def _pyplot() -> Any:
     return plt
 
 
-def write_report(results: Path, output: Path | None = None, columns: Sequence[str] | None = None,
+def combined_records(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """The records of several results files, in order: one table over sweeps that share cells (a
+    memory table that reuses a rank ablation's LoRA and full runs). A cell name found in two files
+    must mean the same options there, or the rows would mix different experiments."""
+    records: list[dict[str, Any]] = []
+    options_of: dict[str, tuple[Path, Any]] = {}
+    for path in paths:
+        for record in read_records(path):
+            cell, options = str(record["cell"]), record.get("options")
+            first = options_of.setdefault(cell, (path, options))
+            if first[1] != options:
+                raise ConfigError("deltatune sweep report", "paths", [p.as_posix() for p in paths],
+                                  f"cell {cell!r} has different options in {first[0]} and {path}, so its runs are "
+                                  "not one experiment", "report those files separately")
+            records.append(record)
+    return records
+
+
+def only_cells(records: Sequence[Record], names: Sequence[str]) -> list[Record]:
+    """The records of the named cells, in the order of ``names`` (the table's row order)."""
+    known = list(dict.fromkeys(str(r["cell"]) for r in records))
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ConfigError("deltatune sweep report", "--cells", missing, "names no cell of the results",
+                          f"use cell names as the table prints them: {', '.join(known)}")
+    return [r for name in names for r in records if r["cell"] == name]
+
+
+def write_report(results: Path | Sequence[Path], output: Path | None = None, columns: Sequence[str] | None = None,
                  plot_x: Sequence[str] | None = None, plots: bool = True,
-                 command: str | None = None) -> tuple[Path, list[Path]]:
-    """Write the markdown report (default: the results file's name with ``.md``) and its plots (in
-    ``<report stem>_plots/`` beside it: each metric against each of ``plot_x``, default every numeric
-    option the cells set);
-    ``command``: the command line that regenerates it, as the report should quote it."""
-    records = read_records(results)
-    output = output or results.with_suffix(".md")
+                 command: str | None = None, cells: Sequence[str] | None = None) -> tuple[Path, list[Path]]:
+    """Write the markdown report of one results file or several (``combined_records``; default
+    file: the first one's name with ``.md``) and its plots (in ``<report stem>_plots/`` beside it:
+    each metric against each of ``plot_x``, default every numeric option the cells set);
+    ``cells``: only these cells, in this order; ``command``: the command line that regenerates it,
+    as the report should quote it."""
+    paths = [results] if isinstance(results, Path) else list(results)
+    records: Sequence[Record] = combined_records(paths)
+    if cells:
+        records = only_cells(records, cells)
+    output = output or paths[0].with_suffix(".md")
     folder = output.with_name(f"{output.stem}_plots")
     made: list[Path] = []
     if plots:
         metrics = columns or _first_seen([list((r.get("metrics") or {})) for r in records])
         for x in plot_x if plot_x is not None else numeric_options(records):
             made += [plot(records, x, m, folder / f"{m}_vs_{x}.png") for m in metrics]
-    text = [f"# Sweep results: {results.name}", "",
-            f"Made by `{command or f'deltatune sweep report {results.as_posix()}'}` from the results file; "
+    names = " and ".join(p.name for p in paths)
+    source = "the results file" if len(paths) == 1 else "the results files"
+    text = [f"# Sweep results: {names}", "",
+            f"Made by `{command or f'deltatune sweep report {paths[0].as_posix()}'}` from {source}; "
             "mean ± std over seeds.", "",
             table(records, columns)]
     if failed := failures(records):

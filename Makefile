@@ -49,7 +49,7 @@ $(ORACLE_BIN)/.deltatune-installed: pyproject.toml
 
 test: $(BIN)/.deltatune-installed
 	$(BIN)/python -m mypy src/deltatune
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25  # the slowest tests, to keep CI short
 	$(MAKE) test-plain
 	$(MAKE) test-adapters
 

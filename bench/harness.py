@@ -11,11 +11,18 @@ compared with the other. The rules they share live here once:
 * while steps are timed, the share of the CPU taken by other processes is recorded, so that a
   polluted number can be recognised.
 
-Nothing here imports torch: the parent stays light and its own RSS does not matter.
+What the drivers (suite.py, adapterhub_bench.py, methods_step.py) and their children share lives
+here too, so that a fix reaches all of them: ``guarded`` (a child's skip or error becomes a result
+of its own), the report's first lines and problem bullets, the writing of the JSON and the report,
+and the flags every driver takes.
+
+Nothing here imports torch: the parent stays light and its own RSS does not matter, and every
+child imports it from either environment (.venv, and .venv-adapters for adapterhub_child.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import importlib.metadata
 import json
@@ -27,8 +34,9 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +102,19 @@ def time_calls(fn: Callable[[], Any], n: int) -> tuple[Timing, list[Any]]:
         others = max(0.0, (busy1 - busy0) - (cpu1 - cpu0))
         other = others / ((wall1 - wall0) * (os.cpu_count() or 1))
     return Timing(times, (cpu1 - cpu0) / (wall1 - wall0), other), results
+
+
+def guarded(measure: Callable[[], dict[str, Any]], spec: Any) -> dict[str, Any]:
+    """``measure()``, with a SkipVariant or any other exception turned into a result of its own
+    (``skipped``: why; ``error``: the traceback's tail) naming ``spec`` (a dataclass with a
+    ``variant``), so that the parent records it and the other variants still run."""
+    try:
+        return measure()
+    except SkipVariant as exc:
+        return {"variant": spec.variant, "spec": asdict(spec), "skipped": str(exc)}
+    except Exception:
+        tail = "\n".join(traceback.format_exc().splitlines()[-20:])
+        return {"variant": spec.variant, "spec": asdict(spec), "error": tail}
 
 
 # ---------------------------------------------------------------------------- parent
@@ -168,20 +189,29 @@ def log_result(prefix: str, key: str, res: dict[str, Any]) -> None:
 
 
 def run_rounds(keys: Sequence[str], run_one: Callable[[str], dict[str, Any]], repeats: int,
-               wait_idle_s: float, prefix: str = "") -> Runs:
+               wait_idle_s: float, prefix: str = "", *, alternate: bool = False, show_total: bool = False,
+               after_round: Callable[[Runs, int], object] | None = None) -> Runs:
     """Run ``run_one(key)`` for every key, interleaved, ``repeats`` rounds; a key that skips or
-    fails is dropped from later rounds (it would only skip or fail again)."""
+    fails is dropped from later rounds (it would only skip or fail again).
+
+    ``alternate``: every other round runs in reverse order, so that no key always runs first or
+    next to the same neighbour. ``show_total``: the log says ``round k/repeats``, not ``round k``.
+    ``after_round(runs, rounds done)`` runs after each round (e.g. the report of the rounds so far,
+    which an interrupted run then keeps).
+    """
     runs: Runs = {k: [] for k in keys}
     active = list(keys)
     for rnd in range(1, repeats + 1):
-        for key in list(active):
+        for key in (list(reversed(active)) if alternate and rnd % 2 == 0 else list(active)):
             if wait_idle_s > 0:
                 wait_for_idle(wait_idle_s)
             res = run_one(key)
             runs[key].append(res)
-            log_result(f"[{prefix}round {rnd}]", key, res)
+            log_result(f"[{prefix}round {rnd}{f'/{repeats}' if show_total else ''}]", key, res)
             if "skipped" in res or "error" in res:
                 active.remove(key)
+        if after_round is not None:
+            after_round(runs, rnd)
     return runs
 
 
@@ -223,16 +253,100 @@ def paired_ratio(summary: Summary, a: str, b: str, key: str = "step_s_per_round"
     Children of one round run back to back, so a slow spell of the machine hits both sides of
     a pair: this is steadier than the ratio of the two medians when the machine drifts.
     """
+    pairs = round_ratios(summary, a, b, key)
+    return statistics.median(pairs) if pairs else None
+
+
+def round_ratios(summary: Summary, a: str, b: str, key: str = "step_s_per_round") -> list[float] | None:
+    """a's value / b's, round by round (rounds where b's is zero left out); None when either has none."""
     sa, sb = summary.get(a, {}).get(key), summary.get(b, {}).get(key)
     if not sa or not sb:
         return None
-    pairs = [x / y for x, y in zip(sa, sb) if y]
-    return statistics.median(pairs) if pairs else None
+    return [x / y for x, y in zip(sa, sb) if y]
 
 
 def fmt(x: float | None, spec: str) -> str:
     """Format a number, or 'n/a'."""
     return "n/a" if x is None else format(x, spec)
+
+
+def report_head(title: str, machine: Mapping[str, Any], quick: str | None) -> list[str]:
+    """A report's first lines: its title, a quick run's warning (``quick``: what makes it quick),
+    the date and commit, and the machine's CPU, cores and memory (a bullet the caller may extend)."""
+    m = machine
+    out = [f"# {title}", ""]
+    if quick:
+        out += [f"**Quick smoke run** ({quick}): these numbers mean nothing about performance.", ""]
+    return out + [f"- date: {m['date']}; git commit: {m['git_commit']}",
+                  f"- CPU: {m['cpu_model'] or m['machine']}; cores {m['nproc']} (usable {m['nproc_affinity']}); "
+                  f"memory {fmt(m['mem_gib'], '.1f')} GiB"]
+
+
+def summary_problems(summary: Summary, label: str = "", cpu: str = "the CPU") -> list[str]:
+    """A report's bullets for one summary: each skipped or failed variant with the last line of
+    why, and each whose timing other processes polluted; ``label`` goes before the variant's key
+    (e.g. its group), ``cpu`` names what they used a share of."""
+    out = []
+    for key, s in summary.items():
+        if s["status"] != "ok":
+            reason = (s["reason"] or "").strip().splitlines()
+            out.append(f"- {label}{key}: {s['status']}: {reason[-1] if reason else ''}")
+        elif s["other_cpu_frac_max"] > NOISY_CPU_FRAC:
+            out.append(f"- {label}{key}: other processes used up to {s['other_cpu_frac_max']:.0%} of {cpu} "
+                       "while it was timed")
+    return out
+
+
+def write_result(out_dir: Path, stem: str, result: Mapping[str, Any],
+                 make_report: Callable[[], str]) -> tuple[str, str]:
+    """Write ``stem``.json (every number), then ``stem``.md (``make_report()``, called once the
+    numbers are saved, so that a report that fails to render loses none) into ``out_dir``;
+    return the report and its path for display. Each file is written aside and renamed over
+    the old one, so that a run interrupted while writing keeps the previous file whole."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    replace_text(out_dir / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+    report = make_report()
+    replace_text(out_dir / f"{stem}.md", report)
+    return report, display_path(out_dir / f"{stem}.md")
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: into a file beside it, renamed over it."""
+    aside = path.with_name(path.name + ".tmp")
+    aside.write_text(text)
+    os.replace(aside, path)
+
+
+# ---------------------------------------------------------------------- command lines
+
+
+def driver_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A driver's parser: the first paragraph of its docstring as the description."""
+    return argparse.ArgumentParser(description=(doc or "").split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_output_flags(p: argparse.ArgumentParser, out_help: str = "default bench/results") -> None:
+    """--wait-idle and --out-dir, as every driver that writes a report takes them."""
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                   help="before each child, wait up to this long for the machine to go idle")
+    p.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results", help=out_help)
+
+
+def finish_args(p: argparse.ArgumentParser, args: argparse.Namespace, defaults: Mapping[str, Any],
+                counts: Sequence[str]) -> argparse.Namespace:
+    """``args`` with every flag left unset taken from ``defaults`` (chosen by --quick); a usage
+    error for a full run under 5 timed steps, or for any of ``counts`` (dest names) below 1 or
+    --warmup below 0."""
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if not args.quick and args.steps < 5:
+        p.error("--steps must be >= 5 for a full run (use --quick for a smoke test)")
+    if min(getattr(args, name) for name in counts) < 1 or args.warmup < 0:
+        flags = ", ".join("--" + name.replace("_", "-") for name in counts)
+        p.error(f"need {flags} >= 1 and --warmup >= 0")
+    return args
 
 
 # ---------------------------------------------------------------------- machine facts

@@ -36,7 +36,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -44,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from child import check_grads, import_deltatune
-from harness import SkipVariant, display_path, minor_faults, rss_mb, time_calls
+from harness import SkipVariant, display_path, guarded, minor_faults, rss_mb, time_calls
 from models import SEED, minilm_dir
 
 FLOOR = "floor"
@@ -243,13 +242,7 @@ def run(spec: MSpec, steps: int, warmup: int, threads: int) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
-    try:
-        return measure(spec, steps, warmup)
-    except SkipVariant as exc:
-        return {"variant": spec.variant, "spec": asdict(spec), "skipped": str(exc)}
-    except Exception:
-        tail = "\n".join(traceback.format_exc().splitlines()[-20:])
-        return {"variant": spec.variant, "spec": asdict(spec), "error": tail}
+    return guarded(lambda: measure(spec, steps, warmup), spec)
 
 
 def main(argv: list[str] | None = None) -> int:

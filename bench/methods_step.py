@@ -40,13 +40,14 @@ import json
 import shlex
 import statistics
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from harness import (BENCH_DIR, NOISY_CPU_FRAC, REPO_ROOT, Runs, Summary, display_path, fmt, log_result,
-                     machine_facts, paired_ratio, ratio, spawn_json, summarize, wait_for_idle)
+from harness import (BENCH_DIR, REPO_ROOT, Runs, Summary, add_output_flags, display_path, driver_parser,
+                     finish_args, fmt, machine_facts, paired_ratio, ratio, report_head, round_ratios, run_rounds,
+                     spawn_json, summarize, summary_problems, write_result)
 from methods_child import FLOOR, MSpec
 
 CHILD = BENCH_DIR / "methods_child.py"
@@ -114,30 +115,6 @@ def child_runner(variants: Mapping[str, Mapping[str, Any]], args: argparse.Names
     return run
 
 
-def round_order(keys: Sequence[str], rnd: int) -> list[str]:
-    """Round 1 as listed, round 2 reversed, and so on."""
-    return list(keys) if rnd % 2 else list(reversed(keys))
-
-
-def run_rounds(keys: Sequence[str], run_one: Any, repeats: int, wait_idle_s: float,
-               after_round: Callable[[Runs, int], object]) -> Runs:
-    """harness.run_rounds with every other round reversed; a key that skips or fails is dropped.
-    ``after_round(runs, rounds done)`` runs after each round (the report of the rounds so far)."""
-    runs: Runs = {k: [] for k in keys}
-    active = list(keys)
-    for rnd in range(1, repeats + 1):
-        for key in round_order(active, rnd):
-            if wait_idle_s > 0:
-                wait_for_idle(wait_idle_s)
-            res = run_one(key)
-            runs[key].append(res)
-            log_result(f"[round {rnd}/{repeats}]", key, res)
-            if "skipped" in res or "error" in res:
-                active.remove(key)
-        after_round(runs, rnd)
-    return runs
-
-
 # --------------------------------------------------------------------------- result
 
 
@@ -159,11 +136,8 @@ def with_cpu(summary: Summary, runs: Runs) -> Summary:
 
 def quartiles(summary: Summary, a: str, b: str, key: str) -> list[float] | None:
     """The first and third quartiles of a's per-round ratios to b's (how much the rounds disagree)."""
-    sa, sb = summary.get(a, {}).get(key), summary.get(b, {}).get(key)
-    if not sa or not sb:
-        return None
-    pairs = [x / y for x, y in zip(sa, sb) if y]
-    if len(pairs) < 2:
+    pairs = round_ratios(summary, a, b, key)
+    if pairs is None or len(pairs) < 2:
         return [pairs[0], pairs[0]] if pairs else None
     q1, _, q3 = statistics.quantiles(pairs, n=4, method="inclusive")
     return [q1, q3]
@@ -273,31 +247,13 @@ def added_note(added: Mapping[str, Any]) -> str:
             + ", ".join(f"`{k}: {v}`" for k, v in added.items()) + " (as in docs/methods.md)")
 
 
-def problems(result: dict[str, Any]) -> list[str]:
-    """Skipped and failed variants and noisy timings, one bullet each."""
-    out = []
-    for key, s in result["summary"].items():
-        if s["status"] != "ok":
-            reason = (s["reason"] or "").strip().splitlines()
-            out.append(f"- {key}: {s['status']}: {reason[-1] if reason else ''}")
-        elif s["other_cpu_frac_max"] > NOISY_CPU_FRAC:
-            out.append(f"- {key}: other processes used up to {s['other_cpu_frac_max']:.0%} of the machine's CPU "
-                       "while it was timed")
-    return out
-
-
 def render(result: dict[str, Any]) -> str:
     """The markdown report."""
     m, s, others = result["machine"], result["settings"], result["other_cpu_frac"]
     model = "tiny random BERT (2 layers, hidden 32)" if s["quick"] else "all-MiniLM-L6-v2"
-    out = ["# Training step of every method, relative to LoRA r=8", ""]
-    if s["quick"]:
-        out += ["**Quick smoke run** (tiny model): these numbers mean nothing about performance.", ""]
+    out = report_head("Training step of every method, relative to LoRA r=8", m, "tiny model" if s["quick"] else None)
+    out[-1] += f"; python {m['python']}, torch {m['torch']}, transformers {m['transformers']}"
     out += [
-        f"- date: {m['date']}; git commit: {m['git_commit']}",
-        f"- CPU: {m['cpu_model'] or m['machine']}; cores {m['nproc']} (usable {m['nproc_affinity']}); "
-        f"memory {fmt(m['mem_gib'], '.1f')} GiB; python {m['python']}, torch {m['torch']}, "
-        f"transformers {m['transformers']}",
         f"- {model} + 2-label head, fp32, batch {s['batch']} x {s['seq_len']} tokens (the {s['batch']} longest "
         f"training rows of the sweep's data, cut at {s['seq_len']} tokens, padded only if shorter), {s['threads']} torch thread(s); each method attached as "
         f"`deltatune train` attaches it for its cell of `{s['sweep']}`; per child 1 checking pass + "
@@ -327,7 +283,7 @@ def render(result: dict[str, Any]) -> str:
         "- The timed steps are a run's first ones: AdaLoRA's rank allocation masks only every `deltaT` steps "
         "after `tinit` (10% of the run), so its masking cost is not in these steps; its importance update and "
         "orthogonality loss are.",
-        "", "## Problems", "", *(problems(result) or ["none"]), ""]
+        "", "## Problems", "", *(summary_problems(result["summary"], cpu="the machine's CPU") or ["none"]), ""]
     return "\n".join(out)
 
 
@@ -336,8 +292,7 @@ def render(result: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; --quick changes the defaults of the shape and counts."""
-    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = driver_parser(__doc__)
     p.add_argument("--sweep", type=Path, default=DEFAULT_SWEEP, help="the sweep file whose cells to measure")
     p.add_argument("--reference", default=REFERENCE, help=f"the label the ratios divide by (default {REFERENCE})")
     p.add_argument("--only", nargs="+", metavar="LABEL",
@@ -349,23 +304,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps after the checking pass (default 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--quick", action="store_true", help="tiny random BERT, 1 round, 2 steps: a smoke test")
-    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                   help="before each child, wait up to this long for the machine to go idle")
-    p.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results", help="default bench/results")
+    add_output_flags(p)
     p.add_argument("--report", type=Path, nargs="+", metavar="JSON",
                    help="run nothing: remake the report (and the derived figures) of a saved result, with the "
                         "rounds of any further results of the same settings appended to it")
     args = p.parse_args(argv)
     q = args.quick
     defaults = {"batch": 2 if q else 16, "seq_len": 16 if q else 64, "repeats": 1 if q else 5, "steps": 2 if q else 5}
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if not q and args.steps < 5:
-        p.error("--steps must be >= 5 for a full run (use --quick for a smoke test)")
-    if min(args.steps, args.repeats, args.threads, args.batch, args.seq_len) < 1 or args.warmup < 0:
-        p.error("need --steps, --repeats, --threads, --batch, --seq-len >= 1 and --warmup >= 0")
-    return args
+    return finish_args(p, args, defaults, ("steps", "repeats", "threads", "batch", "seq_len"))
 
 
 def chosen(variants: Mapping[str, Any], args: argparse.Namespace) -> list[str]:
@@ -390,10 +336,8 @@ def remake(path: Path, more: Sequence[Path] = ()) -> int:
         result["settings"]["rounds_done"] += other["settings"]["rounds_done"]
         result["settings"]["repeats"] += other["settings"]["repeats"]
         result["command"] = f"{result['command']}; then {other['command']}"
-    result = derived(result)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    report = render(result)
-    path.with_suffix(".md").write_text(report)
+    done = derived(result)
+    report, _ = write_result(path.parent, path.stem, done, lambda: render(done))
     print(report)
     return 0
 
@@ -412,15 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     def write(runs: Runs, rounds_done: int) -> str:
         """The report and JSON of the rounds done so far (an interrupted run keeps them)."""
         result = collect(runs, variants, args, rounds_done)
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-        report = render(result)
-        (args.out_dir / f"{stem}.md").write_text(report)
-        print(f"wrote {display_path(args.out_dir / (stem + '.md'))} and .json ({rounds_done} of "
-              f"{args.repeats} rounds)", file=sys.stderr)
+        report, wrote = write_result(args.out_dir, stem, result, lambda: render(result))
+        print(f"wrote {wrote} and .json ({rounds_done} of {args.repeats} rounds)", file=sys.stderr)
         return report
 
-    runs = run_rounds(keys, child_runner(variants, args), args.repeats, args.wait_idle, write)
+    runs = run_rounds(keys, child_runner(variants, args), args.repeats, args.wait_idle, alternate=True,
+                      show_total=True, after_round=write)
     print(write(runs, args.repeats))
     return 1 if any("error" in r for results in runs.values() for r in results) else 0
 

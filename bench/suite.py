@@ -48,13 +48,13 @@ import statistics
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from child import LIBRARY, LORA_KWARGS, LR, NUM_THREADS, Spec
 from bounds import BOUND_VARIANTS
-from harness import (MALLOC_RETAIN_ENV, BENCH_DIR, Runs, Summary, display_path, log_result, machine_facts,
-                     paired_ratio, ratio, run_rounds, spawn_json, summarize, wait_for_idle)
+from harness import (MALLOC_RETAIN_ENV, BENCH_DIR, Runs, Summary, add_output_flags, driver_parser, finish_args,
+                     log_result, machine_facts, paired_ratio, ratio, run_rounds, spawn_json, summarize,
+                     wait_for_idle, write_result)
 from models import SEED
 from suite_report import render, write_plots
 
@@ -435,8 +435,7 @@ def collect(groups: Sequence[Group], runs: dict[str, Runs], args: argparse.Names
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; --quick changes the defaults of the counts and sweep points."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = driver_parser(__doc__)
     p.add_argument("--groups", nargs="+", choices=GROUP_NAMES, default=list(GROUP_NAMES),
                    help="groups to run (default: all)")
     p.add_argument("--repeats", type=int, help="interleaved rounds per group (default 5; quick 1)")
@@ -457,24 +456,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--one-process", action=argparse.BooleanOptionalAction, default=None,
                    help="run all children of a round in one process (default: only with --quick); "
                         "faster, but peak RSS is then cumulative")
-    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                   help="before each child, wait up to this long for the machine to go idle")
-    p.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results",
-                   help="where suite.md/.json and the plots go (default bench/results)")
+    add_output_flags(p, "where suite.md/.json and the plots go (default bench/results)")
     args = p.parse_args(argv)
     q = args.quick
     defaults = {"repeats": 1 if q else 5, "sweep_repeats": 1 if q else 2, "steps": 2 if q else 6,
                 "warmup": 1 if q else 2, "seq_lens": [16, 32, 64] if q else [128, 256, 512, 1024],
                 "ranks": [4, 16, 64] if q else [4, 8, 16, 32, 64], "one_process": q,
                 "threads": 1 if q else NUM_THREADS}
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if not q and args.steps < 5:
-        p.error("--steps must be >= 5 for a full run (use --quick for a smoke test)")
-    if min(args.steps, args.repeats, args.sweep_repeats, args.threads) < 1 or args.warmup < 0:
-        p.error("need --steps, --repeats, --sweep-repeats, --threads >= 1 and --warmup >= 0")
-    return args
+    return finish_args(p, args, defaults, ("steps", "repeats", "sweep_repeats", "threads"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -492,11 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     stem = "suite_quick" if args.quick else "suite"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     plots = write_plots(result, args.out_dir, stem)
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    report = render(result, plots)
-    (args.out_dir / f"{stem}.md").write_text(report)
+    report, wrote = write_result(args.out_dir, stem, result, lambda: render(result, plots))
     print(report)
-    print(f"wrote {display_path(args.out_dir / (stem + '.md'))} and .json", file=sys.stderr)
+    print(f"wrote {wrote} and .json", file=sys.stderr)
     failed = any("error" in r for g in runs.values() for rs in g.values() for r in rs)
     mismatch = any(g["trainable_mismatches"] for g in result["groups"].values())
     return 1 if failed or mismatch else 0

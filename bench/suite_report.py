@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from harness import NOISY_CPU_FRAC, fmt
+from harness import fmt, summary_problems
 from models import shape_for
 
 Points = dict[str, list[tuple[float, float]]]  # variant -> (x, median step s)
@@ -185,13 +185,7 @@ def problems(result: dict[str, Any]) -> list[str]:
     """Skipped and failed variants, disagreements and noisy timings, one bullet each."""
     out = []
     for name, g in result["groups"].items():
-        for key, s in g["summary"].items():
-            if s["status"] != "ok":
-                reason = (s["reason"] or "").strip().splitlines()
-                out.append(f"- {name} / {key}: {s['status']}: {reason[-1] if reason else ''}")
-            elif s["other_cpu_frac_max"] > NOISY_CPU_FRAC:
-                out.append(f"- {name} / {key}: other processes used up to "
-                           f"{s['other_cpu_frac_max']:.0%} of the CPU while it was timed")
+        out += summary_problems(g["summary"], f"{name} / ")
         out += [f"- {m}" for m in g["trainable_mismatches"]]
         out += [f"- {m}" for m in g["disagreements"]]
     return out

@@ -141,6 +141,71 @@ def test_default_targets_equal_peft(factory: Callable[[], nn.Module], task_type:
     assert_parity(outputs(back, x).float(), outputs(ours, x).float(), base_out)
 
 
+# Lists attach settles (all-linear expanded, a default feed-forward list beside chosen targets): peft
+# scales by suffix with no subset rule then, and writes lists that fail its own rule on reload
+# (peft 0.21.2); deltatune records nested equivalents, and reads peft's where that is exact.
+# (kwargs, the feed-forward list deltatune records.)
+LLAMA_DOWN = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+BERT_OUT = [f"bert.encoder.layer.{i}.{part}output.dense" for i in (0, 1) for part in ("attention.", "")]
+SETTLED = [
+    pytest.param(tiny_llama, {"target_modules": "all-linear"}, LLAMA_DOWN, id="llama-all-linear"),
+    pytest.param(tiny_llama, {"target_modules": "ALL-LINEAR", "feedforward_modules": ["down_proj"]}, LLAMA_DOWN,
+                 id="llama-all-linear-ff-list"),
+    pytest.param(tiny_llama, {"target_modules": "all-linear", "feedforward_modules": r".*\.mlp\.down_proj"},
+                 r".*\.mlp\.down_proj", id="llama-all-linear-ff-regex"),
+    pytest.param(tiny_llama, {"target_modules": "all-linear", "feedforward_modules": ["w0"]}, [],
+                 id="llama-all-linear-ff-unmatched"),
+    pytest.param(tiny_gpt2, {"target_modules": "all-linear"},
+                 ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"], id="gpt2-all-linear"),
+    pytest.param(tiny_bert, {"target_modules": "all-linear", "task_type": "SEQ_CLS"}, BERT_OUT,
+                 id="bert-all-linear-seq-cls"),
+    pytest.param(conv_net, {"target_modules": "all-linear", "feedforward_modules": []}, [], id="convnet-all-linear"),
+    pytest.param(tiny_llama, {"target_modules": ["q_proj", "down_proj"]}, ["down_proj"], id="llama-q-down"),
+    pytest.param(tiny_llama, {"target_modules": ["q_proj", "v_proj"]}, [], id="llama-q-v"),
+    pytest.param(tiny_llama, {"target_modules": ["mlp.down_proj", "q_proj"]}, ["mlp.down_proj"], id="llama-mlp-down"),
+    pytest.param(tiny_bert, {"target_modules": ["dense"], "task_type": "SEQ_CLS"}, BERT_OUT, id="bert-dense"),
+]
+
+
+@pytest.mark.parametrize(("factory", "kwargs", "recorded"), SETTLED)
+def test_settled_targets_equal_peft(factory: Callable[[], nn.Module], kwargs: dict[str, Any], recorded: Any,
+                                    tmp_path: Path) -> None:
+    """peft and deltatune adapt the same layers with the same scaling axis (file keys and shapes); with
+    peft's random vectors in deltatune's folder, deltatune and peft both reproduce peft's model; the
+    recorded feed-forward list nests in the targets, so peft reads the folder. deltatune reads peft's
+    folder (which peft refuses) to the same outputs, but for a target covering both kinds."""
+    base, x = factory(), inputs_for(factory)
+    base_out = output(base, x)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(**copy.deepcopy(kwargs)))
+    perturb(theirs)
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    want = output(theirs, x)
+    if kwargs["target_modules"] == ["dense"]:  # peft's file: output.dense may be only some of the dense layers
+        with pytest.raises(dt.AdapterFileError, match=r"feedforward_modules=\('output.dense',\).*Fix"):
+            dt.load(copy.deepcopy(base), tmp_path / "peft")
+    else:
+        assert_parity(output(dt.load(copy.deepcopy(base), tmp_path / "peft"), x), want, base_out)
+    dt.save(dt.attach(copy.deepcopy(base), dt.IA3Config(**copy.deepcopy(kwargs))), tmp_path / "dt")
+    assert shapes(tmp_path / "dt") == shapes(tmp_path / "peft")
+    saved = config_json(tmp_path / "dt")
+    assert saved["feedforward_modules"] == recorded
+    assert isinstance(recorded, str) or set(recorded) <= set(saved["target_modules"])
+    (tmp_path / "dt" / "adapter_model.safetensors").write_bytes((tmp_path / "peft" / "adapter_model.safetensors").read_bytes())
+    assert_parity(output(dt.load(copy.deepcopy(base), tmp_path / "dt"), x), want, base_out)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "dt").eval()
+    assert_parity(output(back, x), want, base_out)
+
+
+def test_all_linear_without_a_feedforward_default_raises_as_peft() -> None:
+    model = conv_net()
+    before = state_hash(model)
+    with pytest.raises(ValueError, match="feedforward_modules"):
+        peft.get_peft_model(conv_net(), peft.IA3Config(target_modules="all-linear"))
+    with pytest.raises(dt.TargetError, match=r"feedforward_modules=None .*model type None.*Fix: pass feedforward_modules"):
+        dt.attach(model, dt.IA3Config(target_modules="all-linear"))
+    assert state_hash(model) == before and not hasattr(model, "deltatune_state")
+
+
 @pytest.mark.parametrize("field", ["target_modules", "feedforward_modules"])
 def test_no_default_for_the_architecture_raises_with_the_models_names(field: str) -> None:
     model = conv_net()
@@ -157,6 +222,43 @@ def test_train_command_uses_the_defaults(tiny_bert_dir: Path, sentiment_file: Pa
     assert main([*args[:args.index("--target-modules")], "--method", "ia3", "--no-initial-eval"]) == 0
     saved = config_json(tmp_path / "adapter")
     assert saved["target_modules"] == ["key", "output.dense", "value"] and saved["feedforward_modules"] == ["output.dense"]
+
+
+@pytest.mark.parametrize(("targets", "recorded"), [
+    (("key", "value", "output.dense"), (["key", "output.dense", "value"], ["output.dense"])),
+    (("key", "value", "output.dense", "--feedforward-modules"), (["key", "output.dense", "value"], [])),
+    (("all-linear", "--feedforward-modules", "output.dense"), (None, BERT_OUT)),
+], ids=["default-feedforward", "flag-alone-none", "all-linear"])
+def test_train_command_feedforward_as_peft(targets: tuple[str, ...], recorded: tuple[Any, list[str]],
+                                           tiny_bert_dir: Path, sentiment_file: Path, tmp_path: Path,
+                                           keep_thread_count: None) -> None:
+    """--target-modules without --feedforward-modules: the architecture's feed-forward list, as peft's
+    None; the flag alone: none. The run file (None recorded) reads back."""
+    from deltatune.train.options import split_options
+    from deltatune.train.run import read_run_file
+
+    args = train_command(tiny_bert_dir, sentiment_file, tmp_path, options=("--max-steps", "1"))
+    assert main([*args[:args.index("--target-modules")], "--method", "ia3", "--no-initial-eval",
+                 "--target-modules", *targets]) == 0
+    saved = config_json(tmp_path / "adapter")
+    assert recorded[0] is None or saved["target_modules"] == recorded[0]
+    assert saved["feedforward_modules"] == recorded[1]
+    run, _ = split_options(read_run_file(tmp_path)["options"])
+    assert run.method_options["feedforward_modules"] == (None if "--feedforward-modules" not in targets else
+                                                         tuple(targets[targets.index("--feedforward-modules") + 1:]))
+
+
+@pytest.mark.parametrize(("targets", "given", "built"), [
+    (("q_proj",), None, None), (("q_proj",), (), ()), (None, None, None), (None, (), None),
+    (("q_proj", "down_proj"), ("down_proj",), ("down_proj",))])
+def test_recipe_feedforward_option(targets: tuple[str, ...] | None, given: tuple[str, ...] | None,
+                                   built: tuple[str, ...] | None) -> None:
+    """Absent (None): the default at attach; empty beside targets: none; empty without targets (what run
+    files from before None record for absent): the default, as then."""
+    from deltatune.registry import RecipeInput, recipe_named
+
+    run = RecipeInput({"feedforward_modules": given}, targets, None, {"task_type": None, "modules_to_save": None}, 1)
+    assert recipe_named("ia3").build(run) == dt.IA3Config(target_modules=targets, feedforward_modules=built)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])

@@ -61,8 +61,9 @@ def adapter_parameters(model: nn.Module, name: str) -> int:
     state_of(model).require(name)
     count = sum(p.numel() for _, layer in delta_layers(model) if name in layer.deltas
                 for p in layer.deltas[name].parameters())
-    count += sum(p.numel() for _, module in saved_modules(model) if name in module.copies
-                 for p in module.copies[name].parameters())
+    copied = {id(p): p for _, module in saved_modules(model) if name in module.copies
+              for p in module.copies[name].parameters()}  # a tensor tied between copies counts once
+    count += sum(p.numel() for p in copied.values())
     part = state_of(model).model_deltas.get(name)
     count += sum(p.numel() for p in part.parameters()) if part is not None else 0
     return count + sum(p.numel() for p in trainable_biases(model, name).values())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
@@ -114,6 +114,9 @@ class DeltaConfig:
     """What file keys of layer tensors and saved modules start with (peft's wrapper path for the method)."""
     condense_targets: ClassVar[bool] = True
     """Whether long target lists are shortened to suffixes as peft does (peft skips it for methods whose two target lists are coupled)."""
+    ties_saved_copies: ClassVar[bool] = False
+    """Whether saved copies (``modules_to_save``) that share a tensor in the base share one trainable tensor
+    (a tied output head and embedding train as one); peft's default (``ensure_weight_tying=False``) unties them."""
 
     task_type: str | None = None
     base_model_name_or_path: str | None = None
@@ -276,3 +279,10 @@ class TargetedConfig(DeltaConfig):
     def saved_module_names(self) -> tuple[str, ...]:
         """``modules_to_save`` plus the heads the task type trains, as peft does."""
         return saved_with_heads(self.modules_to_save, self.task_type)
+
+    def resolved(self: C, changes: Mapping[str, Any], names: Sequence[str]) -> C:
+        """This config with the values attach settles (``changes``: fields left None filled from the
+        architecture's tables, "all-linear" expanded to full names); ``names`` are the model's module
+        names, for a method whose other fields must follow the resolved targets. One replace, so the
+        fields are checked together once."""
+        return self.replace(**changes)

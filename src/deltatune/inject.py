@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -75,19 +76,19 @@ def _resolve_targets(model: nn.Module, config: TargetedConfig) -> TargetedConfig
 
 
 def _expand_targets(model: nn.Module, config: TargetedConfig) -> TargetedConfig:
-    """Fill in fields left None with the architecture defaults, and expand "all-linear"."""
-    config = _fill_defaults(model, config)
-    targets = config.target_modules
+    """Fill in fields left None with the architecture defaults, and expand "all-linear"; the config
+    takes them all at once (``resolved``), as fields that must agree may only agree once all are set."""
+    changes = _filled_defaults(model, config)
+    targets = changes.get("target_modules", config.target_modules)
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         head = hf.output_head_name(model, config.task_type)
-        names = sorted(n for n, m in logical_modules(model) if is_linear(m) and n != head)
-        return config.replace(target_modules=tuple(names))
-    return config
+        changes["target_modules"] = tuple(sorted(n for n, m in logical_modules(model) if is_linear(m) and n != head))
+    return config.resolved(changes, [n for n, _ in logical_modules(model)]) if changes else config
 
 
-def _fill_defaults(model: nn.Module, config: TargetedConfig) -> TargetedConfig:
-    """The config with each None field of ``default_tables`` set from its table for this model type;
-    the file then records the resolved names, as peft's does."""
+def _filled_defaults(model: nn.Module, config: TargetedConfig) -> dict[str, object]:
+    """Each None field of ``default_tables`` with its value from its table for this model type; the
+    file then records the resolved names, as peft's does."""
     filled: dict[str, object] = {}
     for field_name, table in config.default_tables.items():
         if getattr(config, field_name) is not None:
@@ -100,7 +101,7 @@ def _fill_defaults(model: nn.Module, config: TargetedConfig) -> TargetedConfig:
                 f"{_example_targets(model)}"
             )
         filled[field_name] = default
-    return config.replace(**filled) if filled else config
+    return filled
 
 
 def _example_targets(model: nn.Module) -> list[str]:
@@ -169,7 +170,8 @@ def _saved_copies(model: nn.Module, config: DeltaConfig) -> dict[str, nn.Module]
         raise TargetError(
             f"modules_to_save={list(asked)} matched no module. Closest names: {nearest_names(asked, names)}."
         )
-    return {key: _trainable_copy(module) for key, module in found.items()}
+    memo: dict[int, object] = {}  # one memo for every copy: a tensor shared in the base is shared by the copies
+    return {key: _trainable_copy(module, memo if config.ties_saved_copies else {}) for key, module in found.items()}
 
 
 def _with_head_alias(model: nn.Module, config: DeltaConfig) -> DeltaConfig:
@@ -186,11 +188,26 @@ def _with_head_alias(model: nn.Module, config: DeltaConfig) -> DeltaConfig:
     return config.replace(modules_to_save=(*(getattr(config, "modules_to_save") or ()), *found))
 
 
-def _trainable_copy(module: nn.Module) -> nn.Module:
-    clone = copy.deepcopy(module)
+def _trainable_copy(module: nn.Module, memo: dict[int, object]) -> nn.Module:
+    clone = copy.deepcopy(module, memo)
     for param in clone.parameters():
         param.requires_grad_(True)
     return clone
+
+
+def shared_tensors(saved: Mapping[str, nn.Module]) -> list[list[str]]:
+    """Groups of parameter names (``<module path>.<name>``, as in a file) that name one tensor across the
+    saved copies ``saved`` (ties kept from the base, ``DeltaConfig.ties_saved_copies``)."""
+    names: dict[int, list[str]] = {}
+    for key, module in saved.items():
+        for name, param in module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(f"{key}.{name}")
+    return [group for group in names.values() if len(group) > 1]
+
+
+def untied(saved: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+    """The saved copies with no tensor shared between two of them (each copied on its own)."""
+    return {key: copy.deepcopy(module) for key, module in saved.items()}
 
 
 def plan(model: nn.Module, config: DeltaConfig, name: str) -> AttachPlan:

@@ -29,7 +29,7 @@ from .config import DeltaConfig, TargetedConfig
 from .errors import AdapterFileError, ConfigError
 from .files import recover, replace_files
 from .formats import PEFT, claiming, format_named, save_folders
-from .inject import AttachPlan, apply, plan, trainable_biases
+from .inject import AttachPlan, apply, plan, shared_tensors, trainable_biases, untied
 from .layer import ADAPTER_PARTS, Delta
 from .model_card import CARD_NAME, card_text, should_write
 from .pretrained import register_saver
@@ -295,6 +295,17 @@ def _is_saved_module_artifact(key: str, attach_plan: AttachPlan) -> bool:
     return cut is not None and ".".join(parts[:cut]) in attach_plan.saved
 
 
+def _differing_ties(attach_plan: AttachPlan, tensors: Mapping[str, Tensor]) -> list[str]:
+    """File keys that fill one tensor shared by the plan's saved copies (``shared_tensors``) but hold
+    different values (a folder saved before full fine-tuning kept ties: they trained apart); the first such group."""
+    prefix = attach_plan.config.file_prefix
+    for group in shared_tensors(attach_plan.saved):
+        values = [tensors[prefix + key] for key in group if prefix + key in tensors]  # _match reports missing keys
+        if any(v.dtype != values[0].dtype or not torch.equal(v, values[0]) for v in values[1:]):
+            return [prefix + key for key in group]
+    return []
+
+
 LOAD_SHAPE_HINT = "check r, rank_pattern and that this adapter was made for this model"
 
 
@@ -365,6 +376,8 @@ def load(model: nn.Module, directory: str | os.PathLike[str], name: str = "defau
     config = _read_loadable_config(folder, trainable)
     tensors = read_tensors(folder)
     attach_plan = plan(model, config, name)
+    if _differing_ties(attach_plan, tensors):
+        attach_plan.saved = untied(attach_plan.saved)  # a folder trained untied loads as it was trained
     pairs = _match(model, attach_plan, tensors, folder / WEIGHTS_NAME)
     with torch.no_grad():
         for target, value in pairs:
@@ -415,5 +428,11 @@ def _swap(model: nn.Module, folder: Path, name: str, trainable: bool) -> None:
     tensors = read_tensors(folder)
     swaps.check_layers(attach_plan, tensors, str(source))
     tensors = swaps.fit_ranks(attach_plan, tensors, str(source))
+    differing = _differing_ties(attach_plan, tensors)
+    if differing:
+        raise AdapterFileError(
+            f"{source}: the tensors {differing[0]} fill one tensor that adapter {name!r}'s saved copies share (tied, as "
+            "in the base model), but hold different values: this folder was trained with them untied. Load it under a "
+            "new name instead of swapping it in (dt.load(model, folder, name=...)). The model was left unchanged.")
     pairs = _match(model, attach_plan, tensors, source, hint=swaps.SHAPE_HINT)
     swaps.commit(model, attach_plan, pairs)

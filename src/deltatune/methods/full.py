@@ -18,11 +18,17 @@ Memory: the frozen ``W`` stays in memory next to ``ΔW`` (as the base does for e
 the parameter-side cost is ``W + ΔW + grad + two Adam moments`` = 5 copies of the weights in fp32,
 where training ``W`` in place needs 4. Peak-memory figures of this method include that extra copy.
 
-A tied output head (``lm_head`` sharing the embedding table) is copied like any other module, so
-it trains untied from the embeddings, as peft's ``modules_to_save`` does.
+Ties: copies of modules that share a tensor in the base share one trainable tensor too
+(``ties_saved_copies``): a tied output head (``lm_head.weight`` is the embedding table, SmolLM2,
+GPT-2) trains once, with the embedding, as training the tied model itself does; merging keeps the
+tie. (peft's ``modules_to_save`` unties them unless ``ensure_weight_tying``; other methods keep
+peft's default.) The file still holds each copy under its own key, equal values. A folder saved
+before ties were kept, whose tied copies differ, loads with them untied, as it was trained; a
+hot-swap of such a folder into a tied adapter is refused. A tie between a copied module and a
+targeted layer (e.g. an embedding named in ``target_modules``) is not kept.
 
-Parameter count: every parameter of the model once (embedding and norm copies, ``ΔW`` and ``Δb``
-of each targeted layer). peft has no such method: file keys are
+Parameter count: every parameter of the model once (embedding and norm copies, a tied table
+once, ``ΔW`` and ``Δb`` of each targeted layer). peft has no such method: file keys are
 ``base_model.model.<layer path>.weight_change`` / ``.bias_change`` plus peft's layout for the
 copied modules, and adapter_config.json has ``"peft_type": "FULL"``.
 """
@@ -53,6 +59,7 @@ class FullConfig(TargetedConfig):
 
     peft_type: ClassVar[str] = "FULL"
     condense_targets: ClassVar[bool] = False  # the list names every layer; kept as written
+    ties_saved_copies: ClassVar[bool] = True  # a tied head trains once, as in the base
 
     target_modules: tuple[str, ...] | str | None = DEFAULT_TARGETS
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -33,6 +33,7 @@ from ..config import DeltaConfig, TargetedConfig
 from ..errors import TargetError
 from ..layer import ModelDelta, WeightDelta
 from ..registry import Method, MethodOption, Recipe, RecipeInput, last_fan_in_fan_out, register, register_recipe
+from ..targets import is_target
 
 _NOT_IN_PEFT = ("layers_to_transform", "layers_pattern")
 """TargetedConfig fields that peft's IA3Config lacks: kept unset, and never written."""
@@ -46,8 +47,10 @@ class IA3Config(TargetedConfig):
     defaults from peft's per-architecture tables (``hf.SCALED_ACTIVATION_TARGETS``,
     ``hf.SCALED_INPUT_LAYERS``; e.g. BERT ``key``, ``value``, ``output.dense`` with ``output.dense``
     feed-forward), each independently, as peft does; other models must pass them
-    (``feedforward_modules=[]`` when no target is feed-forward). A list of feed-forward names must be a subset of a list of targets (peft's rule); a module is
-    feed-forward when its full name ends with a list entry, or fully matches a regex string.
+    (``feedforward_modules=[]`` when no target is feed-forward). A module is feed-forward when its
+    full name ends with a list entry, or fully matches a regex string. Two lists given here must
+    nest (feed-forward names among the targets, peft's rule); names attach settles (a default, or
+    "all-linear" expanded) need not, as in peft (``resolved``).
     """
 
     peft_type: ClassVar[str] = "IA3"
@@ -78,6 +81,33 @@ class IA3Config(TargetedConfig):
             self.check(getattr(self, field) is None, field, "peft's IA3 has no layer selection by index",
                        "select layers with a regular expression in target_modules instead")
 
+    def resolved(self, changes: Mapping[str, Any], names: Sequence[str]) -> IA3Config:
+        """peft applies the feed-forward list to whatever targets attach settles, with no subset rule
+        then (``target_modules="all-linear"`` with a default or given ``["down_proj"]``; chosen targets
+        beside the architecture's default). Such a pair of lists is recorded as an equivalent nested
+        pair, so the file loads in peft again (peft's own such files do not)."""
+        targets = changes.get("target_modules", self.target_modules)
+        ff = changes.get("feedforward_modules", self.feedforward_modules)
+        if isinstance(targets, tuple) and isinstance(ff, tuple) and not set(ff) <= set(targets):
+            adapted = [n for n in names if is_target(n, targets, self.exclude_modules,
+                                                     modules_to_save=self.saved_module_names())]
+            scaled = [n for n in adapted if any(n.endswith(name) for name in ff)]
+            changes = {**changes, **_nested_lists(targets, adapted, scaled)}
+        return self.replace(**changes)
+
+    @classmethod
+    def from_peft_dict(cls, data: Mapping[str, Any], source: str = "adapter_config.json") -> IA3Config:
+        """peft 0.21.2 saves lists settled at attach as they are (all-linear's full names beside
+        ``["down_proj"]``), which its own subset rule then refuses. Read as the nested pair they mean
+        (the targets ending with a feed-forward name) when that is exact: when no feed-forward name is
+        a longer suffix of a target (``mlp.down_proj`` beside ``down_proj`` may match only some of its
+        layers); else the subset rule's error stands."""
+        targets, ff = data.get("target_modules"), data.get("feedforward_modules")
+        if isinstance(targets, list) and isinstance(ff, list) and not set(ff) <= set(targets) and not any(
+                len(f) > len(t) and f.endswith(t) for f in ff for t in targets):
+            data = {**data, "feedforward_modules": [t for t in targets if any(t.endswith(f) for f in ff)]}
+        return super().from_peft_dict(data, source)
+
     def to_peft_dict(self) -> dict[str, Any]:
         out = super().to_peft_dict()
         for field in _NOT_IN_PEFT:
@@ -90,6 +120,17 @@ class IA3Config(TargetedConfig):
         if isinstance(ff, str):
             return re.fullmatch(ff, key) is not None
         return any(key.endswith(name) for name in ff or ())
+
+
+def _nested_lists(targets: tuple[str, ...], adapted: list[str], scaled: list[str]) -> dict[str, tuple[str, ...]]:
+    """Lists that adapt ``adapted`` and make exactly ``scaled`` feed-forward, feed-forward names among
+    the targets: the targets whose every match is in ``scaled``; when those miss one, full names."""
+    def matches(name: str) -> list[str]:
+        return [n for n in adapted if n.endswith(name)]  # peft's feed-forward rule: a plain suffix
+    chosen = tuple(t for t in targets if matches(t) and set(matches(t)) <= set(scaled))
+    if all(any(n.endswith(t) for t in chosen) for n in scaled):
+        return {"feedforward_modules": chosen}
+    return {"target_modules": tuple(adapted), "feedforward_modules": tuple(scaled)}
 
 
 class IA3Delta(WeightDelta):
@@ -176,9 +217,12 @@ IA3 = register(Method("IA3", IA3Config, make_ia3, last_fan_in_fan_out))
 
 
 def build_ia3(run: RecipeInput) -> IA3Config:
-    """Without --target-modules both lists take the architecture's defaults at attach time; with
-    them, an absent --feedforward-modules means no target is feed-forward."""
-    feedforward = run.options["feedforward_modules"] or (None if run.target_modules is None else ())
+    """An absent --feedforward-modules takes the architecture's default at attach time, as a None
+    ``feedforward_modules`` does in peft; the flag with no names means none, beside --target-modules
+    (without them, run files from before None was the default record an empty list for absent)."""
+    feedforward = run.options["feedforward_modules"]
+    if feedforward is not None and not feedforward and run.target_modules is None:
+        feedforward = None
     return IA3Config(target_modules=run.target_modules, feedforward_modules=feedforward, **run.common)
 
 
@@ -186,5 +230,7 @@ register_recipe(Recipe(
     "ia3", "IA3 (Liu et al. 2022): learned scaling of keys, values and feed-forward inputs; targets default to "
            "peft's per-architecture lists (--target-modules with --feedforward-modules override them)",
     build_ia3,
-    options=(MethodOption("feedforward_modules", "tuple[str, ...]", (),
-                          "IA3: which of --target-modules are feed-forward layers (their input is scaled)"),)))
+    options=(MethodOption("feedforward_modules", "tuple[str, ...]", None,
+                          "IA3: which adapted layers are feed-forward (their input is scaled): names, matched as "
+                          "suffixes; the flag alone beside --target-modules: none (default: the architecture's "
+                          "feed-forward layers, as peft)"),)))

@@ -179,7 +179,9 @@ def split_options(values: Mapping[str, Any]) -> tuple[RunOptions, TrainConfig]:
     if unknown:
         raise ConfigError("options", unknown[0], values[unknown[0]], "is not an option",
                           f"use one of: {', '.join(sorted(table))}")
-    typed = {k: _typed(k, str(table[k][1].type), v) for k, v in values.items()}
+    # an option whose default is None (the method's own default, settled later) keeps None: run files record it
+    typed: dict[str, Any] = {k: v if v is None and table[k][1].default is None
+                             else _typed(k, str(table[k][1].type), v) for k, v in values.items()}
     run = {k: v for k, v in typed.items() if table[k][0] is RunOptions}
     chosen = asdict(MethodOptions(**{k: v for k, v in typed.items() if table[k][0] is MethodOptions}))
     train = {k: v for k, v in typed.items() if table[k][0] is TrainConfig}

@@ -328,6 +328,40 @@ def test_saved_module_copy_is_carried_over() -> None:
     assert model.lm_head.copies["mix"] is not model.lm_head.copies["first"]
 
 
+def tied_llama() -> nn.Module:
+    """``tiny_llama`` with its output head tied to its embedding table (tie_word_embeddings, as SmolLM2)."""
+    model = tiny_llama()
+    model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def test_tied_saved_copies_stay_tied() -> None:
+    """Copies that share a tensor in the source (a tied head and embedding, as ``ties_saved_copies`` keeps
+    them) share one in the result: one table, counted once, and the outputs of the dense combination."""
+    model = tied_llama()
+    dt.attach(model, lora(modules_to_save=["embed_tokens", "lm_head"]), name="first")
+    dt.attach(model, lora(lora_alpha=2), name="second")
+    table = model.model.embed_tokens.copies["first"].weight
+    with torch.no_grad():
+        table.add_(torch.randn(table.shape, generator=torch.Generator().manual_seed(3)))
+    model.lm_head.copies["first"].weight = table  # the tie a tying method's copies keep
+    dt.combine(model, WEIGHTS, "cat", name="mix")
+    mixed = model.model.embed_tokens.copies["mix"].weight
+    assert model.lm_head.copies["mix"].weight is mixed and mixed is not table
+    layers = {k: m.deltas for k, m in model.named_modules() if isinstance(getattr(m, "deltas", None), nn.ModuleDict)}
+    changes = sum(p.numel() for deltas in layers.values() for p in deltas["mix"].parameters())
+    assert changes > 0 and dt.adapter_parameters(model, "mix") == changes + table.numel()  # the table once
+    oracle = tied_llama()
+    with torch.no_grad():
+        oracle.model.embed_tokens.weight.copy_(table)
+        for key, deltas in layers.items():
+            change = sum(w * deltas[n].scaling * deltas[n].B @ deltas[n].A for n, w in WEIGHTS.items())
+            oracle.get_submodule(key).weight.add_(change)
+    dt.set_active(model, "mix")
+    want = output(oracle)  # fp32 logits up to ~40: float rounding relative to their size
+    assert (output(model) - want).abs().max().item() <= ATOL * max(1.0, want.abs().max().item())
+
+
 # -- refusals: each before anything changes --
 
 

@@ -33,21 +33,21 @@ IDS = torch.randint(1, 100, (4, 10), generator=torch.Generator().manual_seed(1))
 LABELS = torch.tensor([0, 1, 2, 1])
 
 
-def train(model: nn.Module, steps: int = 5, lr: float = 1e-2) -> Tensor:
+def train(model: nn.Module, steps: int = 5, lr: float = 1e-2, ids: Tensor = IDS, labels: Tensor = LABELS) -> Tensor:
     """``steps`` AdamW steps (no weight decay) on a fixed batch over the trainable parameters; the logits after."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     model.train()
     for _ in range(steps):
-        model(input_ids=IDS, labels=LABELS).loss.backward()
+        model(input_ids=ids, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    return logits(model)
+    return logits(model, ids)
 
 
-def logits(model: nn.Module) -> Tensor:
+def logits(model: nn.Module, ids: Tensor = IDS) -> Tensor:
     model.eval()
     with torch.no_grad():
-        return model(input_ids=IDS).logits
+        return model(input_ids=ids).logits
 
 
 def full_model() -> nn.Module:
@@ -137,21 +137,13 @@ def tied_llama() -> nn.Module:
 LM_IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
 
 
-def lm_train(model: nn.Module, steps: int = 5, lr: float = 1e-2) -> Tensor:
-    """``steps`` AdamW steps (no weight decay) of next-token loss on a fixed batch; the logits after."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    model.train()
-    for _ in range(steps):
-        model(input_ids=LM_IDS, labels=LM_IDS).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return lm_logits(model)
+def lm_train(model: nn.Module, steps: int = 5) -> Tensor:
+    """``train`` on next-token loss (the batch is its own labels); the logits after."""
+    return train(model, steps, ids=LM_IDS, labels=LM_IDS)
 
 
 def lm_logits(model: nn.Module) -> Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=LM_IDS).logits
+    return logits(model, LM_IDS)
 
 
 def tied_copies(model: nn.Module) -> bool:

@@ -84,14 +84,28 @@ def config_json(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "adapter_config.json").read_text())
 
 
+def peft_saved(base: nn.Module, kwargs: dict[str, Any], folder: Path) -> nn.Module:
+    """peft's IA3 adapter (``kwargs``) on a copy of ``base``, vectors perturbed, saved to ``folder``; in eval mode."""
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(**copy.deepcopy(kwargs)))
+    perturb(theirs)
+    theirs.eval().save_pretrained(folder)
+    return theirs
+
+
+def dt_saved(base: nn.Module, kwargs: dict[str, Any], folder: Path) -> nn.Module:
+    """deltatune's IA3 adapter (``kwargs``) on a copy of ``base``, perturbed apart from peft's, saved to ``folder``."""
+    ours = dt.attach(copy.deepcopy(base), dt.IA3Config(**copy.deepcopy(kwargs)))
+    perturb(ours, seed=1)
+    dt.save(ours.eval(), folder)
+    return ours
+
+
 @pytest.mark.parametrize(("factory", "kwargs"), PARITY)
 def test_peft_parity_both_ways(factory: Callable[[], nn.Module], kwargs: dict[str, Any], tmp_path: Path) -> None:
     base, x = factory(), inputs_for(factory)
     base_out = output(base, x)
 
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(**copy.deepcopy(kwargs)))
-    perturb(theirs)
-    theirs.eval().save_pretrained(tmp_path / "peft")
+    theirs = peft_saved(base, kwargs, tmp_path / "peft")
     want = output(theirs, x)
     loaded = dt.load(copy.deepcopy(base), tmp_path / "peft")
     assert_parity(output(loaded, x), want, base_out)
@@ -100,10 +114,7 @@ def test_peft_parity_both_ways(factory: Callable[[], nn.Module], kwargs: dict[st
     assert resaved.keys() == original.keys() and all(torch.equal(resaved[k], original[k]) for k in resaved)
     assert all(".ia3_l" in k or ".modules_to_save." in k or "classifier" in k or "ln_f" in k for k in original)
 
-    ours = dt.attach(copy.deepcopy(base), dt.IA3Config(**copy.deepcopy(kwargs)))
-    perturb(ours, seed=1)
-    dt.save(ours.eval(), tmp_path / "dt")
-    mine = output(ours, x)
+    mine = output(dt_saved(base, kwargs, tmp_path / "dt"), x)
     back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "dt").eval()
     assert_parity(output(back, x), mine, base_out)
 
@@ -125,12 +136,8 @@ def test_default_targets_equal_peft(factory: Callable[[], nn.Module], task_type:
     tiny logits move visibly only with its trained classifier: SEQ_CLS.)"""
     base, x = factory(), token_ids()
     base_out = outputs(base, x).float()
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(task_type=task_type))
-    perturb(theirs)
-    theirs.eval().save_pretrained(tmp_path / "peft")
-    ours = dt.attach(copy.deepcopy(base), dt.IA3Config(task_type=task_type))
-    perturb(ours, seed=1)
-    dt.save(ours.eval(), tmp_path / "dt")
+    theirs = peft_saved(base, {"task_type": task_type}, tmp_path / "peft")
+    ours = dt_saved(base, {"task_type": task_type}, tmp_path / "dt")
     assert shapes(tmp_path / "dt") == shapes(tmp_path / "peft")
     ours_json, peft_json = config_json(tmp_path / "dt"), config_json(tmp_path / "peft")
     for key in ("target_modules", "feedforward_modules"):
@@ -176,9 +183,7 @@ def test_settled_targets_equal_peft(factory: Callable[[], nn.Module], kwargs: di
     folder (which peft refuses) to the same outputs, but for a target covering both kinds."""
     base, x = factory(), inputs_for(factory)
     base_out = output(base, x)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(**copy.deepcopy(kwargs)))
-    perturb(theirs)
-    theirs.eval().save_pretrained(tmp_path / "peft")
+    theirs = peft_saved(base, kwargs, tmp_path / "peft")
     want = output(theirs, x)
     if kwargs["target_modules"] == ["dense"]:  # peft's file: output.dense may be only some of the dense layers
         with pytest.raises(dt.AdapterFileError, match=r"feedforward_modules=\('output.dense',\).*Fix"):
@@ -282,9 +287,7 @@ def test_peft_merge_matches(dtype: torch.dtype) -> None:
 def test_peft_bf16_to_deltatune(tmp_path: Path) -> None:
     base, x = tiny_llama().to(torch.bfloat16), token_ids()
     kwargs = {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(**kwargs))
-    perturb(theirs)
-    theirs.eval().save_pretrained(tmp_path)
+    theirs = peft_saved(base, kwargs, tmp_path)
     ours = dt.load(copy.deepcopy(base), tmp_path)
     assert torch.equal(output(ours, x), output(theirs, x))
 

@@ -228,7 +228,9 @@ def _copy_owners(model: nn.Module, names: list[str]) -> dict[str, str]:
 
 
 def _take_copies(model: nn.Module, attach_plan: AttachPlan, owners: dict[str, str]) -> None:
-    """The result keeps a copy of each trained copy (peft would start it from the untrained original)."""
+    """The result keeps a copy of each trained copy (peft would start it from the untrained original);
+    a tensor the sources' copies share (a tied head and embedding, ``DeltaConfig.ties_saved_copies``)
+    is shared by the result's copies too."""
     lost = sorted(set(owners) - set(attach_plan.saved))
     if lost:
         raise AdapterError(
@@ -236,8 +238,9 @@ def _take_copies(model: nn.Module, attach_plan: AttachPlan, owners: dict[str, st
             f"trained copies of {lost} that {[owners[k] for k in lost]} keep. "
             "Put the adapter with the task head first.")
     wrappers = dict(saved_modules(model))
+    memo: dict[int, object] = {}  # one memo for every copy: copied one by one, a tie would come apart
     for key, owner in owners.items():
-        attach_plan.saved[key] = copy.deepcopy(wrappers[key].copies[owner])
+        attach_plan.saved[key] = copy.deepcopy(wrappers[key].copies[owner], memo)
 
 
 def _fill(form: FactorForm, delta: nn.Module, b: Tensor, a: Tensor) -> None:

@@ -14,11 +14,13 @@ Options are the keys of ``deltatune train --config`` files (``-`` or ``_``). ``s
 ``output_dir`` belong to the sweep, not to a cell. The order of cells is fixed: the grid's
 combinations with its first key varying slowest, then ``cells`` as listed; each cell runs its
 seeds in the listed order. A cell's name lists the options it sets beyond ``base``
-(``r=8``, ``method=full,lr=5e-05``); its runs are ``<output_dir>/<name as a folder>/seed-<s>``.
+(``r=8``, ``method=full,lr=5e-05``); its runs are ``<output_dir>/<name as a folder>/seed-<s>``
+(``folder_name``: a long name, such as one that lists file paths, is cut and ends in a hash).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 from collections.abc import Mapping, Sequence
@@ -33,6 +35,9 @@ SPEC_KEYS = ("output_dir", "results", "seeds", "base", "grid", "cells")
 RESERVED = ("seed", "output_dir")
 """Options a sweep sets for each run itself."""
 DEFAULT_RESULTS = "results.jsonl"
+MAX_FOLDER = 120
+"""The longest run folder name kept whole. File systems refuse a name over 255 bytes, and a cell
+that sets file paths (a model, a train file: one sweep over several tasks) easily names more."""
 
 
 @dataclass(frozen=True)
@@ -138,8 +143,14 @@ def format_value(value: Any) -> str:
 
 
 def folder_name(name: str) -> str:
-    """A cell name as a folder name: characters outside letters, digits and ``.=+-`` become ``_``."""
-    return re.sub(r"[^A-Za-z0-9.=+\-]", "_", name.replace(",", "__")) or "base"
+    """A cell name as a folder name: characters outside letters, digits and ``.=+-`` become ``_``; a
+    name longer than ``MAX_FOLDER`` is cut and ends in ``-`` and a hash of the whole cell name, so the
+    folder stays short enough to create and still one cell's own."""
+    folder = re.sub(r"[^A-Za-z0-9.=+\-]", "_", name.replace(",", "__")) or "base"
+    if len(folder) <= MAX_FOLDER:
+        return folder
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:12]
+    return f"{folder[:MAX_FOLDER - len(digest) - 1]}-{digest}"
 
 
 def combinations(spec: SweepSpec) -> list[dict[str, Any]]:

@@ -208,3 +208,19 @@ def test_checkpoint_of_another_shape_leaves_the_model_unchanged(tmp_path: Path) 
     with pytest.raises(dt.QuantError, match=r"down_proj.*\[32, 64\].*\[32, 96\]"):
         load_quantized(other, tmp_path / "m.safetensors")
     assert state_hash(other) == before and type(other.model.layers[0].mlp.up_proj) is nn.Linear
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int4_group"])
+def test_parameter_counts_include_the_4bit_weights(quant_type: str) -> None:
+    """A 4-bit layer's packed codes are a buffer; the counts still see its out x in weight values."""
+    from deltatune.train.prepare import base_parameters
+
+    model = tiny_llama()
+    dense_total = sum(p.numel() for p in model.parameters())
+    dt.quantize(model, dt.QuantConfig(quant_type=quant_type, group_size=16))
+    assert sum(p.numel() for p in model.parameters()) < dense_total  # what a plain count would report
+    assert base_parameters(model) == dense_total
+    dt.attach(model, dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    trainable, total = dt.trainable_parameters(model)
+    assert trainable == dt.adapter_parameters(model, "default") > 0
+    assert total == dense_total + trainable and base_parameters(model) == dense_total

@@ -96,6 +96,30 @@ def test_resume_skips_finished_runs_and_retries_failed_ones(tmp_path: Path, monk
     assert len(run_sweep(changed, in_process=True, say=lambda _: None)) == 6  # new options: run again
 
 
+def test_rerun_runs_named_cells_again_and_their_new_lines_win(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = parse_spec(spec_data(tmp_path))
+    fake = FakeTraining(fail=set())
+    monkeypatch.setattr(runner, "train_cell", fake)
+    run_sweep(spec, in_process=True, say=lambda _: None)
+    before = spec.results.read_bytes()
+    with pytest.raises(ConfigError, match=r"--rerun.*method=lora,r=4"):  # a typo names the cells there are
+        run_sweep(spec, in_process=True, say=lambda _: None, rerun=["method=lora,r=5"])
+    assert spec.results.read_bytes() == before and len(fake.calls) == 6
+    monkeypatch.setattr(runner, "train_cell", lambda options: {**fake(options), "base_parameters": 50})
+    again = run_sweep(spec, in_process=True, say=lambda _: None, rerun=["method=lora,r=4"])
+    assert fake.calls[6:] == [(4, "lora", 0), (4, "lora", 1)]
+    records = read_records(spec.results)
+    assert len(records) == 8 and records[-2:] == again  # the old lines stay as history
+    rows = {(r["cell"], r["seed"]): r for r in records}  # the last line of a run is the one read
+    assert [rows[("method=lora,r=4", seed)]["trainable_percent"] for seed in (0, 1)] == [10.0, 10.0]
+    assert rows[("method=lora,r=1", 0)]["trainable_percent"] == 5.0
+
+
+def test_report_refuses_rerun(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", "report", str(tmp_path / "results.jsonl"), "--rerun", "r=1"]) != 0
+    assert "--rerun" in capsys.readouterr().err
+
+
 def test_record_schema_and_derived_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runner, "train_cell", FakeTraining(fail=set()))
     spec = parse_spec(spec_data(tmp_path, seeds=[0], grid={}))

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from .inject import remove, trainable_biases
+from .quant.model import packed_weight_values
 from .registry import method_for
 from .state import STATE_ATTR, ModelState, delta_layers, saved_modules, set_active, state_of
 
@@ -51,9 +52,11 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(parameters that require grad, all parameters), each shared parameter counted once."""
+    """(parameters that require grad, all parameters), each shared parameter counted once; a 4-bit
+    layer's weight counts as the values it stores."""
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    total = sum(p.numel() for p in params) + packed_weight_values(model)
+    return sum(p.numel() for p in params if p.requires_grad), total
 
 
 def adapter_parameters(model: nn.Module, name: str) -> int:

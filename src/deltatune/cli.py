@@ -121,6 +121,8 @@ def add_sweep(commands: Any) -> Parser:
     sub.add_argument("--in-process", action="store_true", help="run every run in this process instead of one "
                      "process each (faster to start; the memory column is then this process's peak so far)")
     sub.add_argument("--report", action="store_true", help="after the sweep, write its report too")
+    sub.add_argument("--rerun", nargs="+", default=(), metavar="CELL", help="run these cells again at every seed "
+                     "though finished (e.g. after a fix); their new results lines supersede the old ones")
     sub.add_argument("--output", type=Path, help="report file (default: the results file with .md; plots in <report>_plots/)")
     sub.add_argument("--columns", nargs="*", help="metric or result fields to tabulate (default: every metric, "
                      "train_loss, trainable_percent, peak_rss_mib, train_seconds, tokens_per_second)")
@@ -151,13 +153,16 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         if len(paths) < 2:
             raise ConfigError("deltatune sweep report", "paths", paths[1:], "takes one results file or more",
                               "e.g. deltatune sweep report runs/sweeps/rank/results.jsonl")
+        if args.rerun:
+            raise ConfigError("deltatune sweep report", "--rerun", args.rerun, "reruns cells of a sweep, and a "
+                              "report runs nothing", "deltatune sweep SWEEP.yaml --rerun CELL...")
         if len(paths) > 2 and not args.output:
             raise ConfigError("deltatune sweep report", "--output", None, "several results files make one report, "
                               "which has no default name", "pass --output REPORT.md")
         results = [Path(p) for p in paths[1:]]
     elif len(paths) == 1:
         spec = read_spec(Path(paths[0]))
-        written = run_sweep(spec, in_process=args.in_process)
+        written = run_sweep(spec, in_process=args.in_process, rerun=args.rerun)
         failed = sum(1 for r in written if r["status"] != "ok")
         print(f"sweep done: {len(written)} runs this time, {failed} failed; results in {spec.results}")
         if not args.report:

@@ -27,6 +27,12 @@ from .int4_linear import Int4GroupLinear
 from .linear import Linear4bit
 
 
+def packed_weight_values(model: nn.Module) -> int:
+    """How many weight values ``model``'s 4-bit layers hold: their packed codes are buffers, not
+    parameters, so a parameter count misses them (a QLoRA model would look a quarter of its size)."""
+    return sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, (Linear4bit, Int4GroupLinear)))
+
+
 def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     """Quantize ``model``'s linear layers to 4 bits in place (see the module docstring); returns the model."""
     config = config or QuantConfig()

@@ -10,7 +10,9 @@ runs them in the sweep's own process instead (tests, quick checks): the memory c
 
 Resuming: a run whose last line in the results file says "ok" with the same options is skipped;
 a failed run, or one whose options changed, runs again (from scratch) and gets a new line. A
-run that fails is recorded with its error and the sweep goes on.
+run that fails is recorded with its error and the sweep goes on. ``rerun`` names cells to run
+again though finished (after a fix to what a run measures): their new lines supersede the old
+ones, which stay in the file as history.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from ..train.lock import own_folder
 from .cell import peak_rss_mib, rss_to_mib, train_cell, write_json
 from .grid import Cell, SweepSpec, check_options, expand
@@ -53,20 +56,33 @@ def say_now(text: str) -> None:
     print(text, flush=True)  # progress of a long sweep shows at once, also in a redirected log
 
 
-def run_sweep(spec: SweepSpec, in_process: bool = False, say: Print = say_now) -> list[dict[str, Any]]:
-    """Run every run of ``spec`` not already finished; the records written by this call.
+def check_rerun(cells: list[Cell], rerun: Sequence[str]) -> None:
+    """Refuse a ``rerun`` name that is no cell of the sweep (a typo would silently rerun nothing)."""
+    names = list(dict.fromkeys(c.name for c in cells))
+    unknown = [name for name in rerun if name not in names]
+    if unknown:
+        raise ConfigError("deltatune sweep", "--rerun", unknown, "names no cell of this sweep",
+                          "pass cell names as the sweep prints them: " + ", ".join(names))
 
-    Every cell's options are checked first (a misspelt option stops the sweep before any run), and
-    the sweep's folder is locked, so a second sweep on it is refused.
+
+def run_sweep(spec: SweepSpec, in_process: bool = False, say: Print = say_now,
+              rerun: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Run every run of ``spec`` not already finished, and every run of the cells named in ``rerun``;
+    the records written by this call.
+
+    Every cell's options (and ``rerun``'s names) are checked first, so a misspelt one stops the
+    sweep before any run, and the sweep's folder is locked, so a second sweep on it is refused.
     """
     cells = expand(spec)
     check_options(cells)
+    check_rerun(cells, rerun)
     written = []
     with own_folder(spec.output_dir):
         done = latest(read_records(spec.results)) if spec.results.is_file() else {}
-        todo = [c for c in cells if not finished(c, done)]
-        say(f"sweep: {len(cells)} runs, {len(cells) - len(todo)} already finished, {len(todo)} to run; "
-            f"results: {spec.results}")
+        todo = [c for c in cells if c.name in rerun or not finished(c, done)]
+        again = sum(1 for c in todo if finished(c, done))
+        say(f"sweep: {len(cells)} runs, {len(cells) - len(todo) + again} already finished, {len(todo)} to run"
+            f"{f' ({again} of them again, --rerun)' if again else ''}; results: {spec.results}")
         for number, cell in enumerate(todo, 1):
             say(f"[{number}/{len(todo)}] {cell.name} seed {cell.seed} -> {cell.run_dir}")
             record = run_one(cell, in_process)

@@ -12,6 +12,7 @@ from torch import nn
 from ..errors import AdapterError, TrainingError
 from ..fast import accelerate, retain_freed_memory
 from ..layer import ADAPTER_PARTS, STATE_ATTR
+from ..quant.model import packed_weight_values
 from ..registry import GroupsFor
 from .config import TrainConfig
 
@@ -22,9 +23,11 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def base_parameters(model: nn.Module) -> int:
-    """How many parameters the model has outside its adapters' own modules (each shared one once)."""
-    return sum(p.numel() for name, p in model.named_parameters()
-               if not any(part in ADAPTER_PARTS for part in name.split(".")[:-1]))
+    """How many parameters the model has outside its adapters' own modules (each shared one once; a
+    4-bit layer's weight counts as the values it stores)."""
+    own = sum(p.numel() for name, p in model.named_parameters()
+              if not any(part in ADAPTER_PARTS for part in name.split(".")[:-1]))
+    return own + packed_weight_values(model)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig,

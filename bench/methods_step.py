@@ -59,15 +59,6 @@ VARIANT_OPTIONS: dict[str, Any] = {"use_rslora": "rslora", "loraplus_lr_ratio": 
                                    "init_lora_weights": None}  # None: the option's value is the label
 
 
-# Targets for the cells of methods that need them when the sweep file gives none (--target-modules is
-# required by these two): the ones docs/methods.md measured them with on MiniLM. Without them the cell
-# fails in `deltatune train` as it fails here; the report lists what was added.
-NEEDED_TARGETS: dict[str, dict[str, list[str]]] = {
-    "ia3": {"target_modules": ["key", "value", "output.dense"], "feedforward_modules": ["output.dense"]},
-    "mixlora": {"target_modules": ["intermediate.dense", "output.dense"]},
-}
-
-
 # ------------------------------------------------------------------------- variants
 
 
@@ -87,15 +78,8 @@ def variants_from_sweep(path: Path) -> dict[str, dict[str, Any]]:
     spec = read_spec(path)
     first = {c.name: c for c in expand(spec) if c.seed == spec.seeds[0]}  # one per cell: seeds share options
     labels = [label_for(c.settings) for c in first.values()]
-    return {(name if labels.count(label) > 1 else label): with_targets(name, c.options)
+    return {(name if labels.count(label) > 1 else label): {"cell": name, "options": dict(c.options)}
             for label, (name, c) in zip(labels, first.items())}
-
-
-def with_targets(cell: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """A cell's entry: its name and options, with NEEDED_TARGETS added where the cell gives no targets
-    (``added`` says what was added)."""
-    added = {} if options.get("target_modules") else dict(NEEDED_TARGETS.get(str(options.get("method")), {}))
-    return {"cell": cell, "options": {**options, **added}, "added": added}
 
 
 # -------------------------------------------------------------------------- running
@@ -234,17 +218,9 @@ def spread(pair: list[float] | None) -> str:
 def cell_list(result: dict[str, Any]) -> list[str]:
     """Which sweep cell each label is (its name in the sweep's results)."""
     ref = result["settings"]["reference"]
-    return [f"- `{key}`: sweep cell `{c['cell']}`" + added_note(c["added"]) for key, c in result["cells"].items()] + [
+    return [f"- `{key}`: sweep cell `{c['cell']}`" for key, c in result["cells"].items()] + [
         f"- `floor`: no method; the options of `{ref}` (its lr), the base frozen, head and pooler trained, "
         "backward down to the embeddings' output"]
-
-
-def added_note(added: Mapping[str, Any]) -> str:
-    """What the benchmark added to a cell that `deltatune train` would refuse without it."""
-    if not added:
-        return ""
-    return ("; **the cell gives no targets, which `deltatune train` refuses for this method**: measured with "
-            + ", ".join(f"`{k}: {v}`" for k, v in added.items()) + " (as in docs/methods.md)")
 
 
 def render(result: dict[str, Any]) -> str:

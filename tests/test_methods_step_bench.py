@@ -24,24 +24,23 @@ cells:
 """
 
 
-def test_cells_are_the_sweeps_with_short_labels_and_needed_targets(tmp_path: Path) -> None:
+def test_cells_are_the_sweeps_with_short_labels(tmp_path: Path) -> None:
     """One variant per sweep cell (not per seed), labelled by what sets it apart, with the cell's own options
-    (base + cell); targets are added only to a cell of a method that needs them and gives none. Two cells
-    that would share a label keep their cell names."""
-    from methods_step import NEEDED_TARGETS, variants_from_sweep
+    (base + cell), nothing added (a method without targets gets its architecture default in the child, as
+    in `deltatune train`). Two cells that would share a label keep their cell names."""
+    from methods_step import variants_from_sweep
 
     path = tmp_path / "sweep.yaml"
     path.write_text(SWEEP, encoding="utf-8")
     variants = variants_from_sweep(path)
     names = ["method=ia3,lr=0.005", "method=ia3,target_modules=query,feedforward_modules="]
     assert list(variants) == ["lora", "rslora", "pissa", *names]
-    assert variants["lora"] == {"cell": "method=lora,r=8,lora_alpha=16", "added": {},
+    assert variants["lora"] == {"cell": "method=lora,r=8,lora_alpha=16",
                                 "options": {"max_steps": 50, "batch_size": 16, "method": "lora", "r": 8,
                                             "lora_alpha": 16.0}}
     assert variants["pissa"]["options"]["init_lora_weights"] == "pissa"
-    assert variants[names[0]]["added"] == NEEDED_TARGETS["ia3"]
-    assert variants[names[0]]["options"]["target_modules"] == NEEDED_TARGETS["ia3"]["target_modules"]
-    assert variants[names[1]]["added"] == {} and variants[names[1]]["options"]["target_modules"] == ["query"]
+    assert "target_modules" not in variants[names[0]]["options"]
+    assert variants[names[1]]["options"]["target_modules"] == ["query"]
 
 
 def test_figures_from_fabricated_runs(tmp_path: Path) -> None:
@@ -62,7 +61,7 @@ def test_figures_from_fabricated_runs(tmp_path: Path) -> None:
             "lora": [child(2.0, 1.0, 650, 20), child(4.0, 1.0, 660, 20), child(2.0, 1.0, 640, 20)],
             "prompt-tuning": [child(3.0, 2.0, 700, 15), child(4.0, 2.0, 700, 15), child(3.0, 2.0, 700, 15)],
             "ia3": [{"variant": "ia3", "error": "child exited 1:\nConfigError: no targets"}]}
-    variants = {k: {"cell": f"method={k}", "options": {"method": k}, "added": {}} for k in ("lora", "prompt-tuning", "ia3")}
+    variants = {k: {"cell": f"method={k}", "options": {"method": k}} for k in ("lora", "prompt-tuning", "ia3")}
     result = collect(runs, variants, args)
     f = result["figures"]["prompt-tuning"]
     assert f["step_over_ref_of_medians"] == pytest.approx(3.0 / 2.0)

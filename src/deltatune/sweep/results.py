@@ -31,7 +31,7 @@ SCHEMA: dict[str, str] = {
     "train_loss": "the mean loss of the last optimizer step",
     "steps": "optimizer steps made",
     "trainable_parameters": "parameters that trained",
-    "base_parameters": "the model's own parameters, outside every adapter",
+    "base_parameters": "the model's own parameters, outside every adapter (a 4-bit weight as the out x in values it stores)",
     "trainable_percent": "100 x trainable_parameters / base_parameters",
     "tokens": "real (non-padding) training tokens seen",
     "train_seconds": "wall time of the training loop",

@@ -155,6 +155,14 @@ def test_table_shows_mean_and_sample_std_per_cell() -> None:
     assert mean_std([2.0, 4.0]) == (3.0, pytest.approx(2 ** 0.5))
 
 
+def test_a_metric_that_echoes_an_option_is_no_default_column() -> None:
+    records = [{**r, "options": dict(r["settings"]), "metrics": {**r["metrics"], "r": r["settings"].get("r", 0)}}
+               for r in fake_records()]
+    assert table(records).splitlines()[0] == ("| r | method | runs | accuracy | train_loss | trainable_percent | "
+                                              "peak_rss_mib | train_seconds | tokens_per_second |")
+    assert table(records, ["accuracy", "r"]).splitlines()[2] == "| 1 | — | 3 | 0.7 ± 0.2 | 1 ± 0 |"  # chosen: shown
+
+
 def test_report_writes_tables_and_plots(tmp_path: Path) -> None:
     path = tmp_path / "results.jsonl"
     for record in fake_records():

@@ -4,7 +4,8 @@ again from the JSONL alone (``deltatune sweep report RESULTS.jsonl``).
 A table has one row per cell, in the order the cells first appear in the file: the options the
 cells set (columns for every option any cell sets; "—" where a cell leaves it to base), the runs
 counted, then each chosen column as mean ± sample standard deviation (n - 1) over the cell's
-successful seeds (the mean alone for one seed). A plot draws a metric against a numeric option
+successful seeds (the mean alone for one seed); by default every metric but one that only echoes
+an option of the same name. A plot draws a metric against a numeric option
 the cells set (``r``): one line per combination of the other options, mean ± std as error
 bars, and every cell that does not set the option as a dashed horizontal reference line.
 """
@@ -65,8 +66,15 @@ def _first_seen(keys: Sequence[Sequence[str]]) -> list[str]:
     return list(dict.fromkeys(k for group in keys for k in group))
 
 
+def measured_metrics(records: Sequence[Record]) -> list[str]:
+    """The metrics the runs report, in first-seen order, less those that echo an option of the same name
+    (a run in a random subspace reports its ``intrinsic_dim``, which its cell sets)."""
+    options = {k for r in records for k in (*(r.get("options") or {}), *(r.get("settings") or {}))}
+    return [m for m in _first_seen([list((r.get("metrics") or {})) for r in records]) if m not in options]
+
+
 def default_columns(records: Sequence[Record]) -> list[str]:
-    return [*_first_seen([list((r.get("metrics") or {})) for r in records]), "train_loss", *STANDARD_COLUMNS]
+    return [*measured_metrics(records), "train_loss", *STANDARD_COLUMNS]
 
 
 def table(records: Sequence[Record], columns: Sequence[str] | None = None) -> str:
@@ -192,7 +200,7 @@ def write_report(results: Path | Sequence[Path], output: Path | None = None, col
     folder = output.with_name(f"{output.stem}_plots")
     made: list[Path] = []
     if plots:
-        metrics = columns or _first_seen([list((r.get("metrics") or {})) for r in records])
+        metrics = columns or measured_metrics(records)
         for x in plot_x if plot_x is not None else numeric_options(records):
             made += [plot(records, x, m, folder / f"{m}_vs_{x}.png") for m in metrics]
     names = " and ".join(p.name for p in paths)

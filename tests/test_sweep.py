@@ -115,9 +115,10 @@ def test_rerun_runs_named_cells_again_and_their_new_lines_win(tmp_path: Path, mo
     assert rows[("method=lora,r=1", 0)]["trainable_percent"] == 5.0
 
 
-def test_report_refuses_rerun(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["sweep", "report", str(tmp_path / "results.jsonl"), "--rerun", "r=1"]) != 0
-    assert "--rerun" in capsys.readouterr().err
+@pytest.mark.parametrize("flag", [["--rerun", "r=1"], ["--jobs", "2"]])
+def test_report_refuses_what_only_a_run_takes(tmp_path: Path, flag: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", "report", str(tmp_path / "results.jsonl"), *flag]) != 0
+    assert flag[0] in capsys.readouterr().err
 
 
 def test_record_schema_and_derived_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -257,3 +258,41 @@ def test_a_killed_run_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path: Path
     assert [r["status"] for r in records] == ["failed", "failed"]
     assert "killed by signal 9" in records[0]["error"] and records[0]["peak_rss_mib"] > 0
     assert (Path(records[0]["run_dir"]) / "train.log").read_text() == "dying\n"
+
+
+# A stand-in for a run's process: it marks its start, waits until every run of the sweep has started
+# (so the sweep passes only if they run side by side; alone, it fails after a minute), then reports.
+TOGETHER = """
+import json, sys, time
+from pathlib import Path
+options, result = (json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]))
+marks = Path(sys.argv[1]).parents[2] / "started"
+marks.mkdir(exist_ok=True)
+(marks / str(options["r"])).touch()
+deadline = time.monotonic() + 60
+while len(list(marks.iterdir())) < 2 and time.monotonic() < deadline:
+    time.sleep(0.05)
+alone = len(list(marks.iterdir())) < 2
+result.write_text(json.dumps({"error": "ran alone"} if alone else {"metrics": {"accuracy": options["r"] / 10}}))
+"""
+
+
+def test_jobs_run_side_by_side_and_each_line_is_written_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "CHILD_COMMAND", (sys.executable, "-c", TOGETHER))
+    spec = parse_spec(spec_data(tmp_path, seeds=[0], grid={}, cells=[{"r": 1}, {"r": 2}]))
+    records = run_sweep(spec, say=lambda _: None, jobs=2)
+    assert sorted((r["cell"], r["status"], r["metrics"].get("accuracy")) for r in records) == [
+        ("r=1", "ok", 0.1), ("r=2", "ok", 0.2)]
+    def lines(found: list[dict[str, Any]]) -> list[str]:
+        return sorted(json.dumps(r, sort_keys=True) for r in found)
+
+    assert lines(read_records(spec.results)) == lines(records)
+    assert all(r["rss_scope"] == "run" and r["peak_rss_mib"] > 0 for r in records)
+
+
+@pytest.mark.parametrize("jobs, in_process, why", [(0, False, "pass 1 or more"), (2, True, "drop --in-process")])
+def test_bad_jobs_are_refused_before_any_run(tmp_path: Path, jobs: int, in_process: bool, why: str) -> None:
+    spec = parse_spec(spec_data(tmp_path))
+    with pytest.raises(ConfigError, match=why):
+        run_sweep(spec, in_process=in_process, say=lambda _: None, jobs=jobs)
+    assert not spec.results.exists() and not spec.output_dir.exists()

@@ -121,6 +121,8 @@ def add_sweep(commands: Any) -> Parser:
     sub.add_argument("--in-process", action="store_true", help="run every run in this process instead of one "
                      "process each (faster to start; the memory column is then this process's peak so far)")
     sub.add_argument("--report", action="store_true", help="after the sweep, write its report too")
+    sub.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default 1; "
+                     "with threads: 1 in the sweep's base, up to the number of cores, memory allowing)")
     sub.add_argument("--rerun", nargs="+", default=(), metavar="CELL", help="run these cells again at every seed "
                      "though finished (e.g. after a fix); their new results lines supersede the old ones")
     sub.add_argument("--output", type=Path, help="report file (default: the results file with .md; plots in <report>_plots/)")
@@ -153,16 +155,17 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         if len(paths) < 2:
             raise ConfigError("deltatune sweep report", "paths", paths[1:], "takes one results file or more",
                               "e.g. deltatune sweep report runs/sweeps/rank/results.jsonl")
-        if args.rerun:
-            raise ConfigError("deltatune sweep report", "--rerun", args.rerun, "reruns cells of a sweep, and a "
-                              "report runs nothing", "deltatune sweep SWEEP.yaml --rerun CELL...")
+        if args.rerun or args.jobs != 1:
+            raise ConfigError("deltatune sweep report", "--rerun" if args.rerun else "--jobs",
+                              args.rerun or args.jobs, "is about running a sweep, and a report runs nothing",
+                              "pass it to deltatune sweep SWEEP.yaml")
         if len(paths) > 2 and not args.output:
             raise ConfigError("deltatune sweep report", "--output", None, "several results files make one report, "
                               "which has no default name", "pass --output REPORT.md")
         results = [Path(p) for p in paths[1:]]
     elif len(paths) == 1:
         spec = read_spec(Path(paths[0]))
-        written = run_sweep(spec, in_process=args.in_process, rerun=args.rerun)
+        written = run_sweep(spec, in_process=args.in_process, rerun=args.rerun, jobs=args.jobs)
         failed = sum(1 for r in written if r["status"] != "ok")
         print(f"sweep done: {len(written)} runs this time, {failed} failed; results in {spec.results}")
         if not args.report:

@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -65,30 +66,52 @@ def check_rerun(cells: list[Cell], rerun: Sequence[str]) -> None:
                           "pass cell names as the sweep prints them: " + ", ".join(names))
 
 
+def check_jobs(jobs: int, in_process: bool) -> None:
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ConfigError("deltatune sweep", "--jobs", jobs, "is how many runs go at once", "pass 1 or more")
+    if jobs > 1 and in_process:
+        raise ConfigError("deltatune sweep", "--jobs", jobs, "runs in one process cannot go side by side (they "
+                          "share torch's threads, seeds and memory figure)", "drop --in-process, or pass --jobs 1")
+
+
 def run_sweep(spec: SweepSpec, in_process: bool = False, say: Print = say_now,
-              rerun: Sequence[str] = ()) -> list[dict[str, Any]]:
+              rerun: Sequence[str] = (), jobs: int = 1) -> list[dict[str, Any]]:
     """Run every run of ``spec`` not already finished, and every run of the cells named in ``rerun``;
-    the records written by this call.
+    the records written by this call, in the order the runs finished.
 
     Every cell's options (and ``rerun``'s names) are checked first, so a misspelt one stops the
     sweep before any run, and the sweep's folder is locked, so a second sweep on it is refused.
+    ``jobs`` runs go at once, each in its own process (give each run ``threads`` so that jobs x
+    threads fits the cores); a run's line is written when it ends, so a stopped sweep loses only
+    the runs under way.
     """
+    check_jobs(jobs, in_process)
     cells = expand(spec)
     check_options(cells)
     check_rerun(cells, rerun)
-    written = []
+    written: list[dict[str, Any]] = []
     with own_folder(spec.output_dir):
         done = latest(read_records(spec.results)) if spec.results.is_file() else {}
         todo = [c for c in cells if c.name in rerun or not finished(c, done)]
         again = sum(1 for c in todo if finished(c, done))
         say(f"sweep: {len(cells)} runs, {len(cells) - len(todo) + again} already finished, {len(todo)} to run"
-            f"{f' ({again} of them again, --rerun)' if again else ''}; results: {spec.results}")
-        for number, cell in enumerate(todo, 1):
+            f"{f' ({again} of them again, --rerun)' if again else ''}{f', {jobs} at once' if jobs > 1 else ''}; "
+            f"results: {spec.results}")
+
+        def start(number: int, cell: Cell) -> dict[str, Any]:
             say(f"[{number}/{len(todo)}] {cell.name} seed {cell.seed} -> {cell.run_dir}")
-            record = run_one(cell, in_process)
-            append_record(spec.results, record)
-            written.append(record)
-            say(f"[{number}/{len(todo)}] {describe(record)}")
+            return run_one(cell, in_process)
+
+        pool = ThreadPoolExecutor(max_workers=jobs)  # its threads only wait for the runs' processes
+        try:
+            runs = [pool.submit(start, number, cell) for number, cell in enumerate(todo, 1)]
+            for finished_run in as_completed(runs):
+                record = finished_run.result()
+                append_record(spec.results, record)  # one writer: this thread
+                written.append(record)
+                say(f"[{len(written)}/{len(todo)} done] {describe(record)}")
+        finally:  # on an error (or Ctrl-C) no queued run starts; the runs under way end first
+            pool.shutdown(wait=True, cancel_futures=True)
     return written
 
 

@@ -1,18 +1,22 @@
-"""ΔW spectrum of the MiniLM sentiment runs at 3 seeds (docs/experiments.md, "ΔW spectrum at 3 seeds").
+"""ΔW spectrum of a study's runs at 3 seeds (docs/experiments.md, "ΔW spectrum at 3 seeds").
 
-Reads run folders that the sweeps wrote (runs/ is not committed: run experiments/memory_quality_minilm.yaml
-and experiments/target_modules_minilm.yaml first) and aggregates, with deltatune's own analysis
-(``dt.spectrum``, ``dt.subspace_similarity``, the code behind ``deltatune inspect --spectrum``):
+Reads run folders that the sweeps wrote (runs/ is not committed: run the sweeps a study names first) and
+aggregates, with deltatune's own analysis (``dt.spectrum``, ``dt.subspace_similarity``, the code behind
+``deltatune inspect --spectrum``):
 
 - per cell, layer depth and matrix kind: the share of ||ΔW||_F^2 in the top k singular values, mean ± std
   over seeds, and how many matrices exceed 0.9 at k = 8 and 16;
 - phi (Hu et al. 2021, section 7.2) between seeds of one cell, and between full fine-tuning's top 8
-  directions and LoRA r = 8's;
+  directions and the study's LoRA cells;
 - the amplification factor (section 7.3) at each layer's numerical rank (at most 64) and at r = 8.
 
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/spectrum_seeds.py            # 2.5 minutes on one core
+Studies: ``minilm`` (MiniLM sentiment: experiments/memory_quality_minilm.yaml and
+target_modules_minilm.yaml), ``smollm2`` (SmolLM2 WordNet: experiments/rank_ablation_smollm2.yaml).
 
-writes experiments/results/spectrum_minilm.{json,md,png}. std is the sample std (n - 1) over seeds
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/spectrum_seeds.py                   # 2.5 minutes on one core
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/spectrum_seeds.py --study smollm2   # about 15 minutes
+
+writes experiments/results/spectrum_<study>.{json,md,png}. std is the sample std (n - 1) over seeds
 (over seed pairs for phi), as in `deltatune sweep report`.
 """
 
@@ -24,6 +28,7 @@ import json
 import re
 import statistics
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,25 +38,49 @@ import deltatune as dt
 from deltatune.spectrum import Side
 from deltatune.train.commands import model_for_adapter
 
-CELLS = {  # label -> cell folder under the sweeps folder
-    "full": "memory_quality_minilm/method=full__lr=5e-05__weight_decay=0",
-    "lora_qv": "memory_quality_minilm/method=lora__r=8__lora_alpha=16",
-    "lora_all": "target_modules_minilm/target_modules=all-linear",
-    "lora_q": "target_modules_minilm/target_modules=query",
-    "lora_qk": "target_modules_minilm/target_modules=query+key",
-    "lora_qkv": "target_modules_minilm/target_modules=query+key+value",
-    "lora_qkvo": "target_modules_minilm/target_modules=query+key+value+attention.output.dense",
+
+
+@dataclass(frozen=True)
+class Study:
+    """The run folders of one model and task, and how to read their matrix names."""
+
+    title: str
+    cells: dict[str, str]
+    """label -> cell folder under the sweeps folder; "full" (full fine-tuning) is required."""
+    detailed: tuple[str, ...]
+    """cells with a depth x kind table in the markdown"""
+    full_vs: tuple[str, ...]
+    """LoRA cells that full fine-tuning's top 8 directions are compared with"""
+    width: int
+    """the model's hidden size: the dimension of a random subspace's reference line in the plot"""
+
+
+STUDIES = {
+    "minilm": Study("MiniLM sentiment", {
+        "full": "memory_quality_minilm/method=full__lr=5e-05__weight_decay=0",
+        "lora_qv": "memory_quality_minilm/method=lora__r=8__lora_alpha=16",
+        "lora_all": "target_modules_minilm/target_modules=all-linear",
+        "lora_q": "target_modules_minilm/target_modules=query",
+        "lora_qk": "target_modules_minilm/target_modules=query+key",
+        "lora_qkv": "target_modules_minilm/target_modules=query+key+value",
+        "lora_qkvo": "target_modules_minilm/target_modules=query+key+value+attention.output.dense",
+    }, ("full", "lora_qv", "lora_all"), ("lora_qv", "lora_all"), 384),
+    "smollm2": Study("SmolLM2-135M WordNet definitions", {
+        "full": "rank_ablation_smollm2/method=full__lr=5e-05__weight_decay=0",
+        "lora_r8": "rank_ablation_smollm2/method=lora__r=8__lora_alpha=16",
+        "lora_r64": "rank_ablation_smollm2/method=lora__r=64__lora_alpha=16",
+    }, ("full", "lora_r64"), ("lora_r8", "lora_r64"), 576),
 }
-DETAILED = ("full", "lora_qv", "lora_all")  # cells with a depth x kind table in the markdown
 SEEDS = (0, 1, 2)
 KS = (1, 2, 4, 8, 16)
 SHARE = 0.9
 PHI_AT = ((1, 1), (1, 8), (4, 4), (8, 8))
-FULL_VS = ("lora_qv", "lora_all")  # full fine-tuning's top 8 against these LoRA r = 8 cells
 CURVE_KS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 384)  # points of the cumulative energy curves
 KINDS = {"attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
-         "attention.output.dense": "attn.out", "intermediate.dense": "ffn.in", "output.dense": "ffn.out"}
-MODULE = re.compile(r"\.layer\.(\d+)\.(.+)$")
+         "attention.output.dense": "attn.out", "intermediate.dense": "ffn.in", "output.dense": "ffn.out",
+         "self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
+         "mlp.gate_proj": "ffn.gate", "mlp.up_proj": "ffn.up", "mlp.down_proj": "ffn.down"}
+MODULE = re.compile(r"\.layers?\.(\d+)\.(.+)$")  # BERT's encoder.layer.<d>.<kind>, LLaMA's model.layers.<d>.<kind>
 
 Spectra = dict[str, list[dt.AdapterSpectrum]]  # label -> one spectrum per seed, in SEEDS order
 
@@ -65,7 +94,7 @@ def mean_std(values: Sequence[float]) -> list[float]:
 def depth_kind(module: str) -> tuple[int, str]:
     match = MODULE.search(module)
     if match is None:
-        raise ValueError(f"{module!r} is not an encoder layer's matrix (expected '...layer.<depth>.<kind>')")
+        raise ValueError(f"{module!r} is not a layer's matrix (expected '...layer.<depth>.<kind>' or '...layers...')")
     return int(match.group(1)), KINDS.get(match.group(2), match.group(2))
 
 
@@ -164,16 +193,19 @@ def energy_curves(specs: list[dt.AdapterSpectrum]) -> dict[str, list[float]]:
     return {str(d): [round(float(v), 4) for v in torch.stack(c).mean(0)] for d, c in sorted(by_depth.items())}
 
 
-def summarise(spectra: Spectra, full_r8: list[dt.AdapterSpectrum]) -> dict[str, Any]:
+def summarise(study: str, spectra: Spectra, full_r8: list[dt.AdapterSpectrum]) -> dict[str, Any]:
+    chosen = STUDIES[study]
     full = spectra["full"]
-    versus = {f"full_vs_{label}": [(f, o) for f in full for o in spectra[label]] for label in FULL_VS}
+    versus = {f"full_vs_{label}": [(f, o) for f in full for o in spectra[label]] for label in chosen.full_vs}
     pairs = {**{f"{label}_seeds": seed_pairs(specs) for label, specs in spectra.items()}, **versus}
     return {
         "schema": "deltatune.spectrum_seeds/1",
-        "command": "OMP_NUM_THREADS=1 .venv/bin/python experiments/spectrum_seeds.py",
-        "cells": {label: {"folder": cell, "seeds": list(SEEDS)} for label, cell in CELLS.items()},
+        "command": "OMP_NUM_THREADS=1 .venv/bin/python experiments/spectrum_seeds.py"
+                   + ("" if study == "minilm" else f" --study {study}"),
+        "study": study,
+        "cells": {label: {"folder": cell, "seeds": list(SEEDS)} for label, cell in chosen.cells.items()},
         "energy_ks": list(KS), "share": SHARE,
-        "energy": {label: energy_summary(specs, label in DETAILED) for label, specs in spectra.items()},
+        "energy": {label: energy_summary(specs, label in chosen.detailed) for label, specs in spectra.items()},
         "phi": {name: {side: phi_summary(p, side) for side in ("right", "left")} for name, p in pairs.items()},
         "phi_diagonal_right": {name: phi_diagonal(p) for name, p in pairs.items()},
         "amplification": {**{label: amplification_summary(specs) for label, specs in spectra.items()},
@@ -192,8 +224,8 @@ def compact(text: str) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    energy, ks = result["energy"], result["energy_ks"]
-    lines = ["# ΔW spectrum at 3 seeds: MiniLM sentiment", "",
+    energy, ks, study = result["energy"], result["energy_ks"], STUDIES[result.get("study", "minilm")]
+    lines = [f"# ΔW spectrum at 3 seeds: {study.title}", "",
              f"Made by `{result['command']}` from the run folders; mean ± sample std over seeds 0-2.", "",
              "## Energy of the top k singular values, mean over the adapted matrices", "",
              "| cell | matrices | " + " | ".join(f"E{k}" for k in ks) + " | E8 > 0.9 | E16 > 0.9 | k90 (median) |",
@@ -205,7 +237,7 @@ def markdown(result: dict[str, Any]) -> str:
                      + f" | {' | '.join(over)} | {fmt(e['k90_median'], 1)} |")
     lines += ["", "A LoRA r = 8 ΔW has rank 8: E8 = E16 = 1 by construction; its E1-E4 say how it uses its 8 "
               "directions. k90: the fewest singular values holding 90% of ||ΔW||_F^2."]
-    for label in DETAILED:
+    for label in study.detailed:
         lines += ["", f"## {label}: per layer depth and matrix kind", "",
                   "| depth | kind | rank | " + " | ".join(f"E{k}" for k in ks) + " | k90 |",
                   "|---|---|---|" + "---|" * (len(ks) + 1)]
@@ -232,6 +264,7 @@ def markdown(result: dict[str, Any]) -> str:
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
+    study = STUDIES[result.get("study", "minilm")]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -243,9 +276,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 ylim=(0, 1.02))
     axes[0].legend(fontsize=7)
     for name, diagonal in result["phi_diagonal_right"].items():
-        if name.startswith(("full", "lora_qv", "lora_all")):
+        if name.startswith(("full", *study.full_vs)):
             axes[1].plot(range(1, len(diagonal) + 1), diagonal, marker="o", label=name)
-    axes[1].plot(range(1, 9), [i / 384 for i in range(1, 9)], color="grey", linestyle=":", label="random (i / 384)")
+    axes[1].plot(range(1, 9), [i / study.width for i in range(1, 9)], color="grey", linestyle=":",
+                 label=f"random (i / {study.width})")
     axes[1].set(title="φ(i, i), right side, mean over layers and pairs", xlabel="i", ylim=(0, None))
     axes[1].legend(fontsize=7)
     figure.tight_layout()
@@ -255,19 +289,22 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--study", choices=sorted(STUDIES), default="minilm", help="whose run folders (default minilm)")
     parser.add_argument("--sweeps", type=Path, default=Path("runs/sweeps"), help="the sweeps' output folder")
-    parser.add_argument("--output", type=Path, default=Path("experiments/results/spectrum_minilm"),
-                        help="writes OUTPUT.json, OUTPUT.md and OUTPUT.png")
+    parser.add_argument("--output", type=Path, help="writes OUTPUT.json, OUTPUT.md and OUTPUT.png "
+                        "(default experiments/results/spectrum_<study>)")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    spectra = load_spectra(args.sweeps, CELLS, None)
-    full_r8 = load_spectra(args.sweeps, {"full": CELLS["full"]}, 8)["full"]
-    result = summarise(spectra, full_r8)
-    args.output.with_suffix(".json").write_text(compact(json.dumps(result, indent=1)) + "\n", encoding="utf-8")
-    args.output.with_suffix(".md").write_text(markdown(result), encoding="utf-8")
+    cells = STUDIES[args.study].cells
+    output = args.output or Path(f"experiments/results/spectrum_{args.study}")
+    spectra = load_spectra(args.sweeps, cells, None)
+    full_r8 = load_spectra(args.sweeps, {"full": cells["full"]}, 8)["full"]
+    result = summarise(args.study, spectra, full_r8)
+    output.with_suffix(".json").write_text(compact(json.dumps(result, indent=1)) + "\n", encoding="utf-8")
+    output.with_suffix(".md").write_text(markdown(result), encoding="utf-8")
     if not args.no_plot:
-        plot(result, args.output.with_suffix(".png"))
+        plot(result, output.with_suffix(".png"))
 
 
 if __name__ == "__main__":

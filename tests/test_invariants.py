@@ -60,6 +60,7 @@ from battery_cases import (DTYPES, KINDS, METHODS, Kind, Method, adapted, base_m
 from conftest import TOLERANCES, close, state_hash
 from deltatune.io import adapter_tensors
 from deltatune.layer import DeltaLayer
+from deltatune.quant.model import packed_weight_values
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -290,7 +291,7 @@ def test_disabled_gives_base_output(method: Method, kind: Kind, dtype: torch.dty
 @pytest.mark.parametrize(("method", "kind", "dtype"), ALL)
 def test_trainable_count_and_dtype(method: Method, kind: Kind, dtype: torch.dtype) -> None:
     base = build(kind, dtype)
-    base_total = sum(p.numel() for p in base.parameters())
+    base_total = sum(p.numel() for p in base.parameters()) + packed_weight_values(base)  # a 4-bit weight: its values
     model = adapted(method, kind, dtype, random=False)
     count = method.count(kind)
     assert dt.trainable_parameters(model) == (count, base_total + count)

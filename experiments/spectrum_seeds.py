@@ -189,7 +189,8 @@ def energy_curves(specs: list[dt.AdapterSpectrum]) -> dict[str, list[float]]:
     by_depth: dict[int, list[torch.Tensor]] = {}
     for spec in specs:
         for layer in spec.layers:
-            by_depth.setdefault(depth_kind(layer.module)[0], []).append(layer.cumulative_energy()[[k - 1 for k in CURVE_KS]])
+            curve = layer.cumulative_energy()  # beyond its length (a narrow matrix's rank) the share is 1
+            by_depth.setdefault(depth_kind(layer.module)[0], []).append(curve[[min(k, len(curve)) - 1 for k in CURVE_KS]])
     return {str(d): [round(float(v), 4) for v in torch.stack(c).mean(0)] for d, c in sorted(by_depth.items())}
 
 

@@ -225,7 +225,7 @@ def compact(text: str) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    energy, ks, study = result["energy"], result["energy_ks"], STUDIES[result.get("study", "minilm")]
+    energy, ks, study = result["energy"], result["energy_ks"], STUDIES[result["study"]]
     lines = [f"# ΔW spectrum at 3 seeds: {study.title}", "",
              f"Made by `{result['command']}` from the run folders; mean ± sample std over seeds 0-2.", "",
              "## Energy of the top k singular values, mean over the adapted matrices", "",
@@ -265,7 +265,7 @@ def markdown(result: dict[str, Any]) -> str:
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
-    study = STUDIES[result.get("study", "minilm")]
+    study = STUDIES[result["study"]]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -296,3 +296,27 @@ def test_bad_jobs_are_refused_before_any_run(tmp_path: Path, jobs: int, in_proce
     with pytest.raises(ConfigError, match=why):
         run_sweep(spec, in_process=in_process, say=lambda _: None, jobs=jobs)
     assert not spec.results.exists() and not spec.output_dir.exists()
+
+
+class _Writes:
+    """A stdout that records each write call apart."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_lines_are_written_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    # --jobs prints from several threads: a line written in two calls (text, then newline) can be cut in
+    # two by another thread's line, so each line must leave in one write.
+    out = _Writes()
+    monkeypatch.setattr(sys, "stdout", out)
+    runner.say_now("[4/42] cell seed 0 -> runs/x")
+    runner.say_now("[2/42 done] cell seed 1: loss 2.8")
+    assert out.calls == ["[4/42] cell seed 0 -> runs/x\n", "[2/42 done] cell seed 1: loss 2.8\n"]

@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -53,8 +54,15 @@ def finished(cell: Cell, done: Mapping[tuple[str, int], Mapping[str, Any]]) -> b
     return prior is not None and prior.get("status") == OK and prior.get("options") == _plain(dict(cell.options))
 
 
+_SAY_LOCK = threading.Lock()
+
+
 def say_now(text: str) -> None:
-    print(text, flush=True)  # progress of a long sweep shows at once, also in a redirected log
+    # One line per call even from --jobs' threads (print writes the text and its newline apart, so
+    # two runs' lines could run together); flushed so a long sweep's progress shows in a redirected log.
+    with _SAY_LOCK:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
 
 
 def check_rerun(cells: list[Cell], rerun: Sequence[str]) -> None:

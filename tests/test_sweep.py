@@ -180,6 +180,22 @@ def test_report_writes_tables_and_plots(tmp_path: Path) -> None:
     assert "| r | method | runs | accuracy |" in text
 
 
+def test_a_long_legend_goes_beside_the_plot_and_a_short_one_stays_inside(tmp_path: Path) -> None:
+    """Sixteen methods' legend inside the axes covered the points; beside them the image widens instead."""
+    from matplotlib.image import imread
+    from deltatune.sweep.report import plot
+
+    def image_width(cells: int) -> int:
+        records = [{"cell": f"method=m{i},r={r}", "seed": 0, "status": "ok", "settings": {"method": f"m{i}", "r": r},
+                    "metrics": {"loss": 1.0 + i + r / 10}} for i in range(cells) for r in (1, 4)]
+        path = plot(records, "r", "loss", tmp_path / f"{cells}.png")
+        return int(imread(path).shape[1])
+
+    few, many = image_width(3), image_width(12)
+    assert few < 6 * 120 * 1.05  # figsize 6 in at 120 dpi: the legend fits inside, no wider than the figure
+    assert many > few * 1.2  # the legend sits to the right of the axes
+
+
 def test_report_over_two_results_files_keeps_the_named_cells_in_order(tmp_path: Path) -> None:
     """A memory table that reuses another sweep's runs: two files, the chosen cells, one table."""
     first, second = tmp_path / "rank.jsonl", tmp_path / "memory.jsonl"

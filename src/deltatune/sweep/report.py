@@ -26,6 +26,7 @@ Record = Mapping[str, Any]
 STANDARD_COLUMNS = ("trainable_percent", "peak_rss_mib", "train_seconds", "tokens_per_second")
 """Columns every table shows after the metrics unless columns are chosen."""
 MISSING = "—"
+LEGEND_INSIDE_AT_MOST = 5  # entries; more go beside the axes
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
@@ -136,10 +137,12 @@ def plot(records: Sequence[Record], x: str, metric: str, path: Path) -> Path:
     axes.set_xlabel(x)
     axes.set_ylabel(metric)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
-    figure.tight_layout()
+    if len(lines) + len(references) > LEGEND_INSIDE_AT_MOST:  # a long legend would cover the points
+        axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        axes.legend(fontsize="small")
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")  # "tight" widens the image to hold an outside legend
     plt.close(figure)
     return path
 

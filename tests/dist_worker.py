@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 import deltatune as dt
 from deltatune.io import adapter_tensors, gathered
-from deltatune.train import TrainConfig, Trainer
+from deltatune.train import TrainConfig, Trainer, distributed
 from deltatune.train.tasks.causal_lm import CausalLM
 from deltatune.train.tasks.seq_cls import SequenceClassification
 from deltatune.train.trainer import seed_everything
@@ -130,7 +130,7 @@ def main() -> None:
     if args.quantize != "none":
         (args.out / f"layout{os.environ['RANK']}.json").write_text(json.dumps(layout(model)))
     if args.fsdp:
-        dist.destroy_process_group()
+        distributed.finish()  # a barrier first: the gathers above must be released before Python exits
     print(f"rank {os.environ['RANK']}: {result.steps} steps, loss {result.train_loss:.6f}")
 
 

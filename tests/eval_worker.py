@@ -23,7 +23,7 @@ from task_fixtures import scored_pair_rows
 from torch import nn
 
 import deltatune as dt
-from deltatune.train import TrainConfig, Trainer
+from deltatune.train import TrainConfig, Trainer, distributed
 from deltatune.train.data import Rows as RowSource
 from deltatune.train.tasks import Task, task_class
 from deltatune.train.tasks.base import Features
@@ -133,8 +133,10 @@ def main() -> None:
     dist.init_process_group("gloo")
     try:
         results = {kind: evaluate(kind, args.root / kind, args.out, args.fsdp) for kind in args.kinds}
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    distributed.finish()  # a barrier first: the last collectives must be released before Python exits
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{os.environ['RANK']}.json").write_text(json.dumps(results))
 

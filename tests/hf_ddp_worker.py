@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 import deltatune as dt
 from deltatune.io import adapter_tensors
-from deltatune.train import adapter_checkpoint_callback
+from deltatune.train import adapter_checkpoint_callback, distributed
 
 ROWS, LENGTH = 64, 12
 
@@ -88,6 +88,7 @@ def main() -> None:
         "world": trainer.args.world_size, "wrapper": wrapper, "seen": seen, "frozen_grads": frozen_grads,
         "find_unused": getattr(trainer.model_wrapped, "find_unused_parameters", None),
         "losses": [r["loss"] for r in trainer.state.log_history if "loss" in r]}))
+    distributed.finish()  # the group accelerate started: a barrier, so its last collectives are released before exit
 
 
 if __name__ == "__main__":

@@ -119,15 +119,31 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
+def finish() -> None:
+    """End a run that went well: wait for every rank, then destroy the process group.
+
+    The barrier protects the process's exit. gloo's worker threads drop their references to a collective's
+    tensors shortly after the caller has its result; a drop that comes while Python shuts down needs the
+    interpreter's lock, which is gone, and aborts the process ("terminate called without an active
+    exception", an open torch problem). A barrier after the last collective gives them that time. Not for
+    a failed run: a rank that died never arrives, and the others would wait for the whole timeout.
+    """
+    barrier()
+    stop()
+
+
 @contextmanager
 def process_group(device: torch.device) -> Iterator[World]:
     """The world of this process, with its process group up for the block and torn down after it."""
     owned = start(device)
     try:
         yield current()
-    finally:
+    except BaseException:
         if owned:
             stop()
+        raise
+    if owned:
+        finish()
 
 
 def all_reduce_sum(values: Sequence[float], device: torch.device) -> list[float]:

@@ -215,8 +215,8 @@ def test_qlora_run_trains_on_a_4bit_base_and_merges_dense(tmp_path: Path, tiny_b
     ("bitfit", "BITFIT", ()),  # no targets: every bias
     ("ia3", "IA3", ("--target-modules", "key", "value", "output.dense", "--feedforward-modules", "output.dense")),
     ("houlsby", "BOTTLENECK", ("--reduction-factor", "8")),
-    ("pfeiffer", "BOTTLENECK", ()),
-    ("parallel", "BOTTLENECK", ()),
+    ("pfeiffer", "BOTTLENECK", ("--adapter-scaling", "learned")),
+    ("parallel", "BOTTLENECK", ("--adapter-scaling", "0.5")),
 ])
 def test_every_method_trains_from_the_command_line(method: str, peft_type: str, extra: tuple[str, ...],
                                                    tmp_path: Path, tiny_bert_dir: Path, sentiment_file: Path,
@@ -231,6 +231,7 @@ def test_every_method_trains_from_the_command_line(method: str, peft_type: str, 
     if peft_type == "BOTTLENECK":
         assert config["mh_adapter"] == (method == "houlsby") and config["is_parallel"] == (method == "parallel")
         assert config["reduction_factor"] == {"houlsby": 8, "pfeiffer": 16, "parallel": 2}[method]
+        assert config["scaling"] == {"houlsby": 1.0, "pfeiffer": "learned", "parallel": 0.5}[method]
     capsys.readouterr()
     assert main(["eval", str(tmp_path)]) == 0
     assert 0.0 <= json.loads(capsys.readouterr().out)["accuracy"] <= 1.0

@@ -150,17 +150,29 @@ def make_bottleneck(model: nn.Module, config: DeltaConfig, views: Mapping[str, o
 BOTTLENECK = register(Method("BOTTLENECK", BnConfig, None, make_model_delta=make_bottleneck))
 
 
+def _scaling(text: str) -> float | str:
+    """``--adapter-scaling``: a number, or a word BnConfig knows ('learned', 'channel'; it refuses others)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _recipe(preset: Callable[..., BnConfig]) -> Callable[[RecipeInput], DeltaConfig]:
     def build(run: RecipeInput) -> BnConfig:
-        factor = run.options["reduction_factor"]
-        return preset(**({"reduction_factor": factor} if factor else {}), **run.common)
+        factor, scaling = run.options["reduction_factor"], run.options["adapter_scaling"]
+        chosen = {**({"reduction_factor": factor} if factor else {}), **({"scaling": _scaling(scaling)} if scaling else {})}
+        return preset(**chosen, **run.common)
     return build
 
 
 REDUCTION = MethodOption("reduction_factor", "float", 0.0,
                          "bottleneck adapters: hidden size / bottleneck size; 0 = the preset's (16; parallel: 2)")
+SCALING = MethodOption("adapter_scaling", "str", "",
+                       "bottleneck adapters: the factor on each adapter's output, a number or 'learned' (one "
+                       "trained scalar) or 'channel' (one per feature); empty = the preset's (1; parallel: 4)")
 register_recipe(Recipe("houlsby", "Houlsby bottleneck adapters (2019) after attention and feed-forward blocks",
-                       _recipe(DoubleSeqBnConfig), options=(REDUCTION,)))
+                       _recipe(DoubleSeqBnConfig), options=(REDUCTION, SCALING)))
 register_recipe(Recipe("pfeiffer", "Pfeiffer bottleneck adapter (2020) after the feed-forward block",
                        _recipe(SeqBnConfig)))
 register_recipe(Recipe("parallel", "parallel bottleneck adapter (He et al. 2022) beside the feed-forward block",

@@ -245,7 +245,8 @@ def test_param_groups_for_a_recipe(recipe: str) -> None:
     (("--method", "vera", "--loraplus-lr-ratio", "16"), "--method vera does not use --loraplus-lr-ratio"),
     (("--method", "bitfit", "--r", "16", "--reduction-factor", "4"), "--method bitfit does not use --r, --reduction-factor"),
     (("--method", "pfeiffer", "--init-lora-weights", "pissa"), "--method pfeiffer does not use --init-lora-weights"),
-    (("--method", "parallel", "--adapter-scaling", "big"), "scaling='big' is invalid: it must be a number, 'learned' or 'channel'"),
+    (("--method", "parallel", "--adapter-scaling", "big"), "scaling='big' is invalid: it must be a finite number, 'learned' or"),
+    (("--method", "parallel", "--adapter-scaling", "nan"), "scaling=nan is invalid: it must be a finite number"),
     (("--method", "lora", "--adapter-scaling", "2"), "--method lora does not use --adapter-scaling"),
     (("--quant-group-size", "32"), "only applies with --quantize int4_group"),
 ])

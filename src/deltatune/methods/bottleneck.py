@@ -16,6 +16,7 @@ as AdapterHub does; a plain sum of two bottleneck adapters at one site is not de
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import ClassVar
@@ -73,8 +74,9 @@ class BnConfig(SiteConfig):
         self.check(self.residual_before_ln in (True, False, "post_add"), "residual_before_ln", "unknown value",
                    'use True, False or "post_add"')
         scaling = self.scaling
-        self.check(scaling in ("learned", "channel") or (isinstance(scaling, (int, float)) and not isinstance(scaling, bool)),
-                   "scaling", "it must be a number, 'learned' or 'channel'", "pass e.g. 1.0 or 'learned'")
+        number = isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and math.isfinite(scaling)
+        self.check(scaling in ("learned", "channel") or number,
+                   "scaling", "it must be a finite number, 'learned' or 'channel'", "pass e.g. 1.0 or 'learned'")
         self.check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout", "dropout must be in [0, 1)",
                    "pass e.g. 0.1")
         self.check(all(isinstance(i, int) and i >= 0 for i in self.leave_out), "leave_out",
@@ -160,8 +162,11 @@ def _scaling(text: str) -> float | str:
 
 def _recipe(preset: Callable[..., BnConfig]) -> Callable[[RecipeInput], DeltaConfig]:
     def build(run: RecipeInput) -> BnConfig:
-        factor, scaling = run.options["reduction_factor"], run.options["adapter_scaling"]
-        chosen = {**({"reduction_factor": factor} if factor else {}), **({"scaling": _scaling(scaling)} if scaling else {})}
+        chosen: dict[str, object] = {}  # what the run sets; the rest is the preset's
+        if run.options["reduction_factor"]:
+            chosen["reduction_factor"] = run.options["reduction_factor"]
+        if run.options["adapter_scaling"]:
+            chosen["scaling"] = _scaling(run.options["adapter_scaling"])
         return preset(**chosen, **run.common)
     return build
 

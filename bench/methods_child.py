@@ -23,7 +23,7 @@ divergence checks, the schedule): the loss the trainer computes (``full_loss``: 
 method's loss terms, AdaLoRA's orthogonality, plus what the model's training signals recorded, MixLoRA's
 load balancing), backward, AdamW step, the method's per-step callbacks (AdaLoRA's importance update), then
 ``zero_grad(set_to_none=True)``. The batch is fixed: the ``batch`` longest training rows of the sweep's data
-(the shipped sentiment extract), truncated and padded to ``seq_len`` tokens.
+(the shipped sentiment extract), truncated at ``seq_len`` tokens and collated as the trainer collates them.
 
     python bench/methods_child.py --spec '{"variant": "lora", "options": {"method": "lora", "r": 8}}' --steps 5
 """
@@ -89,13 +89,12 @@ def trainer_options(spec: MSpec, model_path: str | None) -> dict[str, Any]:
     return options
 
 
-def fixed_batch(task: Any, features: list[dict[str, Any]], batch: int, seq_len: int) -> dict[str, Any]:
-    """The ``batch`` longest features (ties: the earlier row), padded to exactly ``seq_len`` tokens: the same
-    ``batch x seq_len`` batch in every child, made of the run's own tokenized rows."""
+def fixed_batch(task: Any, features: list[dict[str, Any]], batch: int) -> dict[str, Any]:
+    """The ``batch`` longest features (ties: the earlier row), collated by the task as the trainer collates
+    them (padded to the longest: ``seq_len`` tokens once the rows reach the truncation): the same batch in
+    every child, made of the run's own tokenized rows (a causal LM's label lists padded as its task pads them)."""
     longest = sorted(range(len(features)), key=lambda i: (-len(features[i]["input_ids"]), i))[:batch]
-    chosen = [features[i] for i in sorted(longest)]
-    padded = task.tokenizer.pad(chosen, padding="max_length", max_length=seq_len, return_tensors="pt")
-    return dict(padded)
+    return dict(task.collate([features[i] for i in sorted(longest)]))
 
 
 @dataclass
@@ -105,7 +104,8 @@ class Prepared:
     model: Any
     task: Any
     batch: dict[str, Any]
-    optimizer: Any
+    optimizer: Any | None
+    """None for a floor that trains nothing (a causal LM has no new head): its step is forward and backward."""
     callbacks: list[Callable[[int], None]]
     loss_terms: list[Callable[[], Any]]
     signals: list[Any]
@@ -147,23 +147,24 @@ def prepare(spec: MSpec, model_path: str | None) -> Prepared:
         groups = param_groups_for(run.method, run.method_options)
     apply_memory_options(model, train)
     model.train()
-    optimizer = make_optimizer(model, train, groups)
-    batch = fixed_batch(task, features, spec.batch, spec.seq_len)
+    trains = any(q.requires_grad for q in model.parameters())
+    optimizer = make_optimizer(model, train, groups) if trains else None
+    batch = fixed_batch(task, features, spec.batch)
     return Prepared(model, task, batch, optimizer, list(callbacks), list(loss_terms), find_signals(model),
                     FLOOR if spec.variant == FLOOR else run.method)
 
 
 def floor(model: Any, task: Any) -> None:
-    """Freeze the base; train the head and the pooler as the trainer trains them next to any method;
-    make the embeddings' output require grad so that backward runs down to the input."""
-    from deltatune.hf import output_head_name
+    """Freeze the base; train the task's new head and the pooler as the trainer trains them next to any method
+    (none for a causal LM, whose output head is the pretrained, often tied, one); make the embeddings' output
+    require grad so that backward runs down to the input."""
+    from deltatune.config import TASK_HEADS
 
     for p in model.parameters():
         p.requires_grad_(False)
-    trained = [*task.saved_modules(model), output_head_name(model, task.task_type)]
-    for name in trained:
-        if name:
-            model.get_submodule(name).requires_grad_(True)
+    heads = [name for name in TASK_HEADS.get(task.task_type, ()) if hasattr(model, name)]
+    for name in (*task.saved_modules(model), *heads):
+        model.get_submodule(name).requires_grad_(True)
     model.enable_input_require_grads()
 
 
@@ -182,11 +183,13 @@ def step_function(p: Prepared, cpu_times: list[float]) -> Callable[[], float]:
         start = time.thread_time()
         loss = full_loss(lambda: p.task.loss(p.model, p.batch), p.loss_terms, p.signals)
         loss.backward()
-        p.optimizer.step()
+        if p.optimizer is not None:
+            p.optimizer.step()
         done[0] += 1
         for callback in p.callbacks:
             callback(done[0])
-        p.optimizer.zero_grad(set_to_none=True)
+        if p.optimizer is not None:
+            p.optimizer.zero_grad(set_to_none=True)
         value = float(loss.detach())
         cpu_times.append(time.thread_time() - start)
         return value
@@ -226,7 +229,7 @@ def measure(spec: MSpec, steps: int, warmup: int) -> dict[str, Any]:
         "peak_rss_mb": rss_mb(), "rss_after_import_mb": rss_import, "rss_after_setup_mb": rss_setup,
         "setup_s": setup_s, "minor_faults_per_step": (minor_faults() - faults_before) / max(steps, 1),
         "trainable": sum(q.numel() for q in params), "total": sum(q.numel() for q in p.model.parameters()),
-        "trainable_without_grad": missing, "optimizer_groups": len(p.optimizer.param_groups),
+        "trainable_without_grad": missing, "optimizer_groups": len(p.optimizer.param_groups) if p.optimizer else 0,
         "callbacks": len(p.callbacks), "loss_terms": len(p.loss_terms), "signals": len(p.signals),
         "batch_shape": list(p.batch["input_ids"].shape),
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,

@@ -219,18 +219,26 @@ def cell_list(result: dict[str, Any]) -> list[str]:
     """Which sweep cell each label is (its name in the sweep's results)."""
     ref = result["settings"]["reference"]
     return [f"- `{key}`: sweep cell `{c['cell']}`" for key, c in result["cells"].items()] + [
-        f"- `floor`: no method; the options of `{ref}` (its lr), the base frozen, head and pooler trained, "
+        f"- `floor`: no method; the options of `{ref}` (its lr), the base frozen, the task's new head and pooler (if any) trained, "
         "backward down to the embeddings' output"]
+
+
+def model_words(settings: Mapping[str, Any]) -> str:
+    """The measured model and task, as the sweep's reference cell names them (or the --quick model)."""
+    if settings["quick"]:
+        return "tiny random BERT (2 layers, hidden 32) + 2-label head"
+    options = variants_from_sweep(REPO_ROOT / settings["sweep"])[settings["reference"]]["options"]
+    return f"{options.get('model') or 'all-MiniLM-L6-v2'} ({options.get('task', 'seq-cls')})"
 
 
 def render(result: dict[str, Any]) -> str:
     """The markdown report."""
     m, s, others = result["machine"], result["settings"], result["other_cpu_frac"]
-    model = "tiny random BERT (2 layers, hidden 32)" if s["quick"] else "all-MiniLM-L6-v2"
-    out = report_head("Training step of every method, relative to LoRA r=8", m, "tiny model" if s["quick"] else None)
+    out = report_head(f"Training step of every method, relative to {s['reference']}", m,
+                      "tiny model" if s["quick"] else None)
     out[-1] += f"; python {m['python']}, torch {m['torch']}, transformers {m['transformers']}"
     out += [
-        f"- {model} + 2-label head, fp32, batch {s['batch']} x {s['seq_len']} tokens (the {s['batch']} longest "
+        f"- {model_words(s)}, fp32, batch {s['batch']} x {s['seq_len']} tokens (the {s['batch']} longest "
         f"training rows of the sweep's data, cut at {s['seq_len']} tokens, padded only if shorter), {s['threads']} torch thread(s); each method attached as "
         f"`deltatune train` attaches it for its cell of `{s['sweep']}`; per child 1 checking pass + "
         f"{s['warmup']} warm-up + {s['steps']} timed steps; {s['rounds_done']} of {s['repeats']} interleaved rounds "

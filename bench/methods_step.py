@@ -239,7 +239,7 @@ def render(result: dict[str, Any]) -> str:
     out[-1] += f"; python {m['python']}, torch {m['torch']}, transformers {m['transformers']}"
     out += [
         f"- {model_words(s)}, fp32, batch {s['batch']} x {s['seq_len']} tokens (the {s['batch']} longest "
-        f"training rows of the sweep's data, cut at {s['seq_len']} tokens, padded only if shorter), {s['threads']} torch thread(s); each method attached as "
+        f"training rows of the sweep's data, cut at {s['seq_len']} tokens, padded to the longest of them), {s['threads']} torch thread(s); each method attached as "
         f"`deltatune train` attaches it for its cell of `{s['sweep']}`; per child 1 checking pass + "
         f"{s['warmup']} warm-up + {s['steps']} timed steps; {s['rounds_done']} of {s['repeats']} interleaved rounds "
         "done (every other one reversed), each child a fresh process",
